@@ -1,0 +1,196 @@
+"""Everything that talks to a PostgreSQL server as a server: connections, client binaries,
+versions, and creating, renaming and dropping whole databases.
+
+Client binaries must match the server's major version (a 15 pg_dump refuses a 16
+server), so they are looked up in one place and checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+from dataops.dsn import Dsn
+from dataops.errors import BadInput, OperationFailed, TransientError
+from dataops.redact import redact
+
+MAINTENANCE_DB = "postgres"
+
+
+# -- connections ----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def connect(dsn: Dsn, *, autocommit: bool = False, timeout: int = 10, dbname: str | None = None,
+            application_name: str = "dataops") -> Iterator[psycopg.Connection]:
+    """Open a connection, turning libpq's failures into errors that say what to fix."""
+    overrides = {"connect_timeout": timeout, "application_name": application_name}
+    if dbname:
+        overrides["dbname"] = dbname
+    target = dbname or dsn.database
+    try:
+        conn = psycopg.connect(dsn.conninfo(**overrides), autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+        text = redact(str(exc)).strip().splitlines()[0] if str(exc).strip() else "no answer"
+        if "does not exist" in text and "database" in text:
+            raise BadInput(f"database \"{target}\" does not exist on {dsn.host}:{dsn.port}; create it or fix database_url") from None
+        if "password authentication failed" in text or "no password supplied" in text:
+            raise BadInput(f"cannot log in to {dsn.host}:{dsn.port} as {dsn.user}: {text}; fix the credentials in database_url") from None
+        raise TransientError(f"cannot connect to PostgreSQL at {dsn.host}:{dsn.port} (database \"{target}\"): {text}; "
+                             "check that the server is running and database_url is right") from None
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def server_version(dsn: Dsn, timeout: int = 10) -> tuple[int, str]:
+    """(major, full text) of the server, e.g. (16, '16.2')."""
+    with connect(dsn, autocommit=True, timeout=timeout) as conn:
+        num = conn.info.server_version
+        full = conn.execute("SHOW server_version").fetchone()[0]
+    return num // 10000, full.split()[0]
+
+
+# -- client binaries ------------------------------------------------------------------
+
+def _bundled_bin_dir() -> Path | None:
+    try:
+        from pgserver._commands import POSTGRES_BIN_PATH
+    except Exception:  # noqa: BLE001 - pgserver missing or broken: fall back to PATH
+        return None
+    return Path(POSTGRES_BIN_PATH)
+
+
+@lru_cache(maxsize=None)
+def _binary_version(path: str) -> int:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"(\d+)(?:\.(\d+))?", out)
+    if not m:
+        raise OperationFailed(f"cannot read the version of {path}")
+    return int(m.group(1))
+
+
+def client_binary(name: str, server_major: int, bin_dir: Path | None = None) -> str:
+    """Path to pg_dump/pg_restore/psql whose major version matches the server.
+
+    Looks in postgres.bin_dir, then pgserver's bundled binaries, then PATH; a mismatch
+    is an error that names the setting, since a mismatched pg_dump refuses to run or
+    writes an archive the other side cannot read.
+    """
+    candidates: list[Path] = []
+    if bin_dir:
+        candidates.append(Path(bin_dir) / name)
+    bundled = _bundled_bin_dir()
+    if bundled:
+        candidates.append(bundled / name)
+    on_path = shutil.which(name)
+    if on_path:
+        candidates.append(Path(on_path))
+    seen = []
+    for c in candidates:
+        if c.exists() and os.access(c, os.X_OK):
+            v = _binary_version(str(c))
+            seen.append(f"{c} ({v})")
+            if v == server_major:
+                return str(c)
+    found = "; found: " + ", ".join(seen) if seen else ""
+    raise BadInput(f"no {name} for PostgreSQL {server_major}{found}; install the version {server_major} client tools "
+                   "and set postgres.bin_dir in dataops.yaml")
+
+
+def client_version(path: str) -> str:
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout.strip()
+    return out.split()[-1]
+
+
+# -- whole databases ------------------------------------------------------------------
+
+def database_exists(dsn: Dsn, name: str) -> bool:
+    with connect(dsn, autocommit=True, dbname=MAINTENANCE_DB) as conn:
+        return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+def create_database(dsn: Dsn, name: str) -> None:
+    with connect(dsn, autocommit=True, dbname=MAINTENANCE_DB) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE template0").format(sql.Identifier(name)))
+
+
+def terminate_connections(conn: psycopg.Connection, name: str) -> None:
+    conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                 (name,))
+
+
+def drop_database(dsn: Dsn, name: str, *, force: bool = True) -> None:
+    with connect(dsn, autocommit=True, dbname=MAINTENANCE_DB) as conn:
+        stmt = "DROP DATABASE IF EXISTS {} WITH (FORCE)" if force else "DROP DATABASE IF EXISTS {}"
+        conn.execute(sql.SQL(stmt).format(sql.Identifier(name)))
+
+
+def swap_database(dsn: Dsn, new: str, target: str) -> str | None:
+    """Put database `new` in place of `target` by renaming, and return the old one's new name.
+
+    The renames run back to back with connections to the target closed, so readers see
+    either the old database or the new one, never a half-loaded one. The caller drops
+    the returned database once it is sure it no longer needs it.
+    """
+    old = f"{target[:40]}__dataops_old"
+    with connect(dsn, autocommit=True, dbname=MAINTENANCE_DB) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(old)))
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target,)).fetchone()
+        terminate_connections(conn, new)
+        if exists:
+            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
+            terminate_connections(conn, target)
+            try:
+                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(target), sql.Identifier(old)))
+            finally:
+                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
+                    sql.Identifier(old if _db_exists(conn, old) else target)))
+        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(target)))
+    return old if exists else None
+
+
+def _db_exists(conn: psycopg.Connection, name: str) -> bool:
+    return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
+
+
+# -- tables ---------------------------------------------------------------------------
+
+def user_tables(conn: psycopg.Connection) -> list[tuple[str, str]]:
+    """(schema, table) of every ordinary or partitioned table outside system schemas and our own."""
+    rows = conn.execute(
+        """
+        SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+          AND n.nspname NOT LIKE 'dataops\\_%%'
+        ORDER BY 1, 2
+        """
+    ).fetchall()
+    return [(r[0], r[1]) for r in rows]
+
+
+def qualified(schema: str, table: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(table))
+
+
+def table_label(schema: str, table: str) -> str:
+    return table if schema == "public" else f"{schema}.{table}"
+
+
+def row_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """Exact row counts of every user table (count(*), not the planner's estimate)."""
+    counts = {}
+    for schema, table in user_tables(conn):
+        counts[table_label(schema, table)] = conn.execute(
+            sql.SQL("SELECT count(*) FROM {}").format(qualified(schema, table))).fetchone()[0]
+    return counts

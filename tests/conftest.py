@@ -1,0 +1,126 @@
+"""Real parts for every test: PostgreSQL (embedded pgserver, or DATAOPS_TEST_DATABASE_URL),
+an S3-compatible HTTP server on 127.0.0.1 (moto's server mode), and one Prefect test
+harness per session (it takes ~15 s to start, so never one per test).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+_runtime = Path(tempfile.gettempdir()) / f"dataops-runtime-{os.getuid()}"
+_runtime.mkdir(mode=0o700, exist_ok=True)
+os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+from dataops.dsn import Dsn  # noqa: E402
+from tasks import pg  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Tests may set environment variables; none leaks into the next test."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+# -- PostgreSQL -------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server_dsn(tmp_path_factory) -> Dsn:
+    """A DSN to the maintenance database of a real server: external if named, else embedded."""
+    external = os.environ.get("DATAOPS_TEST_DATABASE_URL")
+    if external:
+        yield Dsn(external)
+        return
+    import pgserver
+
+    # pgserver needs a short path: the unix socket path is limited to ~100 bytes.
+    pgdata = Path(tempfile.mkdtemp(prefix="dopg-"))
+    srv = pgserver.get_server(pgdata, cleanup_mode="delete")
+    yield Dsn(srv.get_uri("postgres"))
+    srv.cleanup()
+
+
+@pytest.fixture
+def make_db(pg_server_dsn):
+    """Factory for fresh, randomly named databases, dropped after the test."""
+    created: list[str] = []
+
+    def make(prefix: str = "t") -> Dsn:
+        name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+        pg.create_database(pg_server_dsn, name)
+        created.append(name)
+        return pg_server_dsn.with_database(name)
+
+    yield make
+    for name in created:
+        for suffix in ("", "__dataops_old"):
+            pg.drop_database(pg_server_dsn, name[:40] + suffix if suffix else name)
+
+
+@pytest.fixture
+def db(make_db) -> Dsn:
+    return make_db()
+
+
+# -- S3 ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    """A new, empty bucket for this test."""
+    import boto3
+
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def s3_client(s3_endpoint):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+# -- Prefect ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    """One temporary Prefect server for the whole session; yields its API URL."""
+    from prefect.testing.utilities import prefect_test_harness
+    from prefect.settings import PREFECT_API_URL
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield PREFECT_API_URL.value()
