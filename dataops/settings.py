@@ -102,7 +102,8 @@ class StorageSettings(Strict):
 class BackupSettings(Strict):
     keep_last: int = Field(default=7, ge=1, description="always keep this many newest backups")
     keep_days: int = Field(default=30, ge=0, description="and every backup younger than this")
-    compression: Literal["zstd", "none"] = "zstd"
+    compression: Literal["zstd", "pg_dump"] = Field(
+        default="zstd", description="zstd: pg_dump -Z0 compressed by multi-threaded zstd; pg_dump: its own gzip")
     compression_level: int = Field(default=3, ge=1, le=19)
     compression_threads: int = Field(default=0, ge=0, le=64, description="0: one per core")
     scratch_database_url: Dsn | None = Field(

@@ -124,3 +124,39 @@ def prefect_api():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
+
+
+# -- dataops.yaml for a test --------------------------------------------------------------
+
+@pytest.fixture
+def write_config(tmp_path, s3_endpoint):
+    """Write a dataops.yaml for this test; returns its path. Environments map name -> (role, Dsn)."""
+    import yaml
+
+    def write(environments: dict, *, bucket: str | None = None, storage: dict | None = None,
+              backups: dict | None = None, extra: dict | None = None, name: str = "dataops.yaml") -> Path:
+        body = {
+            "environments": {n: {"role": role, "database_url": dsn if isinstance(dsn, str) else dsn.secret()}
+                             for n, (role, dsn) in environments.items()},
+            "storage": storage or {"url": f"s3://{bucket}/backups", "endpoint_url": s3_endpoint,
+                                   "region": "us-east-1", "access_key_id": "testing",
+                                   "secret_access_key": "${TEST_S3_SECRET:-testing}"},
+        }
+        if backups:
+            body["backups"] = backups
+        body.update(extra or {})
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(body, sort_keys=False))
+        return path
+
+    return write
+
+
+def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 240):
+    """Run the real `dataops` command in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "dataops.cli", *args], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=timeout)

@@ -1,0 +1,39 @@
+"""backup-database: pg_dump of one environment streamed into storage, manifest last."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+
+from dataops.settings import load_settings
+from tasks.backup import dump_task, preflight_task, write_manifest_task
+from tasks.catalog import Manifest
+from tasks.reporting import markdown_table, publish_markdown
+
+
+@flow(name="backup-database", log_prints=False)
+def backup_database(env: str, config: str | None = None) -> dict:
+    settings = load_settings(config)
+    settings.env(env)
+    logger = get_run_logger()
+    pre = preflight_task(settings, env)
+    manifest: Manifest = dump_task(settings, env, pre)
+    write_manifest_task(settings, manifest)
+    logger.info("backup %s of %s complete: %.1f MiB, %d tables, %d rows", manifest.id, env,
+                manifest.size / 1048576, len(manifest.tables), sum(manifest.tables.values()))
+    publish_markdown(
+        f"backup-{env}",
+        f"# Backup {manifest.id}\n\n"
+        f"- environment: **{env}** (database `{manifest.database}`, PostgreSQL {manifest.server_version})\n"
+        f"- stored: `{manifest.dump_key}`, {manifest.size:,} bytes ({manifest.compression}), "
+        f"raw {manifest.raw_size:,} bytes\n- sha256: `{manifest.sha256}`\n"
+        f"- took {manifest.duration_seconds:.1f} s\n- schema fingerprint: `{manifest.schema_fingerprint[:16]}`\n\n"
+        "## Rows per table\n\n" + markdown_table([{"table": t, "rows": n} for t, n in manifest.tables.items()]),
+        f"backup {manifest.id} of {env}",
+    )
+    return manifest.model_dump(mode="json")
+
+
+if __name__ == "__main__":
+    import sys
+
+    backup_database(sys.argv[1] if len(sys.argv) > 1 else "production")

@@ -1,0 +1,38 @@
+"""prune-backups: apply retention to one environment's backups."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from dataops.settings import Settings, load_settings
+from tasks.catalog import Manifest, delete_backup, list_backups, retention_plan
+from tasks.reporting import markdown_table, publish_markdown
+from tasks.storage import open_storage
+
+
+@task(name="delete-backup", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
+def delete_task(settings: Settings, manifest: Manifest) -> str:
+    delete_backup(open_storage(settings.storage), manifest)
+    return manifest.id
+
+
+@flow(name="prune-backups")
+def prune_backups(env: str, dry_run: bool = False, config: str | None = None) -> dict:
+    settings = load_settings(config)
+    settings.env(env)
+    cfg = settings.backups
+    manifests = list_backups(open_storage(settings.storage), env)
+    keep, delete, reasons = retention_plan(manifests, cfg.keep_last, cfg.keep_days)
+    if not dry_run:
+        for m in delete:
+            delete_task(settings, m)
+    verb = "would delete" if dry_run else "deleted"
+    get_run_logger().info("%s: kept %d backups, %s %d", env, len(keep), verb, len(delete))
+    rows = [{"id": m.id, "action": "keep", "why": reasons[m.id]} for m in keep] + \
+           [{"id": m.id, "action": verb, "why": f"older than {cfg.keep_days} days and not among the {cfg.keep_last} newest"}
+            for m in delete]
+    publish_markdown(f"prune-{env}", f"# Retention for {env}{' (dry run)' if dry_run else ''}\n\n"
+                     f"keep_last={cfg.keep_last}, keep_days={cfg.keep_days}\n\n" + markdown_table(rows),
+                     f"prune of {env}")
+    return {"kept": [m.id for m in keep], "delete": [m.id for m in delete], "dry_run": dry_run}

@@ -1,0 +1,50 @@
+"""verify-backup: prove a backup restores, and mark it verified."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from dataops.errors import DataopsError, OperationFailed
+from dataops.settings import Settings, load_settings
+from tasks.catalog import Manifest, Verification, get_backup, mark_verified
+from tasks.reporting import publish_markdown
+from tasks.restore import verify
+from tasks.storage import open_storage
+
+
+@task(name="restore-into-scratch", cache_policy=NO_CACHE)
+def verify_task(settings: Settings, manifest: Manifest) -> Verification:
+    storage = open_storage(settings.storage)
+    try:
+        result = verify(settings, storage, manifest)
+    except DataopsError as exc:
+        if exc.kind.value == "transient":
+            raise
+        result = Verification(ok=False, verified_at=datetime.now(timezone.utc), duration_seconds=0,
+                              problems=[exc.message])
+    mark_verified(storage, manifest, result)
+    return result
+
+
+@flow(name="verify-backup")
+def verify_backup(env: str, backup_id: str = "latest", config: str | None = None) -> dict:
+    settings = load_settings(config)
+    settings.env(env)
+    manifest = get_backup(open_storage(settings.storage), env, backup_id)
+    result = verify_task(settings, manifest)
+    verdict = "VERIFIED" if result.ok else "FAILED"
+    problems = "".join(f"- {p}\n" for p in result.problems) or "- none\n"
+    publish_markdown(
+        f"verify-{env}",
+        f"# Backup {manifest.id}: {verdict}\n\nRestored into a scratch database, compared with the manifest "
+        f"({len(manifest.tables)} tables, {sum(manifest.tables.values()):,} rows), scratch dropped, "
+        f"in {result.duration_seconds:.1f} s.\n\n## Problems\n\n{problems}",
+        f"verification of {manifest.id}",
+    )
+    if not result.ok:
+        raise OperationFailed(f"backup {manifest.id} of {env} failed verification: {'; '.join(result.problems[:3])}")
+    get_run_logger().info("backup %s verified in %.1f s", manifest.id, result.duration_seconds)
+    return {"backup_id": manifest.id, "ok": result.ok, "seconds": result.duration_seconds}

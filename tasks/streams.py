@@ -1,0 +1,148 @@
+"""Byte-stream plumbing between pg_dump/pg_restore and storage, in bounded memory.
+
+Everything here is a file-like object with `read(n)`, so a dump flows from pg_dump's
+stdout through zstd and SHA-256 into a multipart upload without ever being whole in
+memory or on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+from collections.abc import Callable
+from typing import BinaryIO
+
+import zstandard
+
+from dataops.errors import OperationFailed
+from dataops.redact import redact
+
+CHUNK = 1024 * 1024
+
+
+class HashingReader:
+    """Counts and hashes what passes through; `read(n)` returns n bytes unless at the end.
+
+    Full reads matter: boto3 turns each read into one multipart part, and S3 rejects a
+    part under 5 MiB that is not the last. `on_eof` runs once at the end of the stream and
+    may raise, which makes the consumer (an upload) fail instead of completing.
+    """
+
+    def __init__(self, source: BinaryIO, on_eof: Callable[[], None] | None = None):
+        self.source = source
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._on_eof = on_eof
+        self._done = False
+
+    def read(self, n: int = -1) -> bytes:
+        if self._done:
+            return b""
+        if n is None or n < 0:
+            parts = []
+            while chunk := self.source.read(CHUNK):
+                parts.append(chunk)
+            data = b"".join(parts)
+        else:
+            parts, got = [], 0
+            while got < n:
+                chunk = self.source.read(n - got)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                got += len(chunk)
+            data = b"".join(parts)
+        if data:
+            self.sha.update(data)
+            self.size += len(data)
+        if not data or (n is not None and 0 <= n and len(data) < n):
+            self._finish()
+        return data
+
+    def _finish(self) -> None:
+        if not self._done:
+            self._done = True
+            if self._on_eof:
+                self._on_eof()
+
+    @property
+    def hexdigest(self) -> str:
+        return self.sha.hexdigest()
+
+    def readable(self) -> bool:
+        return True
+
+
+def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
+    workers = threads or (os.cpu_count() or 1)
+    return zstandard.ZstdCompressor(level=level, threads=workers if workers > 1 else 0)
+
+
+def compress_reader(source: BinaryIO, level: int, threads: int) -> BinaryIO:
+    return compressor(level, threads).stream_reader(source, read_size=CHUNK, closefd=False)
+
+
+def decompress_reader(source: BinaryIO) -> BinaryIO:
+    return zstandard.ZstdDecompressor().stream_reader(source, read_size=CHUNK, closefd=False)
+
+
+class Process:
+    """A client binary with stderr drained in the background (so it can never block on a
+    full pipe), and an error that quotes its last lines with secrets masked."""
+
+    def __init__(self, args: list[str], env: dict[str, str], *, stdin=None, stdout=None, name: str):
+        self.name = name
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=self._err,
+                                     env={**os.environ, **env})
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.proc.wait(timeout)
+
+    def stderr_tail(self, lines: int = 3) -> str:
+        self._err.seek(0)
+        text = self._err.read().decode(errors="replace").strip().splitlines()
+        return redact(" | ".join(text[-lines:]))
+
+    def check(self) -> None:
+        rc = self.wait()
+        if rc != 0:
+            raise OperationFailed(f"{self.name} failed (exit {rc}): {self.stderr_tail() or 'no message'}")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        for f in (self.proc.stdin, self.proc.stdout):
+            if f:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self._err.close()
+
+
+def pump(source: BinaryIO, sink: BinaryIO, chunk: int = CHUNK) -> int:
+    """Copy until the end; returns bytes copied. Broken pipes surface to the caller."""
+    total = 0
+    while data := source.read(chunk):
+        sink.write(data)
+        total += len(data)
+    return total
+
+
+def drain_in_thread(source: BinaryIO) -> threading.Thread:
+    t = threading.Thread(target=lambda: pump(source, _Null()), daemon=True)
+    t.start()
+    return t
+
+
+class _Null:
+    def write(self, data: bytes) -> int:
+        return len(data)
