@@ -186,12 +186,24 @@ def _looks_secret(path: str, var: str) -> bool:
     return any(w in text for w in ("password", "secret", "token", "key", "url", "dsn"))
 
 
+def _known_keys() -> set[str]:
+    keys: set[str] = set()
+    for model in (Settings, Environment, StorageSettings, BackupSettings, PostgresSettings, PrefectSettings):
+        keys.update(model.model_fields)
+    return keys
+
+
 def _format_validation_error(err: ValidationError, source: str) -> str:
-    first = err.errors()[0]
+    import difflib
+
+    # A typo shows up twice (unknown key + missing key); the unknown key is the useful one.
+    errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    first = errors[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "name")
     msg = first["msg"]
     if first["type"] == "extra_forbidden":
-        msg = "unknown key; remove it or check its spelling"
+        close = difflib.get_close_matches(str(first["loc"][-1]), sorted(_known_keys()), n=1)
+        msg = f"unknown key; did you mean '{close[0]}'?" if close else "unknown key; remove it or check its spelling"
     elif first["type"] == "missing":
         msg = "is required"
     msg = msg.removeprefix("Value error, ")

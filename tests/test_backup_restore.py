@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 
 import pytest
@@ -108,7 +107,7 @@ def test_unknown_backup_id_is_bad_input(prefect_api, seeded, s3_bucket, write_co
         restore_database("production", "nope", "staging", config=str(cfg))
 
 
-class _CutAfter(io.RawIOBase):
+class _CutAfter:
     """A stream that dies after `limit` bytes, like a network that drops mid-upload."""
 
     def __init__(self, inner, limit):
@@ -126,9 +125,9 @@ def test_interrupted_upload_leaves_nothing(seeded, s3_bucket, s3_client, write_c
     from tasks.backup import dump_to_storage, preflight
     from tasks.storage import S3Storage
 
-    with pg.connect(seeded) as conn:  # ~40 MiB of poorly compressible text: a multipart upload
-        conn.execute("CREATE TABLE blob AS SELECT g AS id, repeat(md5(random()::text), 8) AS junk "
-                     "FROM generate_series(1, 150000) g")
+    with pg.connect(seeded) as conn:  # ~20 MiB after compression: a multipart upload
+        conn.execute("CREATE TABLE blob AS SELECT g AS id, md5(random()::text) || md5(random()::text) || "
+                     "md5(random()::text) || md5(random()::text) AS junk FROM generate_series(1, 300000) g")
         conn.commit()
     cfg = write_config({"production": ("production", seeded)}, bucket=s3_bucket,
                        backups={"compression_level": 1})

@@ -36,8 +36,8 @@ def test_snapshot_restores_updated_and_deleted_rows(app_db):
 def test_partial_snapshot_of_columns_and_rows(app_db):
     with pg.connect(app_db) as conn:
         before = table_checksum(conn, "public", "users")
-        snap = take_snapshot(conn, "users", columns=["full_name"], where="id <= 50")
-        assert snap.columns == ("id", "full_name") and snap.rows == 50
+        snap = take_snapshot(conn, "users", columns=["full_name", "updated_at"], where="id <= 50")
+        assert snap.columns == ("id", "full_name", "updated_at") and snap.rows == 50
         conn.execute("UPDATE users SET full_name = 'X' WHERE id <= 50")
         assert restore_snapshot(conn, snap) == 50
         assert table_checksum(conn, "public", "users") == before
