@@ -128,6 +128,14 @@ class Settings(Strict):
     prefect: PrefectSettings = PrefectSettings()
     source: str | None = Field(default=None, exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """A section with every line commented out reads as null: treat it as absent."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (v is None and k not in ("environments", "storage"))}
+        return data
+
     @field_validator("environments", mode="before")
     @classmethod
     def _names(cls, v: Any) -> Any:
