@@ -50,6 +50,26 @@ def test_round_trip_restores_identical_rows(prefect_api, seeded, make_db, s3_buc
     assert r["tables"]["users"] == 300
     assert checksums(staging) == checksums(seeded)
 
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        latest = client.read_latest_artifacts()
+    by_key = {a.key: a for a in latest}
+    assert m["id"] in by_key["backup-production"].data and m["sha256"] in by_key["backup-production"].data
+    assert m["id"] in by_key["restore-staging"].data
+
+
+def test_server_side_encryption_is_requested(seeded, s3_bucket, s3_client, write_config, s3_endpoint):
+    from tasks.backup import backup
+
+    cfg = write_config({"production": ("production", seeded)},
+                       storage={"url": f"s3://{s3_bucket}/enc", "endpoint_url": s3_endpoint, "region": "us-east-1",
+                                "access_key_id": "testing", "secret_access_key": "testing",
+                                "server_side_encryption": "AES256"})
+    m = backup(load_settings(cfg), "production")
+    for key in (f"enc/{m.dump_key}", f"enc/production/{m.id}/manifest.json"):
+        assert s3_client.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
+
 
 def test_restore_into_production_needs_confirmation(prefect_api, seeded, make_db, s3_bucket, write_config):
     other = make_db("other")

@@ -1,0 +1,58 @@
+"""Which faults are retried: transient ones (network, 5xx, lock timeouts), never bad input."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+
+from conftest import free_port
+from dataops.dsn import Dsn
+from dataops.errors import BadInput, OperationFailed, TransientError, is_transient
+from tasks import pg
+
+
+def test_unreachable_server_is_transient_and_names_the_fix():
+    dsn = Dsn(f"postgresql://app:TopSecret99@127.0.0.1:{free_port()}/app")
+    with pytest.raises(TransientError) as err:
+        with pg.connect(dsn, timeout=2):
+            pass
+    assert is_transient(err.value)
+    assert "check that the server is running and database_url is right" in err.value.message
+    assert "TopSecret99" not in err.value.message
+
+
+def test_missing_database_is_bad_input(pg_server_dsn):
+    with pytest.raises(BadInput, match='database "no_such_db" does not exist'):
+        with pg.connect(pg_server_dsn.with_database("no_such_db")):
+            pass
+
+
+def test_lock_timeout_is_transient_and_unknown_errors_are_not(db):
+    with pg.connect(db) as a, pg.connect(db) as b:
+        a.execute("CREATE TABLE t (id int)")
+        a.commit()
+        a.execute("LOCK TABLE t IN ACCESS EXCLUSIVE MODE")
+        b.execute("SET lock_timeout = '100ms'")
+        with pytest.raises(psycopg.errors.LockNotAvailable) as err:
+            b.execute("SELECT * FROM t")
+        assert is_transient(err.value)
+    assert not is_transient(ValueError("bad"))
+    assert not is_transient(BadInput("bad"))
+    assert not is_transient(OperationFailed("checksum mismatch"))
+
+
+def test_unreachable_s3_is_transient():
+    from dataops.settings import StorageSettings
+    from tasks.storage import S3Storage
+
+    storage = S3Storage(StorageSettings(url="s3://b/p", endpoint_url=f"http://127.0.0.1:{free_port()}",
+                                        region="us-east-1", access_key_id="x", secret_access_key="y"))
+    with pytest.raises(TransientError, match="cannot reach the S3 endpoint"):
+        storage.check()
+
+
+def test_errors_keep_their_kind_through_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(TransientError("retry me")))
+    assert isinstance(err, TransientError) and is_transient(err) and err.message == "retry me"
