@@ -42,7 +42,7 @@ def _main(config: Optional[Path] = typer.Option(None, "--config", "-c", help=CON
     state.verbose = verbose
 
 
-def _settings():
+def load_cli_settings():
     from dataops.settings import config_path, load_settings
 
     settings = load_settings(state.config)
@@ -64,7 +64,7 @@ def echo(text: str = "") -> None:
 @app.command()
 def backup(env: str = _env_arg()):
     """Back up ENV to storage; prints the new backup's id as the last word."""
-    settings = _settings()
+    settings = load_cli_settings()
     settings.env(env)
     from flows.backup_database import backup_database
 
@@ -78,7 +78,7 @@ def backup(env: str = _env_arg()):
 def list_backups_cmd(env: str = _env_arg(),
                      as_json: bool = typer.Option(False, "--json", help="print a JSON list of manifests")):
     """List the complete backups of ENV, newest last."""
-    settings = _settings()
+    settings = load_cli_settings()
     settings.env(env)
     from tasks.catalog import list_backups
     from tasks.storage import open_storage
@@ -101,7 +101,7 @@ def restore(env: str = _env_arg("environment the backup was taken from"),
             confirm: Optional[str] = typer.Option(None, "--confirm", help="the target's name; required when its role is production",
                                                   show_default=False)):
     """Restore BACKUP_ID of ENV into another environment, verified before and after."""
-    settings = _settings()
+    settings = load_cli_settings()
     settings.env(env)
     from tasks.restore import guard_target
 
@@ -117,7 +117,7 @@ def restore(env: str = _env_arg("environment the backup was taken from"),
 def verify_backup_cmd(env: str = _env_arg(),
                       backup_id: str = typer.Argument("latest", help="backup id (default: the newest)")):
     """Prove a backup restores: restore into a scratch database, compare with its manifest, drop it."""
-    settings = _settings()
+    settings = load_cli_settings()
     settings.env(env)
     from flows.verify_backup import verify_backup
 
@@ -129,7 +129,7 @@ def verify_backup_cmd(env: str = _env_arg(),
 def prune(env: str = _env_arg(),
           dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be deleted")):
     """Apply retention (backups.keep_last, keep_days); never deletes the newest verified backup."""
-    settings = _settings()
+    settings = load_cli_settings()
     settings.env(env)
     from flows.prune_backups import prune_backups
 
@@ -197,6 +197,11 @@ def _text_table(rows: list[dict]) -> str:
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
     line = lambda r: "  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip()  # noqa: E731
     return "\n".join([line({c: c for c in cols}), *(line(r) for r in rows)])
+
+
+# Commands of later areas live in their own modules and register on `app` when imported.
+# Each module does `from dataops.cli import app, load_cli_settings, state, echo`.
+import dataops.cli_commands  # noqa: E402,F401
 
 
 def main() -> None:
