@@ -70,7 +70,7 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
         args = [pre.pg_dump, "--format=custom", f"--snapshot={snapshot}", "--no-sync", f"--dbname={conninfo}"]
         args.append("--compress=0" if cfg.compression == "zstd" else "--compress=6")
         dump = Process(args, secret_env, stdout=subprocess.PIPE, name="pg_dump")
-        raw = HashingReader(dump.proc.stdout)
+        raw = HashingReader(dump.proc.stdout, hash_bytes=False)  # counted only: the stored bytes are hashed
 
         def finished() -> None:
             dump.check()  # raises on a non-zero exit, which aborts the upload

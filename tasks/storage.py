@@ -96,8 +96,11 @@ class S3Storage(Storage):
         )
         chunk = settings.multipart_chunk_mb * MiB
         # Non-seekable uploads buffer one chunk per worker: memory is chunk x concurrency.
+        # A non-seekable upload holds up to max_in_memory_upload_chunks parts in memory (10
+        # by default: 80 MiB); capping it at the concurrency keeps the backup's memory flat.
         self.upload_config = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
                                             max_concurrency=settings.max_concurrency, use_threads=True)
+        self.upload_config.max_in_memory_upload_chunks = settings.max_concurrency  # s3transfer reads it
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key

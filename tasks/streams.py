@@ -11,7 +11,6 @@ import hashlib
 import os
 import subprocess
 import tempfile
-import threading
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -31,9 +30,9 @@ class HashingReader:
     may raise, which makes the consumer (an upload) fail instead of completing.
     """
 
-    def __init__(self, source: BinaryIO, on_eof: Callable[[], None] | None = None):
+    def __init__(self, source: BinaryIO, on_eof: Callable[[], None] | None = None, *, hash_bytes: bool = True):
         self.source = source
-        self.sha = hashlib.sha256()
+        self.sha = hashlib.sha256() if hash_bytes else None
         self.size = 0
         self._on_eof = on_eof
         self._done = False
@@ -56,7 +55,8 @@ class HashingReader:
                 got += len(chunk)
             data = b"".join(parts)
         if data:
-            self.sha.update(data)
+            if self.sha is not None:
+                self.sha.update(data)
             self.size += len(data)
         if not data or (n is not None and 0 <= n and len(data) < n):
             self._finish()
@@ -77,7 +77,9 @@ class HashingReader:
 
 
 def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
-    workers = threads or (os.cpu_count() or 1)
+    """threads=0 means one zstd worker per core left over after pg_dump's; with a single
+    worker, compressing inline is cheaper than handing blocks to a thread."""
+    workers = threads or max(1, (os.cpu_count() or 1) - 1)
     return zstandard.ZstdCompressor(level=level, threads=workers if workers > 1 else 0)
 
 
@@ -137,12 +139,3 @@ def pump(source: BinaryIO, sink: BinaryIO, chunk: int = CHUNK) -> int:
     return total
 
 
-def drain_in_thread(source: BinaryIO) -> threading.Thread:
-    t = threading.Thread(target=lambda: pump(source, _Null()), daemon=True)
-    t.start()
-    return t
-
-
-class _Null:
-    def write(self, data: bytes) -> int:
-        return len(data)
