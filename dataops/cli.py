@@ -140,6 +140,38 @@ def prune(env: str = _env_arg(),
     echo(f"kept {len(r['kept'])}, {verb} {len(r['delete'])}")
 
 
+# -- validation -------------------------------------------------------------------------
+
+@app.command()
+def validate(env: str = _env_arg(),
+             against: Optional[str] = typer.Option(None, "--against", help="another environment to compare with "
+                                                   "(schema diff, row counts, checksums)", show_default=False),
+             as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+    """Check ENV's integrity (foreign keys, unique keys, sequences, indexes, configured checks);
+    with --against, also whether two environments agree. Exit 0 when all pass, 1 when one fails."""
+    settings = load_cli_settings()
+    settings.env(env)
+    if against is not None:
+        settings.env(against)
+        if against == env:
+            raise BadInput(f"--against must name another environment than {env}")
+    from flows.validate_database import validate_database
+    from tasks.validation import ValidationFailed, format_report
+
+    run = validate_database(env, against=against, config=state.config, return_state=True)
+    outcome = run.result(raise_on_failure=False)
+    if isinstance(outcome, ValidationFailed) and outcome.report:
+        report = outcome.report
+    elif isinstance(outcome, BaseException):
+        raise outcome
+    else:
+        report = outcome
+    echo(json.dumps(report, indent=2) if as_json else format_report(report))
+    if not report["ok"]:
+        typer.echo(f"error: {redact(report['verdict'].removeprefix('FAILED: '))}", err=True)
+        raise typer.Exit(1)
+
+
 # -- embedded stack and demo -------------------------------------------------------------
 
 @dev_app.command("up")
@@ -231,4 +263,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run as `python -m dataops.cli` this file is `__main__`, a second copy of the module;
+    # command modules register on `dataops.cli.app`, so start that one.
+    from dataops.cli import main as _main
+
+    _main()

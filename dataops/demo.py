@@ -57,17 +57,52 @@ def step_restore(ctx: DemoContext) -> str:
 
 
 def step_compare(ctx: DemoContext) -> str:
-    from tasks import pg
-    from tasks.checksums import table_checksums
+    from tasks.validation import compare_environments
 
-    sums = {}
-    for env in ("production", "staging"):
-        with pg.connect(ctx.settings.env(env).database_url) as conn:
-            sums[env] = table_checksums(conn)
-    differ = [t for t in sums["production"] if sums["production"][t] != sums["staging"].get(t)]
-    if differ:
-        raise DataopsError(f"tables differ after restore: {', '.join(differ)}")
-    return f"{len(sums['production'])} tables: row counts and checksums identical in production and staging"
+    c = compare_environments(ctx.settings.env("production"), ctx.settings.env("staging"))
+    if not c.ok:
+        bad = [f"{t.table} ({t.status})" for t in c.tables if not t.ok] + [str(d) for d in c.differences[:3]]
+        raise DataopsError(f"{c.summary()} after restore: {'; '.join(bad[:5])}")
+    return f"{len(c.tables)} tables: schema, row counts and checksums identical in production and staging"
+
+
+def step_validate(ctx: DemoContext) -> str:
+    from flows.validate_database import validate_database
+
+    r = validate_database("production", config=ctx.config)
+    s = r["summary"]
+    return (f"{s['passed']} of {s['checks']} checks passed ({s['warnings']} warnings): foreign keys, unique keys, "
+            f"sequences, indexes; {r['seconds']:.1f} s")
+
+
+def step_migrate(ctx: DemoContext) -> str:
+    """The example migrations (0003..head) on production: preflight, its own backup, approval
+    (automatic: the dev config allows it), apply under the lock, checks, audit."""
+    from flows.migrate_database import migrate_database
+
+    r = migrate_database("production", auto_approve=True, config=ctx.config)
+    if r["outcome"] != "succeeded":
+        raise DataopsError(f"migration of production: {r['outcome']}: {r['detail']}")
+    took = sum(s["seconds"] for s in r["steps"])
+    return (f"{r['from_revision']} -> {r['to_revision']}: applied {', '.join(r['applied'])} in {took:.1f} s "
+            f"after backup {r['backup_id']}")
+
+
+def step_transform(ctx: DemoContext) -> str:
+    """The users.full_name split on production: snapshot, batches, checks, counts."""
+    from flows.run_transform import run_transform
+
+    r = run_transform("production", "users_split_full_name", config=ctx.config)
+    return (f"{r['changed']:,} users split, {r['invalid']:,} without a first name skipped, {r['batches']} batches, "
+            f"longest transaction {r['longest_tx_s']:.2f} s (bound {r['max_batch_seconds']:g} s)")
+
+
+def step_refresh(ctx: DemoContext) -> str:
+    """Staging replaced by a masked copy of production; the leak scan is the proof."""
+    from flows.refresh_staging import refresh_staging
+
+    r = refresh_staging(config=ctx.config)
+    return f"{r['rows']:,} rows, {len(r['masked'])} masked columns; {r['leak_scan']['summary']}"
 
 
 STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
@@ -76,6 +111,10 @@ STEPS: list[tuple[str, Callable[[DemoContext], str]]] = [
     ("verify by restore", step_verify),
     ("restore into staging", step_restore),
     ("compare production and staging", step_compare),
+    ("validate production", step_validate),
+    ("migrate production", step_migrate),
+    ("transform production (split full_name)", step_transform),
+    ("refresh staging (masked)", step_refresh),
 ]
 
 

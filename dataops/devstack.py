@@ -39,6 +39,8 @@ REGION = "us-east-1"
 DATABASES = ("production", "staging")
 S3_START_TIMEOUT = 15.0
 MARKER = "# Written by `dataops dev up`"
+# The example revisions shipped with the repository (baseline 0001, user_profiles 0002, ...).
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 _DEV_KEY = "dev"  # moto accepts any credentials
 
 # moto servers started by this process, so that dev_down in the same process can reap them
@@ -106,6 +108,9 @@ def dev_up(root: Path, *, users: int = 10_000, s3_port: int = 9900, store: Liter
     socket_dir = _start_postgres(pgdata)
     base = _dsn(socket_dir, "postgres")
     fresh = {name: _prepare_database(base, name, reset, create_schema) for name in DATABASES}
+    for name, created in fresh.items():
+        if created:  # create_schema built what revision 0002 builds: record it, so `migrate up` goes on from there
+            _stamp(_dsn(socket_dir, name))
     production = _dsn(socket_dir, "production")
     if fresh["production"]:
         log.info("seeding production with %d users", users)
@@ -135,6 +140,13 @@ def dev_up(root: Path, *, users: int = 10_000, s3_port: int = 9900, store: Liter
     _write_config(stack)
     _write_state(stack, s3_port if store == "s3" else None)
     return stack
+
+
+def _stamp(dsn: Dsn) -> None:
+    from tasks.migrate import MigrationTarget, stamp
+    from tasks.sample_app import SCHEMA_REVISION
+
+    stamp(MigrationTarget(dsn, MIGRATIONS_DIR, label=dsn.database), SCHEMA_REVISION)
 
 
 def _dsn(socket_dir: Path, database: str) -> Dsn:
@@ -349,7 +361,14 @@ environments:
 backups:
   keep_last: 7   # always keep the 7 newest backups
   keep_days: 30  # and every backup younger than 30 days
-"""
+
+migrations:
+  path: {_q(MIGRATIONS_DIR)}   # Alembic revisions; `dataops migrate production status`
+  allow_auto_approve: true   # local stack only: `migrate up --auto-approve` skips the approval pause
+
+transforms:
+  path: {_q(MIGRATIONS_DIR.parent / "transforms")}   # batched data fixes; `dataops transform production list`
+{_anonymize_section()}"""
     stack.config_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = stack.config_path.with_name(stack.config_path.name + ".tmp")
     tmp.write_text(text)
@@ -359,6 +378,43 @@ backups:
     except ConfigError as err:  # our template is wrong: say so rather than leave a broken file
         raise OperationFailed(f"wrote {stack.config_path} but it does not load ({err.message}); "
                               "this is a bug in dataops dev up") from None
+
+
+def _anonymize_section() -> str:
+    """Masking rules for the sample app: every personal column has one, so `dataops
+    refresh-staging` passes its PII guard. The salt is random per `dev up` unless
+    DATAOPS_ANON_SALT is set (a real setup takes it from the environment only)."""
+    import secrets
+
+    return f"""
+anonymize:   # how `dataops refresh-staging` and `dataops anonymize` mask personal data
+  salt: "${{DATAOPS_ANON_SALT:-{secrets.token_hex(16)}}}"
+  locale: en_US
+  default: fail   # a personal-looking column without a rule stops the refresh
+  rules:
+    users:
+      email: {{faker: email, unique: true}}
+      full_name: name
+      first_name: first_name
+      last_name: last_name
+      phone: {{partial: {{keep_last: 2}}}}
+      date_of_birth: {{shift_days: 30}}
+      address: address
+      ip_address: null
+      password_hash: {{constant: "x"}}
+    user_emails:
+      email: {{faker: email, unique: true}}   # the same rule as users.email: the addresses still match
+    audit_logs:
+      ip_address: null
+      user_agent: keep
+  delete:
+    audit_logs: "event_type IN ('login', 'password_change')"
+
+refresh:
+  exclude: []
+  truncate: []
+  subset: {{}}   # e.g. orders: "created_at > now() - interval '90 days'"
+"""
 
 
 def _write_state(stack: DevStack, s3_port: int | None) -> None:

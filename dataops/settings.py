@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 from dataops.dsn import Dsn
 from dataops.errors import BadInput, ConfigError
 from dataops.redact import redact, register_secret
+from dataops.validation_settings import CustomCheck, ExpectValue, RowCountBounds, ValidationSettings
 
 DEFAULT_CONFIG_NAME = "dataops.yaml"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -104,8 +105,8 @@ class BackupSettings(Strict):
     keep_days: int = Field(default=30, ge=0, description="and every backup younger than this")
     compression: Literal["zstd", "pg_dump"] = Field(
         default="zstd", description="zstd: pg_dump -Z0 compressed by multi-threaded zstd; pg_dump: its own gzip")
-    compression_level: int = Field(default=3, ge=1, le=19)
-    compression_threads: int = Field(default=0, ge=0, le=64, description="0: one per core")
+    compression_level: int = Field(default=4, ge=1, le=19, description="4: smaller than pg_dump's own gzip")
+    compression_threads: int = Field(default=0, ge=0, le=64, description="0: one per core beside pg_dump's")
     scratch_database_url: Dsn | None = Field(
         default=None, description="server for scratch databases (verify); default: the environment's own server"
     )
@@ -120,12 +121,233 @@ class PrefectSettings(Strict):
     api_url: str | None = Field(default=None, description="Prefect API; default: a temporary local one")
 
 
+_PG_DURATION = re.compile(r"^\d+\s*(us|ms|s|min|h|d)?$")
+
+
+class MigrationSettings(Strict):
+    path: Path = Field(default=Path("migrations"),
+                       description="folder with env.py and versions/; relative to the config file unless absolute")
+    lock_timeout: str = Field(default="5s", description="per revision: give up waiting for a table lock after this")
+    statement_timeout: str = Field(default="15min", description="per revision: cancel a statement running longer")
+    lock_retries: int = Field(default=3, ge=0, le=20, description="retries of a revision that hit lock_timeout")
+    lock_retry_delay_s: float = Field(default=2.0, ge=0, le=600, description="first backoff; doubles per retry")
+    approval_timeout_s: int = Field(default=3600, ge=1, description="production: how long a run waits for approval")
+    approval_poll_s: int = Field(default=10, ge=1, le=300, description="how often a paused run looks for the answer")
+    allow_auto_approve: bool = Field(default=False, description="demo stacks only: honor auto_approve=True")
+
+    @field_validator("lock_timeout", "statement_timeout")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        if not _PG_DURATION.match(v.strip()):
+            raise ValueError(f"{v!r} is not a PostgreSQL duration; use e.g. 500ms, 5s, 15min")
+        return v.strip()
+
+
+class AlertSettings(Strict):
+    """The one channel every alert goes through: failed runs (a Prefect automation that
+    `dataops deploy` creates) and the rollback's critical alert (sent directly)."""
+
+    webhook_url: str | None = Field(default=None, description="generic or Slack incoming webhook; a secret")
+    kind: Literal["webhook", "slack", "email"] = "webhook"
+    timeout_s: float = Field(default=5.0, gt=0, le=60)
+    sendgrid_api_key: SecretStr | None = Field(default=None, description="kind: email (Prefect's SendgridEmail block)")
+    email_from: str | None = None
+    email_to: list[str] = []
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, v: str | None) -> str | None:
+        if v is not None and urlsplit(v).scheme not in ("http", "https"):
+            raise ValueError("must be an http(s) URL")
+        if v and urlsplit(v).hostname not in ("127.0.0.1", "localhost"):
+            register_secret(v)  # Slack-style webhook URLs carry their token in the path
+        return v
+
+    @model_validator(mode="after")
+    def _complete(self) -> "AlertSettings":
+        if self.kind == "email" and not (self.sendgrid_api_key and self.email_from and self.email_to):
+            raise ValueError("kind: email needs sendgrid_api_key, email_from and email_to")
+        if self.kind == "email" and self.sendgrid_api_key:
+            register_secret(self.sendgrid_api_key.get_secret_value())
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.webhook_url) or self.kind == "email"
+
+
+class ScheduleSettings(Strict):
+    timezone: str = Field(default="UTC", description="IANA timezone of every cron schedule, e.g. Europe/Paris")
+    staging_refresh_cron: str = Field(default="0 2 * * *", description="nightly staging refresh")
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r}; use an IANA name like UTC or Europe/Paris") from None
+        return v
+
+    @field_validator("staging_refresh_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"{v!r} is not a 5-field cron expression, e.g. '0 2 * * *'")
+        return v
+
+
+_RULE_KINDS = ("faker", "template", "constant", "null", "hash", "partial", "shift_days", "keep")
+_MASK_SEPARATORS = " ()+,./:@_-"  # partial masks keep these, so a phone number keeps its shape
+
+
+class HashRule(Strict):
+    length: int = Field(default=16, ge=8, le=64, description="hex characters kept (text columns)")
+
+
+class PartialRule(Strict):
+    keep_last: int = Field(default=4, ge=0, le=64, description="characters left readable at the end")
+    mask: str = Field(default="*", min_length=1, max_length=1)
+
+    @field_validator("mask")
+    @classmethod
+    def _mask(cls, v: str) -> str:
+        if v.isalnum() or v in "\\&" or v in _MASK_SEPARATORS or not v.isprintable():
+            raise ValueError(f"{v!r} cannot be a mask character; use one symbol such as * or #")
+        return v
+
+
+class ColumnRule(Strict):
+    """How one column is masked: a mapping with exactly one kind (faker, template, constant,
+    null, hash, partial, shift_days, keep), or a shorthand: a Faker provider name (`name`),
+    `keep`, `hash`, or null (YAML's `~`/`null`) for the null rule."""
+
+    faker: str | None = Field(default=None, description="Faker provider called without arguments, e.g. email")
+    locale: str | None = Field(default=None, description="Faker locale; default anonymize.locale")
+    template: str | None = Field(default=None, description="e.g. user_{id}@example.com; {hash} is the value's keyed hash")
+    constant: str | int | float | bool | None = None
+    null: bool = False
+    hash: HashRule | None = None
+    partial: PartialRule | None = None
+    shift_days: int | None = Field(default=None, ge=1, le=36500, description="move dates by up to this many days")
+    keep: bool = False
+    unique: bool = Field(default=False, description="append a keyed suffix so distinct inputs stay distinct")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if v is None:
+            return {"null": True}
+        if isinstance(v, str):
+            word = v.strip()
+            if word in ("keep", "null"):
+                return {word: True}
+            return {"hash": {}} if word == "hash" else {"faker": word}
+        if isinstance(v, dict):
+            v = {("null" if k is None else k): val for k, val in v.items()}  # YAML reads `null:` as None
+            if "constant" in v and v["constant"] is None:
+                raise ValueError("constant: null is the null rule; write `column: null`")
+            if v.get("hash") is True:
+                v["hash"] = {}
+            elif v.get("hash") is False:
+                v.pop("hash")
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> "ColumnRule":
+        given = [k for k in _RULE_KINDS if (getattr(self, k) is True if k in ("null", "keep") else k in self.model_fields_set
+                                            and getattr(self, k) is not None)]
+        if len(given) != 1:
+            got = f" (got {', '.join(given)})" if given else ""
+            raise ValueError(f"give exactly one of {', '.join(_RULE_KINDS)}{got}")
+        if self.unique and given[0] not in ("faker", "hash", "template"):
+            raise ValueError("unique applies to faker, hash and template rules")
+        if self.locale and given[0] != "faker":
+            raise ValueError("locale applies to faker rules only")
+        if self.template is not None:
+            import string
+
+            for _, name, spec, conv in string.Formatter().parse(self.template):
+                if name is not None and (not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or spec or conv):
+                    raise ValueError(f"template placeholder {{{name}{'!' + conv if conv else ''}{':' + spec if spec else ''}}} "
+                                     "must be a plain column name such as {id}")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _RULE_KINDS if (getattr(self, k) is True if k in ("null", "keep") else
+                                               k in self.model_fields_set and getattr(self, k) is not None))
+
+
+class AnonymizeSettings(Strict):
+    salt: SecretStr | None = Field(default=None, description="secret key of the deterministic masking; from the environment")
+    locale: str = Field(default="en_US", description="default Faker locale")
+    default: Literal["fail", "null", "hash"] = Field(
+        default="fail", description="personal-looking columns without a rule: refuse, null them, or hash them")
+    pool_size: int = Field(default=5000, ge=100, le=1_000_000, description="values pre-generated per Faker provider")
+    rules: dict[str, dict[str, ColumnRule]] = Field(default_factory=dict, description="table -> column -> rule")
+    delete: dict[str, str] = Field(default_factory=dict, description="table -> SQL condition of rows to drop")
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _tables(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({} if body is None else body) for k, body in v.items()}
+        return v
+
+    @field_validator("salt")
+    @classmethod
+    def _salt(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            if len(v.get_secret_value()) < 16:
+                raise ValueError("must be at least 16 characters; generate one with `openssl rand -hex 32`")
+            register_secret(v.get_secret_value())
+        return v
+
+
+class RefreshSettings(Strict):
+    exclude: list[str] = Field(default_factory=list, description="tables not copied at all (not even created)")
+    truncate: list[str] = Field(default_factory=list, description="tables created empty")
+    subset: dict[str, str] = Field(default_factory=dict, description="table -> SQL condition of rows to copy")
+    backup_target_first: bool = Field(default=False, description="back up the target before replacing it")
+    allow_production_to_development: bool = Field(default=False, description="let production data reach a development target")
+    jobs: int = Field(default=0, ge=0, le=32, description="tables copied at once; 0: one per core")
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "RefreshSettings":
+        both = sorted(set(self.exclude) & set(self.truncate))
+        if both:
+            raise ValueError(f"table {both[0]} is in both exclude and truncate; keep it in one")
+        filtered = sorted(set(self.subset) & (set(self.exclude) | set(self.truncate)))
+        if filtered:
+            raise ValueError(f"table {filtered[0]} has a subset filter but is excluded or truncated")
+        return self
+
+
+class TransformSettings(Strict):
+    path: Path = Field(default=Path("transforms"),
+                       description="folder of transform modules; relative to the config file unless absolute")
+    batch_size: int = Field(default=5000, ge=1, le=1_000_000, description="rows in the first batch; later ones adapt")
+    max_batch_seconds: float = Field(default=1.0, gt=0, le=600, description="every batch's transaction stays under this")
+    throttle_ms: int = Field(default=0, ge=0, le=600_000, description="pause between batches, to limit the load")
+    workers: int = Field(default=1, ge=1, le=64, description="disjoint key ranges processed at once")
+
+
 class Settings(Strict):
     environments: dict[str, Environment]
     storage: StorageSettings
     backups: BackupSettings = BackupSettings()
     postgres: PostgresSettings = PostgresSettings()
     prefect: PrefectSettings = PrefectSettings()
+    migrations: MigrationSettings = MigrationSettings()
+    alerts: AlertSettings = AlertSettings()
+    schedules: ScheduleSettings = ScheduleSettings()
+    anonymize: AnonymizeSettings = AnonymizeSettings()
+    refresh: RefreshSettings = RefreshSettings()
+    validation: ValidationSettings = ValidationSettings()
+    transforms: TransformSettings = TransformSettings()
     source: str | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
@@ -196,7 +418,10 @@ def _looks_secret(path: str, var: str) -> bool:
 
 def _known_keys() -> set[str]:
     keys: set[str] = set()
-    for model in (Settings, Environment, StorageSettings, BackupSettings, PostgresSettings, PrefectSettings):
+    for model in (Settings, Environment, StorageSettings, BackupSettings, PostgresSettings, PrefectSettings,
+                  ScheduleSettings,
+                  MigrationSettings, AlertSettings, AnonymizeSettings, RefreshSettings, ColumnRule, HashRule,
+                  PartialRule, ValidationSettings, RowCountBounds, CustomCheck, ExpectValue, TransformSettings):
         keys.update(model.model_fields)
     return keys
 

@@ -1,25 +1,49 @@
 """Checksums of table contents that prove two copies hold the same rows.
 
-Computed inside PostgreSQL in one sequential scan; only two numbers cross the wire, so a
-10 GB table costs a scan, not a transfer. Each row is hashed from its text form
-(ROW(col, ...)::text, columns in attnum order) with hashtextextended, a 64-bit hash, and
-the row hashes are summed. Summing makes the result independent of row order (a restore
-or a CLUSTER reorders rows) while still counting duplicates, which XOR would cancel.
+Computed inside PostgreSQL in one sequential scan (parallel where the server would run a
+parallel `count(*)`); only two numbers cross the wire, so a 10 GB table costs a scan, not
+a transfer.
 
-Why the text form and not the types' own hash functions, which are faster: those hash by
-equality, not by value as stored. numeric 1.0 and 1.00 hash alike, so do float 0 and -0,
-and citext 'A' and 'a'; an enum hashes by its OID, which differs in a restored copy; int8
-is folded to 32 bits. The text form is exactly what pg_dump writes, so equal text means
-an equal restore. Its price is the output functions: ~90% of the run time.
+How a row is hashed. Each column is hashed by a function chosen for its type, seeded with
+a number derived from the column's name; the column hashes are XORed, the XOR goes
+through one more 64-bit mixing step (so that values swapped between two rows change the
+result), and the row hashes are summed modulo 2^64. Summing makes the result independent
+of row order (a restore or a CLUSTER reorders rows) while still counting duplicates,
+which XOR would cancel. Seeding by name makes it independent of column order too, and a
+value moved to another column changes it.
 
-Results compare across databases and servers only with the same server encoding and
-PostgreSQL's hash on the same byte order (hashtextextended is stable across upgrades,
-since hash partitioning depends on it). Output settings that change the text (TimeZone,
-DateStyle, extra_float_digits, ...) are pinned while the scan runs.
+The type-specific hashes avoid converting every value to text, which cost ~90% of the
+scan. PostgreSQL's own hash functions hash by equality, not by stored value, so each is
+used only where equal means identical, and is corrected where it is not:
+
+- integers: hashint8extended folds 64 bits to 32, so the value itself is XORed in too;
+  int2, int4 and int8 columns holding the same numbers give the same checksum.
+- numeric: hash_numeric_extended hashes the value (1.0 = 1.00); a column without a fixed
+  scale also mixes in scale(), so 6.00 -> 6.000 is detected. In numeric(p,s) every value
+  has the same scale.
+- timestamptz is hashed as its UTC instant (`AT TIME ZONE INTERVAL '0'` is exact and
+  keeps infinity); timestamp, time, timetz, uuid, inet/cidr by their own hash functions,
+  which are exact; date by its day number (infinity included); bool as 0/1.
+- text and varchar by their bytes (`COLLATE "C"`, so a case-insensitive collation does
+  not hide a change).
+- enums by their label, never by OID (OIDs differ in a restored copy): the labels' hashes
+  are looked up once and the column is mapped with a CASE on the enum.
+- everything else (float4/8, jsonb, json, arrays, composites, bytea, interval, money,
+  char(n), ...) by its text form, with the output settings pinned (floats print the
+  shortest exact form, so -0 and 0 differ).
+
+Not detected: trailing spaces in a `character` column without a length (its cast to text
+trims them), and any difference the type's text form hides. A type change (int to
+numeric, timestamp to timestamptz) changes the checksum even if the values print alike:
+compare checksums of tables whose schemas match (the schema diff says when they do not).
+
+Results compare across databases and servers that use the same PostgreSQL hash functions
+(stable across versions, since hash partitioning depends on them) on the same byte order.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,10 +56,43 @@ from tasks.pg import qualified, table_label, user_tables
 from tasks.schema import STABLE_OUTPUT, pinned_settings
 
 # Recorded next to stored checksums, so a verifier can tell a changed method from changed data.
-METHOD = "sum64(hashtextextended(row::text COLLATE \"C\", 0))"
+METHOD = "sum64(mix(xor of per-column typed hashes seeded by column name)) v2"
 
 _TWO_64 = 1 << 64
 _RELKINDS = {"r", "p", "m", "v", "f"}  # anything a SELECT can read rows from
+_MAX_CASE_LABELS = 64  # above this, an enum column is hashed through its text form (same result)
+
+# Builtin type OIDs are fixed across servers and versions.
+_INT2, _INT4, _INT8, _OID, _BOOL = 21, 23, 20, 26, 16
+_NUMERIC, _DATE, _TIME, _TIMETZ, _TIMESTAMP, _TIMESTAMPTZ = 1700, 1082, 1083, 1266, 1114, 1184
+_UUID, _TEXT, _VARCHAR, _INET, _CIDR = 2950, 25, 1043, 869, 650
+
+# value expression {v}, seed literal {s}; every template is strict: a NULL value gives NULL.
+_TEMPLATES = {
+    _INT2: "(pg_catalog.hashint4extended({v}, {s}) # ({v})::int8)",
+    _INT4: "(pg_catalog.hashint4extended({v}, {s}) # ({v})::int8)",
+    _INT8: "(pg_catalog.hashint8extended({v}, {s}) # {v})",
+    _OID: "pg_catalog.hashoidextended({v}, {s})",
+    _BOOL: "pg_catalog.hashint4extended(({v})::int4, {s})",
+    _DATE: ("pg_catalog.hashint4extended(CASE WHEN pg_catalog.isfinite({v}) THEN {v} - DATE '2000-01-01' "
+            "WHEN {v} > DATE '2000-01-01' THEN 2147483647 WHEN {v} < DATE '2000-01-01' THEN -2147483648 END, {s})"),
+    _TIME: "pg_catalog.time_hash_extended({v}, {s})",
+    _TIMETZ: "pg_catalog.timetz_hash_extended({v}, {s})",
+    _TIMESTAMP: "pg_catalog.timestamp_hash_extended({v}, {s})",
+    _TIMESTAMPTZ: "pg_catalog.timestamp_hash_extended({v} AT TIME ZONE INTERVAL '0', {s})",
+    _UUID: "pg_catalog.uuid_hash_extended({v}, {s})",
+    _TEXT: "pg_catalog.hashtextextended(({v})::text COLLATE \"C\", {s})",
+    _VARCHAR: "pg_catalog.hashtextextended(({v})::text COLLATE \"C\", {s})",
+    _INET: "pg_catalog.hashinetextended(({v})::inet, {s})",
+    _CIDR: "pg_catalog.hashinetextended(({v})::inet, {s})",
+}
+_TEXT_FORM = "pg_catalog.hashtextextended(({v})::text COLLATE \"C\", {s})"
+_NUMERIC_FIXED = "pg_catalog.hash_numeric_extended({v}, {s})"
+_NUMERIC_FREE = "(pg_catalog.hash_numeric_extended({v}, {s}) # coalesce(pg_catalog.scale({v}), -1)::int8)"
+_SQL_NAMES = {_INT2: "smallint", _INT4: "integer", _INT8: "bigint", _OID: "oid", _BOOL: "boolean",
+              _NUMERIC: "numeric", _DATE: "date", _TIME: "time", _TIMETZ: "time with time zone",
+              _TIMESTAMP: "timestamp", _TIMESTAMPTZ: "timestamp with time zone", _UUID: "uuid",
+              _TEXT: "text", _VARCHAR: "text", _INET: "inet", _CIDR: "inet"}
 
 
 @dataclass(frozen=True)
@@ -46,6 +103,89 @@ class TableChecksum:
     columns: tuple[str, ...]  # the columns hashed, in table order
 
 
+@dataclass(frozen=True)
+class _Column:
+    name: str
+    type_oid: int  # the base type for a domain
+    typmod: int
+    not_null: bool
+    is_enum: bool
+    is_domain: bool
+    enum_type: int  # OID of the enum type, 0 if none
+
+
+def _seed(column: str, purpose: str) -> int:
+    """A signed 64-bit number from the column's name: equal on every machine and database."""
+    digest = hashlib.sha256(f"dataops-checksum:{purpose}:{column}".encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
+def _int8(value: int) -> str:
+    return f"'{value}'::int8"  # quoted: a bare -5 after # would lex as the jsonb operator #-
+
+
+def _read_columns(cur: psycopg.Cursor, schema: str, table: str) -> tuple[int, list[_Column]]:
+    name = f"{schema}.{table}"
+    found = cur.execute("""SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                           WHERE n.nspname = %s AND c.relname = %s""", (schema, table)).fetchone()
+    if found is None or found[1] not in _RELKINDS:
+        raise BadInput(f'table "{name}" does not exist')
+    rows = cur.execute("""
+        SELECT a.attname, CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END,
+               CASE WHEN t.typtype = 'd' THEN t.typtypmod ELSE a.atttypmod END, a.attnotnull,
+               coalesce(b.typtype, t.typtype) = 'e', t.typtype = 'd',
+               CASE WHEN coalesce(b.typtype, t.typtype) = 'e' THEN coalesce(b.oid, t.oid) ELSE 0 END
+        FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+        LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
+        WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum""", (found[0],)).fetchall()
+    return found[0], [_Column(*r) for r in rows]
+
+
+def _column_hash(cur: psycopg.Cursor, col: _Column) -> sql.Composable:
+    v = sql.Identifier(col.name).as_string(cur)
+    seed = _int8(_seed(col.name, "value"))
+    if col.is_enum and not col.is_domain:
+        labels = cur.execute("""SELECT enumlabel, pg_catalog.hashtextextended(enumlabel COLLATE "C", %s)
+                                FROM pg_enum WHERE enumtypid = %s ORDER BY enumsortorder""",
+                             (_seed(col.name, "value"), col.enum_type)).fetchall()
+        fallback = _TEXT_FORM.format(v=v, s=seed)
+        if 0 < len(labels) <= _MAX_CASE_LABELS:
+            # Comparing enums compares OIDs: far cheaper than printing each label. The
+            # ELSE (NULL, or a label added after this query was built) gives the same
+            # hash the labels' constants were computed with.
+            whens = " ".join(f"WHEN {sql.Literal(label).as_string(cur)} THEN {_int8(h)}" for label, h in labels)
+            expr = f"CASE {v} {whens} ELSE {fallback} END"
+        else:
+            expr = fallback
+    else:
+        if col.is_domain and col.type_oid in _SQL_NAMES:
+            v = f"({v})::{_SQL_NAMES[col.type_oid]}"
+        if col.type_oid == _NUMERIC:
+            template = _NUMERIC_FIXED if col.typmod >= 0 else _NUMERIC_FREE
+        else:
+            template = _TEMPLATES.get(col.type_oid, _TEXT_FORM)
+        expr = template.format(v=v, s=seed)
+    if not col.not_null:
+        expr = f"coalesce({expr}, {_int8(_seed(col.name, 'null'))})"
+    return sql.SQL(expr)
+
+
+def checksum_sql(conn: psycopg.Connection, schema: str, table: str, columns: list[str] | None = None,
+                 exclude: list[str] | None = None) -> tuple[sql.Composed, tuple[str, ...]]:
+    """The query that checksums a table, and the columns it hashes (for EXPLAIN and benchmarks)."""
+    cur = conn.cursor(row_factory=tuple_row)
+    _, all_columns = _read_columns(cur, schema, table)
+    names = [c.name for c in all_columns]
+    for given in (columns or []) + (exclude or []):
+        if given not in names:
+            raise BadInput(f'column "{given}" does not exist in table "{schema}.{table}"')
+    chosen = [c for c in all_columns if (columns is None or c.name in columns) and c.name not in (exclude or [])]
+    parts = [_column_hash(cur, c) for c in chosen] or [sql.SQL("'0'::int8")]
+    row_hash = sql.SQL("pg_catalog.hashint8extended(0, {})").format(sql.SQL(" # ").join(parts))
+    query = sql.SQL("SELECT count(*), sum({row}) FROM {table}").format(row=row_hash, table=qualified(schema, table))
+    return query, tuple(c.name for c in chosen)
+
+
 def table_checksum(conn: psycopg.Connection, schema: str, table: str, columns: list[str] | None = None,
                    exclude: list[str] | None = None) -> TableChecksum:
     """Order-independent checksum of the rows of one table (or of some of its columns).
@@ -53,27 +193,13 @@ def table_checksum(conn: psycopg.Connection, schema: str, table: str, columns: l
     Run it in the transaction whose view of the data you mean: a REPEATABLE READ
     transaction sharing pg_dump's snapshot checksums exactly the rows that were dumped.
     """
+    query, chosen = checksum_sql(conn, schema, table, columns, exclude)
     cur = conn.cursor(row_factory=tuple_row)
-    name = f"{schema}.{table}"
-    found = cur.execute("""SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                           WHERE n.nspname = %s AND c.relname = %s""", (schema, table)).fetchone()
-    if found is None or found[1] not in _RELKINDS:
-        raise BadInput(f'table "{name}" does not exist')
-    all_columns = [r[0] for r in cur.execute(
-        "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-        (found[0],))]
-    for given in (columns or []) + (exclude or []):
-        if given not in all_columns:
-            raise BadInput(f'column "{given}" does not exist in table "{name}"')
-    chosen = [c for c in all_columns if (columns is None or c in columns) and c not in (exclude or [])]
-
-    query = sql.SQL('SELECT count(*), sum(hashtextextended((ROW({cols})::text) COLLATE "C", 0)) FROM {table}').format(
-        cols=sql.SQL(", ").join(sql.Identifier(c) for c in chosen), table=qualified(schema, table))
     with pinned_settings(conn, STABLE_OUTPUT):
         rows, total = cur.execute(query).fetchone()
     digest = int(total or 0) % _TWO_64  # the sum is numeric: it cannot overflow, and mod 2^64 fixes its width
     return TableChecksum(table=table_label(schema, table), rows=rows, checksum=f"{rows}:{digest:016x}",
-                         columns=tuple(chosen))
+                         columns=chosen)
 
 
 def table_checksums(conn: psycopg.Connection, tables: list[str] | None = None,
@@ -88,12 +214,12 @@ def table_checksums(conn: psycopg.Connection, tables: list[str] | None = None,
     if tables is None:
         targets = user_tables(conn)
     else:
-        targets = [_parse_label(t) for t in tables]
+        targets = [parse_label(t) for t in tables]
     labels = {table_label(s, t): (s, t) for s, t in targets}
     per_table: dict[str, dict[str, list[str]]] = {label: {} for label in labels}
     for arg, mapping in (("columns", columns), ("exclude", exclude)):
         for key, names in (mapping or {}).items():
-            schema, table = _parse_label(key)
+            schema, table = parse_label(key)
             label = table_label(schema, table)
             if label not in labels:
                 where = "does not exist" if tables is None else "is not in tables"
@@ -103,6 +229,10 @@ def table_checksums(conn: psycopg.Connection, tables: list[str] | None = None,
             for label, (schema, table) in labels.items()}
 
 
-def _parse_label(label: str) -> tuple[str, str]:
+def parse_label(label: str) -> tuple[str, str]:
+    """'users' -> ('public', 'users'); 'audit.events' -> ('audit', 'events')."""
     schema, _, table = label.rpartition(".")
     return (schema or "public", table)
+
+
+_parse_label = parse_label  # the name it had before

@@ -1,0 +1,794 @@
+"""Benchmark for issue 2: the backup against pg_dump's own compression.
+
+    .venv/bin/python bench/bench_backup.py [--rows 1000000] [--repeat 3] [--no-flow] [--no-variants]
+
+What it does, in one run:
+
+1. Starts an embedded PostgreSQL (pgserver) in a temporary folder and a moto S3 server on
+   127.0.0.1, as the tests do.
+2. Builds the sample application's database (tasks.sample_app: Faker-pooled names,
+   addresses, emails, jsonb, inet, timestamps, numerics) sized so that its two big tables,
+   orders and audit_logs, hold at least --rows rows together; then VACUUM ANALYZE.
+3. Measures, interleaved round by round, --repeat times each (median reported):
+   - `pg_dump -Fc` (default gzip) and `pg_dump -Fc -Z0`, stdout read and discarded;
+   - the product's backup, `tasks.backup.backup(settings, 'production')`, in a separate
+     child process (so its peak RSS is its own), into the moto S3 bucket and into a
+     file:// folder;
+   - the same dump_to_storage pipeline into a storage that discards the bytes, which
+     isolates the pipeline (pg_dump -Z0 + SHA-256 + zstd) from the storage;
+   - compression_level 4, and level 4 with the raw stream counted but not hashed (a
+     prototype of a change to tasks/backup.py, patched in the child only).
+4. Optionally: a few compression/transfer settings once each, and the Prefect flow
+   (flows.backup_database) against a Prefect server of its own whose start is not timed.
+5. Writes the section "## Backup (issue 2)" of bench/RESULTS.md (other sections are kept).
+
+The backup's time is measured inside the child around the backup() call (imports and
+interpreter start excluded, as in a long-running worker); the whole child process time
+is reported next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+RESULTS = ROOT / "bench" / "RESULTS.md"
+SECTION = "## Backup (issue 2)"
+MiB = 1024 * 1024
+ENV_NAME = "production"
+
+def _prepare_environ(home: Path | None) -> None:
+    runtime = Path(tempfile.gettempdir()) / f"dataops-runtime-{os.getuid()}"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(runtime))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    if home is not None:
+        os.environ["PREFECT_HOME"] = str(home / "prefect-home")  # never the user's ~/.prefect
+
+# =====================================================================================
+# child process: one measured backup
+# =====================================================================================
+
+def _proc_status(field: str, pid: str = "self") -> int:
+    """A /proc/<pid>/status size in bytes (VmRSS, VmHWM). VmHWM is the peak RSS of this
+    program alone: unlike ru_maxrss it does not carry the parent's size over the exec."""
+    m = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    return int(m.group(1)) * 1024 if m else 0
+
+def _prototype(zstd_job_mib: int) -> None:
+    """Prototype of a change to tasks/streams.py, patched into this child process only:
+    multi-threaded zstd with an explicit job size. Each worker buffers a job's input and
+    output; zstd's default job size for these levels costs ~35 MiB more than 2 MiB jobs.
+    The worker count follows tasks.streams.compressor (threads=0: cores - 1)."""
+    import zstandard
+
+    import tasks.streams
+
+    def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
+        workers = threads or max(1, (os.cpu_count() or 1) - 1)
+        if workers <= 1:
+            return zstandard.ZstdCompressor(level=level)
+        params = zstandard.ZstdCompressionParameters.from_level(level, threads=workers, job_size=zstd_job_mib * MiB)
+        return zstandard.ZstdCompressor(compression_params=params)
+
+    tasks.streams.compressor = compressor  # compress_reader looks it up at call time
+
+
+def _cpu_pair() -> tuple[float, float]:
+    """CPU seconds of this process (all threads) and of its exited children (pg_dump)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime, kids.ru_utime + kids.ru_stime
+
+
+def child_main(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    if spec["kind"] == "import_prefect":
+        base = _proc_status("VmRSS")
+        import prefect  # noqa: F401
+
+        print("BENCH-RESULT " + json.dumps({"prefect_rss": _proc_status("VmRSS") - base}), flush=True)
+        return
+    t_import = time.monotonic()
+    if spec["kind"] == "flow":
+        from flows.backup_database import backup_database  # noqa: F401 - imported before the timer
+    from dataops.settings import parse_settings
+    from tasks.backup import backup, dump_to_storage, preflight
+    from tasks.storage import Storage
+
+    out: dict = {"import_s": round(time.monotonic() - t_import, 3), "rss_after_import": _proc_status("VmRSS")}
+    if spec.get("prototype"):
+        _prototype(**spec["prototype"])
+
+    if spec["kind"] == "flow":
+        from flows.backup_database import backup_database
+
+        runs = []
+        for _ in range(spec.get("runs", 2)):
+            t1 = time.monotonic()
+            result = backup_database(ENV_NAME, config=spec["config"])
+            runs.append({"call_s": time.monotonic() - t1, "dump_s": result["duration_seconds"],
+                         "size": result["size"], "rss_after": _proc_status("VmRSS")})
+        out["flow_runs"] = runs
+    else:
+        settings = parse_settings(spec["settings"], source="bench", env={})
+        cpu0 = _cpu_pair()
+        if spec["kind"] == "backup":
+            t0 = time.monotonic()
+            m = backup(settings, ENV_NAME)
+            out["call_s"] = time.monotonic() - t0
+        elif spec["kind"] == "discard":
+            class Discard(Storage):
+                description = "discard"
+
+                def check(self): pass
+                def upload_stream(self, key, stream):
+                    while stream.read(8 * MiB):
+                        pass
+                def open_stream(self, key): raise NotImplementedError
+                def put_bytes(self, key, data): pass
+                def get_bytes(self, key): raise NotImplementedError
+                def list(self, prefix): return []
+                def delete(self, keys): pass
+
+            env = settings.env(ENV_NAME)
+            t0 = time.monotonic()
+            pre = preflight(settings, env)
+            m = dump_to_storage(settings, env, pre, Discard())
+            out["call_s"] = time.monotonic() - t0
+        else:
+            raise SystemExit(f"unknown kind {spec['kind']}")
+        cpu1 = _cpu_pair()
+        out.update(size=m.size, raw_size=m.raw_size, dump_key=m.dump_key, dump_s=m.duration_seconds,
+                   rows=sum(m.tables.values()), cpu_self_s=cpu1[0] - cpu0[0], cpu_children_s=cpu1[1] - cpu0[1])
+    out.update(peak_rss=_proc_status("VmHWM"))
+    print("BENCH-RESULT " + json.dumps(out), flush=True)
+
+# =====================================================================================
+# parent: set-up, measurements, report
+# =====================================================================================
+
+class Sampler:
+    """Polls a process and its descendants every 100 ms (psutil): the peak RSS of each
+    program by name, and of their sum. For programs it cannot ask (pg_dump) and for the sum;
+    the Python child reports its own exact peak (VmHWM)."""
+
+    def __init__(self, pid: int):
+        import psutil
+
+        self.peaks: dict[str, int] = {}
+        self.peak_sum = 0
+        self._stop = threading.Event()
+        try:
+            self._root = psutil.Process(pid)
+        except psutil.Error:
+            self._root = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while self._root is not None and not self._stop.is_set():
+            try:
+                procs = [self._root, *self._root.children(recursive=True)]
+            except psutil.Error:
+                return
+            total = 0
+            for q in procs:
+                try:
+                    rss, name = q.memory_info().rss, q.name()
+                except psutil.Error:
+                    continue
+                total += rss
+                self.peaks[name] = max(self.peaks.get(name, 0), rss)
+            self.peak_sum = max(self.peak_sum, total)
+            self._stop.wait(0.1)  # cheap: the sampler shares the 2 CPUs with what it measures
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_of(self, name: str) -> int:
+        return max((v for k, v in self.peaks.items() if name in k), default=0)
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.tmp = Path(tempfile.mkdtemp(prefix="dobench-"))
+        _prepare_environ(self.tmp)
+        self.srv = None
+        self.moto = None
+        self.prefect = None
+
+    # -- infrastructure -------------------------------------------------------------------
+    def start(self) -> None:
+        import logging
+        import socket
+
+        import boto3
+        import pgserver
+        from moto.server import ThreadedMotoServer
+
+        from dataops.dsn import Dsn
+        from tasks import pg
+
+        # pgserver needs a short path: the unix socket path is limited to ~100 bytes.
+        self.pgdata = Path(tempfile.mkdtemp(prefix="dopg-"))
+        self.srv = pgserver.get_server(self.pgdata, cleanup_mode="delete")
+        self.base_dsn = Dsn(self.srv.get_uri("postgres"))
+        self.db_name = f"bench_{uuid.uuid4().hex[:8]}"
+        pg.create_database(self.base_dsn, self.db_name)
+        self.dsn = self.base_dsn.with_database(self.db_name)
+        major, self.pg_version = pg.server_version(self.dsn)
+        self.pg_dump = pg.client_binary("pg_dump", major)
+        self.pg_restore = pg.client_binary("pg_restore", major)
+        self.pg_dump_version = pg.client_version(self.pg_dump)
+
+        logging.getLogger("werkzeug").setLevel(logging.ERROR)
+        port = _free_port()
+        self.moto = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        self.moto.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.bucket = f"bench-{uuid.uuid4().hex[:8]}"
+        self.s3 = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        self.s3.create_bucket(Bucket=self.bucket)
+        self.file_root = self.tmp / "store"
+
+    def start_prefect(self) -> tuple[str, float]:
+        """A Prefect API server of our own (not timed in any figure); returns (url, start seconds)."""
+        import urllib.request
+
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_UI_ENABLED": "false"}
+        t0 = time.monotonic()
+        self.prefect = subprocess.Popen(
+            [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+             "--no-services", "--no-ui", "--analytics-off"],
+            stdout=subprocess.DEVNULL, stderr=open(self.tmp / "prefect-server.log", "wb"), env=env,
+            start_new_session=True)
+        while time.monotonic() - t0 < 120:
+            if self.prefect.poll() is not None:
+                raise SystemExit(f"prefect server exited: {(self.tmp / 'prefect-server.log').read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return url, time.monotonic() - t0
+            except OSError:
+                time.sleep(0.5)
+        raise SystemExit("prefect server did not become healthy in 120 s")
+
+    def stop(self) -> None:
+        if self.prefect and self.prefect.poll() is None:
+            import signal
+
+            os.killpg(self.prefect.pid, signal.SIGTERM)  # its own session: the server and nothing else
+            try:
+                self.prefect.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.prefect.pid, signal.SIGKILL)
+                self.prefect.wait()
+        if self.moto:
+            self.moto.stop()
+        if self.srv:
+            self.srv.cleanup()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(getattr(self, "pgdata", self.tmp), ignore_errors=True)
+
+    def build_database(self) -> None:
+        from tasks import pg, sample_app
+
+        # orders ~3 and audit_logs ~5 rows per user: size the users so the two reach --rows.
+        users = max(1000, int(self.args.rows / 8 * 1.02) + 1)
+        t0 = time.monotonic()
+        sample_app.create_schema(self.dsn)
+        counts = sample_app.seed(self.dsn, users=users)
+        with pg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("VACUUM ANALYZE")
+            self.db_size = conn.execute("SELECT pg_database_size(current_database())").fetchone()[0]
+            self.heap_size = conn.execute(
+                "SELECT coalesce(sum(pg_table_size(c.oid)), 0) FROM pg_class c "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'public' AND c.relkind = 'r'"
+            ).fetchone()[0]
+        self.seed_s = time.monotonic() - t0
+        self.counts = counts
+        two = counts["orders"] + counts["audit_logs"]
+        if two < self.args.rows:
+            raise SystemExit(f"seeded only {two} rows in orders + audit_logs, wanted {self.args.rows}")
+        print(f"database: {sum(counts.values()):,} rows ({two:,} in orders + audit_logs), "
+              f"{self.db_size / MiB:.0f} MiB on disk, built in {self.seed_s:.1f} s", flush=True)
+
+    # -- settings -------------------------------------------------------------------------
+    def settings_dict(self, storage: str, backups: dict | None = None, s3: dict | None = None) -> dict:
+        if storage == "s3":
+            st = {"url": f"s3://{self.bucket}/backups", "endpoint_url": self.endpoint, "region": "us-east-1",
+                  "access_key_id": "testing", "secret_access_key": "testing", **(s3 or {})}
+        else:
+            st = {"url": f"file://{self.file_root}"}
+        return {"environments": {ENV_NAME: {"role": "production", "database_url": self.dsn.secret()}},
+                "storage": st, "backups": backups or {}}
+
+    # -- measurements ---------------------------------------------------------------------
+    def cpu_now(self) -> dict[str, float]:
+        """CPU seconds so far: the PostgreSQL server (postmaster and every child, live or
+        exited), this process (moto's threads live here) and its exited children."""
+        import psutil
+
+        if not hasattr(self, "_postmaster"):
+            pid = int((self.pgdata / "postmaster.pid").read_text().split()[0])
+            self._postmaster = psutil.Process(pid)
+        t = self._postmaster.cpu_times()
+        pgsum = t.user + t.system + t.children_user + t.children_system
+        for child in self._postmaster.children():
+            try:
+                ct = child.cpu_times()
+                pgsum += ct.user + ct.system
+            except psutil.Error:
+                pass
+        me = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return {"postgres": pgsum, "self": me.ru_utime + me.ru_stime, "children": kids.ru_utime + kids.ru_stime}
+
+    def pg_dump_pipe(self, extra: list[str]) -> dict:
+        """pg_dump -Fc [extra] into a pipe that this process reads and throws away."""
+        conninfo, secret_env = self.dsn.libpq_args()
+        c0 = self.cpu_now()
+        t0 = time.monotonic()
+        proc = subprocess.Popen([self.pg_dump, "-Fc", *extra, f"--dbname={conninfo}"], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env={**os.environ, **secret_env})
+        sampler = Sampler(proc.pid)
+        total = 0
+        while chunk := proc.stdout.read(MiB):
+            total += len(chunk)
+        err = proc.stderr.read()
+        rc = proc.wait()
+        wall = time.monotonic() - t0
+        sampler.stop()
+        c1 = self.cpu_now()
+        if rc != 0:
+            raise SystemExit(f"pg_dump {' '.join(extra)} failed: {err.decode(errors='replace')}")
+        cpu = {"postgres": c1["postgres"] - c0["postgres"], "pg_dump": c1["children"] - c0["children"],
+               "python": c1["self"] - c0["self"], "moto": 0.0}
+        return {"call_s": wall, "size": total, "pg_dump_rss": sampler.peak_of("pg_dump"), "cpu": cpu}
+
+    def run_child(self, spec: dict, env: dict | None = None, timeout: float = 300) -> dict:
+        path = self.tmp / f"spec-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps(spec))
+        c0 = self.cpu_now()
+        t0 = time.monotonic()
+        proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", str(path)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                                env={**os.environ, **(env or {})})
+        sampler = Sampler(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        finally:
+            sampler.stop()
+        proc_s = time.monotonic() - t0
+        c1 = self.cpu_now()
+        line = next((ln for ln in reversed(out.splitlines()) if ln.startswith("BENCH-RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            raise SystemExit(f"child {spec['kind']} failed (exit {proc.returncode}):\n{err[-3000:]}\n{out[-1000:]}")
+        res = json.loads(line.removeprefix("BENCH-RESULT "))
+        res.update(proc_s=proc_s, tree_rss=sampler.peak_sum, pg_dump_rss=sampler.peak_of("pg_dump"))
+        if "cpu_self_s" in res:
+            # The child's own CPU includes its zstd threads and its imports; moto's share is
+            # what this (otherwise waiting) process used meanwhile.
+            res["cpu"] = {"postgres": c1["postgres"] - c0["postgres"], "pg_dump": res["cpu_children_s"],
+                          "python": res["cpu_self_s"], "moto": c1["self"] - c0["self"]}
+        return res
+
+    def stored_size(self, storage: str, key: str) -> int:
+        if storage == "s3":
+            return self.s3.head_object(Bucket=self.bucket, Key=f"backups/{key}")["ContentLength"]
+        return (self.file_root / key).stat().st_size
+
+    def forget(self, storage: str, key: str) -> None:
+        """Drop a measured backup again, so that moto's in-memory store does not keep growing."""
+        folder = key.rsplit("/", 1)[0]
+        if storage == "s3":
+            listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=f"backups/{folder}/").get("Contents", [])
+            if listed:
+                self.s3.delete_objects(Bucket=self.bucket, Delete={"Objects": [{"Key": o["Key"]} for o in listed]})
+        else:
+            shutil.rmtree(self.file_root / folder, ignore_errors=True)
+
+    def backup_run(self, storage: str, *, kind: str = "backup", backups: dict | None = None, s3: dict | None = None,
+                   prototype: dict | None = None, check: bool = False) -> dict:
+        res = self.run_child({"kind": kind, "settings": self.settings_dict(storage, backups, s3),
+                              "prototype": prototype})
+        if kind == "backup":
+            stored = self.stored_size(storage, res["dump_key"])
+            if stored != res["size"]:
+                raise SystemExit(f"stored object is {stored} bytes, the manifest says {res['size']}")
+            if check:
+                res["restorable"] = self.check_restorable(storage, res["dump_key"])
+            self.forget(storage, res["dump_key"])
+        return res
+
+    def check_restorable(self, storage: str, key: str) -> str:
+        """The stored archive decompresses into something pg_restore reads to its end."""
+        import zstandard
+
+        if storage == "s3":
+            body = self.s3.get_object(Bucket=self.bucket, Key=f"backups/{key}")["Body"]
+        else:
+            body = open(self.file_root / key, "rb")
+        proc = subprocess.Popen([self.pg_restore, "-f", "/dev/null"], stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+        reader = zstandard.ZstdDecompressor().stream_reader(body) if key.endswith(".zst") else body
+        while data := reader.read(MiB):
+            proc.stdin.write(data)
+        proc.stdin.close()
+        err = proc.stderr.read()
+        rc = proc.wait()
+        body.close()
+        return "ok" if rc == 0 else f"FAILED ({err.decode(errors='replace')[:200]})"
+
+
+def _zstd_workers(level: int, threads: int) -> int:
+    """How many zstd workers tasks.streams.compressor asks for with these settings (1 = inline)."""
+    import types
+
+    import tasks.streams
+
+    seen: dict = {}
+
+    def fake(**kwargs):
+        seen.update(kwargs)
+
+    real = tasks.streams.zstandard
+    tasks.streams.zstandard = types.SimpleNamespace(ZstdCompressor=fake, ZstdCompressionParameters=real.ZstdCompressionParameters)
+    try:
+        tasks.streams.compressor(level, threads)
+    finally:
+        tasks.streams.zstandard = real
+    params = seen.get("compression_params")
+    return max(1, params.threads if params is not None else seen.get("threads", 0))
+
+
+def _git_state() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "tasks/backup.py", "tasks/streams.py",
+                                "tasks/storage.py", "dataops/settings.py"], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split("\n")
+        changed = [ln[3:] for ln in dirty if ln.strip()]
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + (f", with uncommitted changes to {', '.join(changed)}" if changed else "")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# =====================================================================================
+# what is measured
+# =====================================================================================
+
+# Settings and a prototyped change to tasks/streams.py (see _prototype) that keep
+# compression_threads: 2 (two zstd workers beside the reading thread) within 200 MB.
+PROPOSED = {"backups": {"compression_threads": 2}, "prototype": {"zstd_job_mib": 2}}
+
+# Measured in every round, interleaved (median of --repeat). The backups use the shipped
+# settings (whatever dataops/settings.py says now) unless the label says otherwise.
+ROUND = [
+    # key, label, how
+    ("gzip", "`pg_dump -Fc` (default compression: gzip level 6 inside pg_dump)", {"pg_dump": []}),
+    ("z0", "`pg_dump -Fc -Z0`", {"pg_dump": ["-Z0"]}),
+    ("s3", "backup() into moto S3, shipped settings", {"storage": "s3"}),
+    ("file", "backup() into `file://`, shipped settings", {"storage": "file"}),
+    ("discard", "preflight() + dump_to_storage() into a storage that discards (pipeline only), shipped",
+     {"storage": "file", "kind": "discard"}),
+    ("s3_t2", "backup() into moto S3, `compression_threads: 2`", {"storage": "s3", "backups": {"compression_threads": 2}}),
+    ("file_t2", "backup() into `file://`, `compression_threads: 2`",
+     {"storage": "file", "backups": {"compression_threads": 2}}),
+    ("s3_prop", "backup() into moto S3, proposed: `compression_threads: 2` + zstd job 2 MiB (prototype)",
+     {"storage": "s3", **PROPOSED}),
+    ("file_prop", "backup() into `file://`, proposed: `compression_threads: 2` + zstd job 2 MiB (prototype)",
+     {"storage": "file", **PROPOSED}),
+]
+
+# Measured once each, into moto S3, on top of the shipped settings.
+VARIANTS = [
+    ("zstd level 1", {"backups": {"compression_level": 1}}),
+    ("zstd level 3", {"backups": {"compression_level": 3}}),
+    ("zstd level 3, `compression_threads: 2`", {"backups": {"compression_level": 3, "compression_threads": 2}}),
+    ("zstd level 6", {"backups": {"compression_level": 6}}),
+    ("multipart 5 MiB x 4", {"s3": {"multipart_chunk_mb": 5}}),
+    ("multipart 16 MiB x 2", {"s3": {"multipart_chunk_mb": 16, "max_concurrency": 2}}),
+    ("`compression: pg_dump` (pg_dump -Z6, no zstd)", {"backups": {"compression": "pg_dump"}}),
+]
+
+
+def measure(b: Bench, how: dict, check: bool = False) -> dict:
+    if "pg_dump" in how:
+        return b.pg_dump_pipe(how["pg_dump"])
+    return b.backup_run(how["storage"], kind=how.get("kind", "backup"), backups=how.get("backups"), s3=how.get("s3"),
+                        prototype=how.get("prototype"), check=check)
+
+
+# =====================================================================================
+# report
+# =====================================================================================
+
+def med(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def mib(n: float) -> str:
+    return f"{n / MiB:.1f} MiB"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"nproc": os.cpu_count(), "cpu": cpu, "ram": f"{ram / 1024 ** 3:.1f} GiB",
+            "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+
+
+def write_section(text: str) -> None:
+    """Replace this benchmark's H2 section of RESULTS.md, keeping every other section."""
+    body = RESULTS.read_text() if RESULTS.exists() else (
+        "# Benchmark results\n\nOne H2 section per script in `bench/`; each script rewrites only its own section.\n")
+    lines = body.splitlines(keepends=True)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
+    if start is None:
+        new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        rest = "".join(lines[end:])
+        new = "".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
+    RESULTS.write_text(new)
+
+
+def summarize(runs: list[dict]) -> dict:
+    return {"wall": med([x["call_s"] for x in runs]), "walls": [x["call_s"] for x in runs],
+            "size": med([x["size"] for x in runs]),
+            "rss": max(x.get("peak_rss", 0) for x in runs), "pg_dump_rss": max(x["pg_dump_rss"] for x in runs),
+            "tree": max(x.get("tree_rss", 0) for x in runs),
+            "proc": med([x.get("proc_s", 0) for x in runs]),
+            "import_rss": med([x.get("rss_after_import", 0) for x in runs]),
+            "restorable": next((x["restorable"] for x in runs if "restorable" in x), None),
+            "cpu": {k: med([x["cpu"][k] for x in runs]) for k in ("postgres", "pg_dump", "python", "moto")}}
+
+
+def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> str:
+    import boto3
+    import moto
+    import zstandard
+
+    m = machine()
+    z0, gz = f["z0"]["wall"], f["gzip"]
+    gzip_size = gz["size"]
+    rss_limit = 200 * 1000 * 1000  # "200 MB"
+
+    def ok(v: bool) -> str:
+        return "**PASS**" if v else "**FAIL**"
+
+    c = b.counts
+    L: list[str] = []
+    a = L.append
+    a(SECTION)
+    a("")
+    a("`bench/bench_backup.py` (`make bench`): the product's backup, `tasks.backup.backup(settings, 'production')` "
+      "(pg_dump `-Z0` piped through SHA-256 and multi-threaded zstd into storage, then the manifest), against "
+      "`pg_dump -Fc` with its default compression and with `-Z0`, both read from a pipe and thrown away. "
+      f"Every figure in the first table is the median of {ctx['repeat']} runs, interleaved round by round "
+      "(single runs in brackets).")
+    a("")
+    a("### Setup")
+    a("")
+    a("| | |")
+    a("| --- | --- |")
+    a(f"| date | {ctx['date']} |")
+    a(f"| machine | {m['nproc']} CPUs ({m['cpu']}), {m['ram']} RAM, {m['os']}, Python {m['python']}; load average "
+      f"{ctx['load0']} at the start, {ctx['load1']} at the end; 1-minute load at the start of each measured round: "
+      + ", ".join(f"{x:.2f}" for x in ctx["loads"]) + " |")
+    a(f"| PostgreSQL | {b.pg_version}, embedded (pgserver), unix socket; pg_dump {b.pg_dump_version} from the same build |")
+    a(f"| codec | zstd via python-zstandard {zstandard.__version__}; shipped settings: `compression_level: "
+      f"{ctx['level']}`, `compression_threads: {ctx['threads']}` (\"{ctx['threads_doc']}\"; zstd workers here: "
+      f"{ctx['workers']}, where 1 means compressing inline in the reading thread) |")
+    a(f"| code | git {ctx['git']} |")
+    a(f"| storage | moto {moto.__version__} `ThreadedMotoServer` on 127.0.0.1 (in the benchmark's own process) via "
+      f"boto3 {boto3.__version__}, multipart {ctx['chunk_mb']} MiB x {ctx['concurrency']}; and a `file://` folder "
+      "on the local disk (written, fsync'd, renamed) |")
+    a(f"| data | `tasks.sample_app.create_schema` + `seed(users={c['users']:,})`: **{c['orders'] + c['audit_logs']:,} rows "
+      f"in its two big tables**: orders {c['orders']:,} (bigint ids, numeric amounts, status text, timestamptz) and "
+      f"audit_logs {c['audit_logs']:,} (inet, user-agent text, jsonb details, timestamptz); {sum(c.values()):,} rows "
+      f"over all 9 tables (users {c['users']:,} with Faker-pooled names, addresses, phones; user_emails "
+      f"{c['user_emails']:,}; user_profiles {c['user_profiles']:,}; ...). VACUUM ANALYZE'd. Database "
+      f"{mib(b.db_size)} on disk ({mib(b.heap_size)} of tables), `-Z0` archive {mib(f['z0']['size'])} |")
+    a("")
+    a("### Results")
+    a("")
+    a("| run | wall time | / `-Z0` | size | / default dump | peak RSS (Python) | pg_dump RSS "
+      "| CPU s: postgres + pg_dump + Python + moto = total |")
+    a("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for key, label, _ in ROUND:
+        x = f[key]
+        walls = ", ".join(f"{w:.2f}" for w in x["walls"])
+        rss = mib(x["rss"]) if x["rss"] else "-"
+        cp = x["cpu"]
+        a(f"| {label} | {x['wall']:.2f} s ({walls}) | {x['wall'] / z0:.2f} | {mib(x['size'])} | "
+          f"{x['size'] / gzip_size:.3f} | {rss} | {mib(x['pg_dump_rss'])} | {cp['postgres']:.2f} + {cp['pg_dump']:.2f} "
+          f"+ {cp['python']:.2f} + {cp['moto']:.2f} = {sum(cp.values()):.2f} |")
+    s3, fl = f["s3"], f["file"]
+    a("")
+    a(f"Exact sizes: default `pg_dump -Fc` {int(gzip_size):,} bytes; shipped backup {int(s3['size']):,} bytes; "
+      f"2 threads {int(f['s3_t2']['size']):,} bytes; proposed {int(f['s3_prop']['size']):,} bytes.")
+    a("")
+    a("- CPU seconds (medians) are less sensitive to other load than wall time. Python: the backup's child process, "
+      "zstd's worker threads included, during the measured call only; "
+      "for the two pg_dump rows, the benchmark process reading the pipe. moto: the benchmark's own process, where "
+      "moto's server threads run (and the RSS sampler).")
+    a("- Wall time of a backup: the `backup()` call in its own child process (preflight, dump, upload, row counts "
+      "in the dump's snapshot, manifest). The whole child process, interpreter start and imports (Prefect "
+      f"included) added, took {s3['proc']:.2f} s (S3) / {fl['proc']:.2f} s (file).")
+    a(f"- Peak RSS (Python): VmHWM of that child, exact (`ru_maxrss` is not used: it carries the parent's size over "
+      f"the exec). The imports alone bring it to {mib(s3['import_rss'])} before any work (`import prefect` alone: "
+      f"+{mib(ctx['prefect_rss'])}; `tasks.backup` imports it at module level for its task wrappers). "
+      f"pg_dump's RSS is sampled every 100 ms; Python + pg_dump sampled together peaked at {mib(s3['tree'])}.")
+    a(f"- The last backup of each kind was read back, decompressed and fed to `pg_restore -f /dev/null`: "
+      f"S3 {s3['restorable']}, file {fl['restorable']}; every stored object's size was checked against its manifest.")
+    a(f"- Default `pg_dump -Fc` / `-Z0` here: {gz['wall'] / z0:.1f}x (the issue measured 12.7 / 1.8 = 7.1x on 3M rows). "
+      f"`pg_dump -Fc` / backup: {gz['wall'] / s3['wall']:.1f}x into moto S3, {gz['wall'] / fl['wall']:.1f}x into a "
+      "folder.")
+    a("")
+    a("### Targets")
+    a("")
+    cols = [("s3", "S3, shipped"), ("file", "file, shipped"), ("s3_t2", "S3, 2 threads"), ("file_t2", "file, 2 threads"),
+            ("s3_prop", "S3, proposed"), ("file_prop", "file, proposed")]
+    a("| target | limit | " + " | ".join(lbl for _, lbl in cols) + " |")
+    a("| --- | --- | " + " | ".join("---" for _ in cols) + " |")
+    a("| wall time / `pg_dump -Fc -Z0` | <= 1.5 | "
+      + " | ".join(f"{f[k]['wall'] / z0:.2f} {ok(f[k]['wall'] / z0 <= 1.5)}" for k, _ in cols) + " |")
+    a("| stored size / default `pg_dump -Fc` | <= 1.0 | "
+      + " | ".join(f"{f[k]['size'] / gzip_size:.3f} {ok(f[k]['size'] <= gzip_size)}" for k, _ in cols) + " |")
+    a("| peak RSS of the backup process | < 200 MB | "
+      + " | ".join(f"{f[k]['rss'] / 1e6:.0f} MB {ok(f[k]['rss'] < rss_limit)}" for k, _ in cols) + " |")
+    a("")
+    a("\"2 threads\" = `compression_threads: 2`: two zstd workers beside the thread that reads pg_dump. \"proposed\" = "
+      "the same with zstd's job size set to 2 MiB (a prototype of a change to `tasks/streams.py`, patched into the "
+      "benchmark's child process only).")
+    if variants:
+        a("")
+        a("### Other settings (one run each, into moto S3)")
+        a("")
+        a("| setting | wall time | / `-Z0` | stored size | / default dump | peak RSS |")
+        a("| --- | --- | --- | --- | --- | --- |")
+        a(f"| shipped (median above) | {s3['wall']:.2f} s | {s3['wall'] / z0:.2f} | {mib(s3['size'])} | "
+          f"{s3['size'] / gzip_size:.3f} | {mib(s3['rss'])} |")
+        for label, v in variants:
+            a(f"| {label} | {v['call_s']:.2f} s | {v['call_s'] / z0:.2f} | {mib(v['size'])} | "
+              f"{v['size'] / gzip_size:.3f} | {mib(v['peak_rss'])} |")
+    if flow:
+        runs = flow["flow_runs"]
+        a("")
+        a("### Prefect flow (what `dataops backup` runs)")
+        a("")
+        a(f"`flows.backup_database.backup_database('production', config=...)` in a child process against a Prefect "
+          f"server of its own (`prefect server start --no-services --no-ui`, {flow['server_s']:.1f} s to start, not "
+          f"counted), into moto S3, shipped settings, {len(runs)} runs in one process: "
+          + ", ".join(f"{x['call_s']:.2f} s (dump task {x['dump_s']:.2f} s)" for x in runs)
+          + f". Overhead over the plain `backup()` median ({s3['wall']:.2f} s): "
+          + ", ".join(f"{x['call_s'] - s3['wall']:+.2f} s" for x in runs)
+          + f". Peak RSS of that process: {mib(flow['peak_rss'])} ({flow['peak_rss'] / 1e6:.0f} MB, "
+          f"{ok(flow['peak_rss'] < rss_limit)} against 200 MB); {mib(flow['rss_after_import'])} after importing the flow, "
+          + ", ".join(f"{mib(x['rss_after'])}" for x in runs) + " after each run.")
+    a("")
+    a(f"Whole benchmark run: {ctx['total_s']:.0f} s (database build {b.seed_s:.0f} s).")
+    return "\n".join(L) + "\n"
+
+
+# =====================================================================================
+# main
+# =====================================================================================
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000,
+                    help="rows in the two big tables together (the issue asks for at least 1,000,000)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--no-flow", action="store_true", help="skip the Prefect flow measurement")
+    ap.add_argument("--no-variants", action="store_true", help="skip the one-off settings")
+    ap.add_argument("--no-write", action="store_true", help="print the section, do not touch RESULTS.md")
+    args = ap.parse_args()
+
+    started = time.monotonic()
+    load0 = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    b = Bench(args)
+    try:
+        b.start()
+        b.build_database()
+        from dataops.settings import BackupSettings, StorageSettings
+
+        ctx = {"repeat": args.repeat, "level": BackupSettings().compression_level,
+               "threads": BackupSettings().compression_threads,
+               "threads_doc": BackupSettings.model_fields["compression_threads"].description or "",
+               "workers": _zstd_workers(BackupSettings().compression_level, BackupSettings().compression_threads),
+               "git": _git_state(),
+               "chunk_mb": StorageSettings.model_fields["multipart_chunk_mb"].default,
+               "concurrency": StorageSettings.model_fields["max_concurrency"].default}
+
+        ctx["prefect_rss"] = b.run_child({"kind": "import_prefect"})["prefect_rss"]
+        b.pg_dump_pipe(["-Z0"])  # warm the caches once, not counted
+        runs: dict[str, list[dict]] = {k: [] for k, _, _ in ROUND}
+        loads = []
+        for i in range(args.repeat):
+            loads.append(os.getloadavg()[0])
+            for key, _, how in ROUND:
+                runs[key].append(measure(b, how, check=(i == args.repeat - 1 and key in ("s3", "file"))))
+            print(f"round {i + 1}: " + ", ".join(f"{k} {runs[k][-1]['call_s']:.2f} s" for k, _, _ in ROUND), flush=True)
+        f = {k: summarize(v) for k, v in runs.items()}
+
+        variants = []
+        if not args.no_variants:
+            for label, how in VARIANTS:
+                v = measure(b, {"storage": "s3", **how})
+                variants.append((label, v))
+                print(f"variant {label}: {v['call_s']:.2f} s, {mib(v['size'])}", flush=True)
+
+        flow = None
+        if not args.no_flow:
+            import yaml
+
+            url, server_s = b.start_prefect()
+            cfg = b.tmp / "dataops.yaml"
+            cfg.write_text(yaml.safe_dump(b.settings_dict("s3"), sort_keys=False))
+            flow = b.run_child({"kind": "flow", "config": str(cfg), "runs": 2}, env={"PREFECT_API_URL": url})
+            flow["server_s"] = server_s
+            print("flow: " + ", ".join(f"{x['call_s']:.2f} s" for x in flow["flow_runs"]), flush=True)
+
+        ctx.update(total_s=time.monotonic() - started, load0=load0, loads=loads,
+                   load1=" / ".join(f"{x:.2f}" for x in os.getloadavg()),
+                   date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        section = report(b, f, variants, flow, ctx)
+    finally:
+        b.stop()
+    print(section)
+    if not args.no_write:
+        write_section(section)
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--child":
+        _prepare_environ(None)  # PREFECT_HOME and the rest come from the parent
+        child_main(sys.argv[2])
+    else:
+        main()

@@ -1,0 +1,275 @@
+"""`dataops deploy` and `dataops server`: register everything the team uses every day on a
+Prefect server, idempotently, and run a local server plus a worker for teams without Cloud.
+
+What is registered:
+- the process work pool the deployments run on;
+- the deployments in deployments/prefect.yaml, through Prefect's own `prefect deploy`
+  (the file reads the schedule's timezone and the repo's location from the environment);
+- the notification block named in `alerts:` (Slack webhook, generic webhook, or e-mail);
+- one automation that sends that notification for every flow run ending Failed or Crashed.
+Running it twice changes nothing: every object is looked up by name and only created or
+updated when it differs.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dataops.errors import BadInput, OperationFailed, TransientError
+from dataops.redact import redact
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
+WORK_POOL = "dataops-process"
+BLOCK_NAME = "dataops-alerts"
+AUTOMATION_NAME = "dataops: alert on failed or crashed runs"
+
+ALERT_SUBJECT = "[dataops] {{ flow.name }} {{ flow_run.state.name | lower }}: {{ flow_run.name }}"
+ALERT_BODY = (
+    "Flow: {{ flow.name }}\n"
+    "Run: {{ flow_run.name }} ({{ flow_run.state.name }})\n"
+    "Environment: {{ flow_run.parameters.get('env') or flow_run.parameters.get('target') "
+    "or flow_run.parameters.get('source') or '-' }}\n"
+    "Error: {{ flow_run.state.message }}\n"
+    "Link: {{ flow_run|ui_url }}"
+)
+
+
+@dataclass
+class DeployReport:
+    api_url: str
+    work_pool: str = ""
+    deployments: list[str] = field(default_factory=list)
+    block: str | None = None
+    automations: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        out = [f"Prefect API: {self.api_url}", f"work pool: {self.work_pool}"]
+        out += [f"deployment: {d}" for d in self.deployments]
+        out.append(f"notification block: {self.block or 'none (alerts: not configured)'}")
+        out += [f"automation: {a}" for a in self.automations]
+        out.append("changed: " + (", ".join(self.changed) if self.changed else "nothing (already up to date)"))
+        return out
+
+
+def api_url() -> str:
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if not url:
+        raise BadInput("no Prefect server to deploy to; set prefect.api_url in dataops.yaml or PREFECT_API_URL, "
+                       "or start one with `dataops server`")
+    return url
+
+
+def check_server(url: str, timeout: float = 5.0) -> None:
+    import httpx
+
+    try:
+        ok = httpx.get(url.rstrip("/") + "/health", timeout=timeout).json() is True
+    except Exception:  # noqa: BLE001 - any failure means the same thing to the user
+        ok = False
+    if not ok:
+        raise TransientError(f"Prefect server at {url} does not answer; start it (`dataops server`) or fix prefect.api_url")
+
+
+def ensure_work_pool(client, name: str = WORK_POOL) -> bool:
+    """Create the process work pool if missing; returns whether anything changed."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        pool = client.read_work_pool(name)
+    except ObjectNotFound:
+        client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+        return True
+    if pool.type != "process":
+        raise BadInput(f"work pool '{name}' exists with type {pool.type}; dataops needs a process pool of that name")
+    return False
+
+
+def deployment_env(settings, config_path: str) -> dict[str, str]:
+    """Values deployments/prefect.yaml reads with {{ $VAR }}."""
+    return {
+        "DATAOPS_HOME": str(REPO_ROOT),
+        "DATAOPS_CONFIG": config_path,
+        "DATAOPS_TIMEZONE": settings.schedules.timezone,
+        "DATAOPS_REFRESH_CRON": settings.schedules.staging_refresh_cron,
+    }
+
+
+def register_deployments(settings, config_path: str, prefect_file: Path = PREFECT_FILE) -> None:
+    env = {**os.environ, **deployment_env(settings, config_path)}
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--prefect-file", str(prefect_file), "--all"]
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        tail = redact((proc.stderr or proc.stdout).strip().splitlines()[-1] if (proc.stderr or proc.stdout).strip() else "")
+        raise OperationFailed(f"prefect deploy failed: {tail}")
+
+
+def deployment_names(client) -> list[str]:
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+
+    deps = client.read_deployments(work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[WORK_POOL])))
+    flows = {f.id: f.name for f in client.read_flows()}
+    return sorted(f"{flows.get(d.flow_id, '?')}/{d.name}" for d in deps)
+
+
+def build_notification_block(alerts):
+    """The Prefect block for the configured channel, or None when alerts are not configured."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock, SendgridEmail, SlackWebhook
+
+    if alerts is None or not alerts.configured:
+        return None
+    secret = lambda v: v.get_secret_value() if hasattr(v, "get_secret_value") else v  # noqa: E731
+    if alerts.kind == "slack":
+        return SlackWebhook(url=secret(alerts.webhook_url))
+    if alerts.kind == "webhook":
+        return CustomWebhookNotificationBlock(
+            name="dataops", url=secret(alerts.webhook_url), method="POST",
+            json_data={"subject": "{{subject}}", "text": "{{body}}", "source": "dataops"},
+            allow_private_urls=True)
+    if alerts.kind == "email":
+        return SendgridEmail(api_key=secret(alerts.sendgrid_api_key), sender_email=alerts.email_from,
+                             to_emails=list(alerts.email_to))
+    raise BadInput(f"alerts.kind {alerts.kind!r} is not supported; use slack, webhook or email")
+
+
+def ensure_block(alerts) -> tuple[str | None, bool]:
+    """Save the notification block under a fixed name; returns (block document id, changed)."""
+    block = build_notification_block(alerts)
+    if block is None:
+        return None, False
+    try:
+        current = type(block).load(BLOCK_NAME)
+        same = _block_data(current) == _block_data(block)
+    except ValueError:  # no block of this type under that name yet
+        same = False
+    if same:
+        return str(current._block_document_id), False
+    block_id = block.save(BLOCK_NAME, overwrite=True)
+    return str(block_id), True
+
+
+def _block_data(block) -> dict:
+    data = block.model_dump(mode="json", context={"include_secrets": True})
+    return {k: v for k, v in data.items() if not k.startswith("_") and k != "block_type_slug"}
+
+
+def failure_automation(block_id: str):
+    from prefect.automations import Automation, EventTrigger, Posture
+    from prefect.events.actions import SendNotification
+
+    return Automation(
+        name=AUTOMATION_NAME,
+        description="Sends the dataops alert for every flow run that ends Failed or Crashed (server-side, so it "
+                    "fires even when the process running the flow was killed).",
+        trigger=EventTrigger(expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+                             match={"prefect.resource.id": "prefect.flow-run.*"},
+                             posture=Posture.Reactive, threshold=1, within=0),
+        actions=[SendNotification(block_document_id=block_id, subject=ALERT_SUBJECT, body=ALERT_BODY)],
+    )
+
+
+def ensure_automation(client, block_id: str | None) -> tuple[list[str], bool]:
+    if block_id is None:
+        return [], False
+    wanted = failure_automation(block_id)
+    existing = client.read_automations_by_name(AUTOMATION_NAME)
+    keys = ("trigger", "actions", "description", "enabled")
+    if existing:
+        have = existing[0]
+        if all(getattr(have, k) == getattr(wanted, k) for k in keys):
+            return [AUTOMATION_NAME], False
+        from prefect.events.schemas.automations import AutomationCore
+
+        client.update_automation(have.id, AutomationCore(**{k: getattr(wanted, k) for k in ("name", *keys)}))
+        for extra in existing[1:]:
+            client.delete_automation(extra.id)
+        return [AUTOMATION_NAME], True
+    wanted.create()
+    return [AUTOMATION_NAME], True
+
+
+def deploy(settings, config_path: str) -> DeployReport:
+    from prefect.client.orchestration import get_client
+
+    url = api_url()
+    check_server(url)
+    report = DeployReport(api_url=url, work_pool=WORK_POOL)
+    with get_client(sync_client=True) as client:
+        if ensure_work_pool(client):
+            report.changed.append("work pool")
+        before = _deployment_state(client)
+        register_deployments(settings, config_path)
+        if _deployment_state(client) != before:
+            report.changed.append("deployments")
+        report.deployments = deployment_names(client)
+        block_id, changed = ensure_block(getattr(settings, "alerts", None))
+        if changed:
+            report.changed.append("notification block")
+        report.block = f"{BLOCK_NAME} ({getattr(settings.alerts, 'kind', '')})" if block_id else None
+        report.automations, changed = ensure_automation(client, block_id)
+        if changed:
+            report.changed.append("automation")
+    return report
+
+
+def _deployment_state(client) -> dict:
+    from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
+
+    deps = client.read_deployments(work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[WORK_POOL])))
+    return {d.name: (str(d.id), d.entrypoint, d.parameters, sorted(str(s.schedule) for s in d.schedules))
+            for d in deps}
+
+
+# -- a local server and worker -------------------------------------------------------------
+
+def serve(host: str, port: int, config_path: str, out, deploy_settings=None) -> int:
+    """Run `prefect server start` and a process worker until interrupted; returns an exit code."""
+    env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
+           "DATAOPS_CONFIG": config_path, "DATAOPS_HOME": str(REPO_ROOT),
+           "PREFECT_UI_URL": f"http://{host}:{port}"}  # so alerts link to the run's page
+    url = f"http://{host}:{port}/api"
+    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    procs = [server]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                check_server(url, timeout=1)
+                break
+            except TransientError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise OperationFailed(f"Prefect server did not start on {host}:{port}; is the port free?") from None
+                time.sleep(0.5)
+        env["PREFECT_API_URL"] = url
+        os.environ["PREFECT_API_URL"] = url
+        if deploy_settings is not None:
+            for line in deploy(deploy_settings, config_path).lines():
+                out(line)
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL,
+                                   "--type", "process"], env=env, cwd=REPO_ROOT)
+        procs.append(worker)
+        out(f"Prefect UI: http://{host}:{port}  (deployments: http://{host}:{port}/deployments)")
+        out(f"Worker polling pool {WORK_POOL}. Ctrl-C stops both.")
+        while all(p.poll() is None for p in procs):
+            time.sleep(1)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for p in reversed(procs):
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()

@@ -1,0 +1,189 @@
+"""rollback-migration: put a database back where it was before a failed migration run.
+
+Started by migrate-database's on_failure hook (`start_rollback`), or by hand with the failed
+run's id. What "before" means is read from that run's audit row: the revision, the schema
+fingerprint and the backup taken before anything changed.
+
+1. Downgrade to the recorded revision, under the migration lock.
+2. Check: the schema fingerprint equals the one before the run, and the checks pass. Data
+   checksums are not compared: the application kept writing during the run, so they differ
+   legitimately, and restoring over those writes to make them match would lose data.
+3. If the downgrade failed or the check did not pass: restore the pre-migration backup
+   (restore-database, confirmed on the operator's behalf: the rollback is authorized by
+   design), then check again.
+4. If that fails too: a critical alert (alerts.webhook_url), and this run fails.
+
+A run that failed before it held the lock changed nothing (another run may be applying right
+now): the rollback records that and touches nothing. Every outcome goes to the audit table.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+
+from dataops.errors import BadInput, DataopsError, OperationFailed
+from dataops.settings import Settings, load_settings
+from tasks import migrate
+from tasks.alerts import send_alert
+from tasks.migration_audit import PHASES, AuditRecord, load, save
+from tasks.migration_checks import DatabaseState
+from tasks.migration_preflight import check_task
+from tasks.reporting import markdown_table, publish_markdown
+
+LOCK_WAIT_S = 60.0  # a run still letting go of the lock; past this, a person must look
+
+
+@flow(name="rollback-migration")
+def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict:
+    settings = load_settings(config)
+    dsn = settings.env(env).database_url
+    logger = get_run_logger()
+    parent = load(dsn, run_id)
+    if parent is None:
+        raise BadInput(f"no migration run {run_id} in the audit table of {env}; pass the failed run's flow run id")
+    from prefect.runtime import flow_run
+
+    me = AuditRecord(run_id=str(flow_run.id), action="rollback", environment=env, who=migrate.who_am_i(),
+                     parent_run_id=run_id, target=parent.from_revision, backup_id=parent.backup_id,
+                     fingerprint_before=parent.fingerprint_before, phase="applying")
+    steps: list[str] = []
+
+    def finish(outcome: str, parent_outcome: str | None, detail: str) -> dict:
+        me.finish(outcome, detail, "done")
+        if parent_outcome:
+            parent.outcome = parent_outcome
+            parent.detail = f"{parent.detail or 'failed'}; rollback {me.run_id}: {outcome}"
+        for record in (parent, me):  # both again: a restore brought back an older audit table
+            save(dsn, record)
+        _publish(env, me, steps)
+        return {"run_id": me.run_id, "parent_run_id": run_id, "outcome": outcome, "detail": detail,
+                "revision": me.to_revision, "steps": steps}
+
+    if PHASES.index(parent.phase) < PHASES.index("applying"):
+        steps.append(f"run {run_id} failed in phase '{parent.phase}', before it held the migration lock")
+        return finish("nothing-to-undo", None, "the failed run changed nothing; the database was not touched")
+
+    save(dsn, me)
+    downgraded, why = _downgrade(settings, env, parent.from_revision, steps, logger)
+    state = check_task(settings, env) if downgraded else None
+    problems = _problems(parent, state) if state else [why]
+    if downgraded and not problems:
+        me.to_revision, me.fingerprint_after = parent.from_revision, state.fingerprint
+        steps.append("schema fingerprint equals the one before the run; checks pass")
+        return finish("rolled-back", "rolled-back", f"downgraded to {parent.from_revision or 'base'}")
+
+    steps.append(f"downgrade did not give back the schema: {'; '.join(problems)}")
+    if why.startswith("another migration holds the lock"):
+        return _critical(settings, env, run_id, parent, me, steps, finish,
+                         f"could not roll back: {why}; restoring a backup now would overwrite that migration")
+    if not parent.backup_id:
+        return _critical(settings, env, run_id, parent, me, steps, finish, "downgrade failed and the run has no backup")
+    try:
+        from flows.restore_database import restore_database
+
+        logger.warning("restoring backup %s into %s: the downgrade did not give back the schema", parent.backup_id, env)
+        restore_database(env, parent.backup_id, env, confirm=env, config=config)
+        steps.append(f"restored backup {parent.backup_id} into {env}")
+    except Exception as exc:  # noqa: BLE001 - any failure here ends in the alert
+        msg = exc.message if isinstance(exc, DataopsError) else f"{type(exc).__name__}: {exc}"
+        return _critical(settings, env, run_id, parent, me, steps, finish, f"restore of backup {parent.backup_id} failed: {msg}")
+    state = check_task(settings, env)
+    problems = _problems(parent, state)
+    if problems:
+        return _critical(settings, env, run_id, parent, me, steps, finish,
+                         f"after restoring backup {parent.backup_id}: {'; '.join(problems)}")
+    me.to_revision, me.fingerprint_after = parent.from_revision, state.fingerprint
+    steps.append("schema fingerprint equals the one before the run; checks pass")
+    return finish("restored", "restored", f"restored backup {parent.backup_id} (the downgrade did not get back)")
+
+
+def _downgrade(settings: Settings, env: str, revision: str | None, steps: list[str], logger) -> tuple[bool, str]:
+    """(done, why not). Waits a little for the lock: the failed run may still be letting go."""
+    mt = migrate.target_for(settings, env)
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            result = migrate.downgrade(mt, revision or "base", who=f"{migrate.who_am_i()} rollback")
+            break
+        except OperationFailed as exc:
+            if exc.message.startswith("another migration holds the lock") and time.monotonic() < deadline:
+                time.sleep(2)
+                continue
+            steps.append(f"downgrade to {revision or 'base'} failed: {exc.message}")
+            logger.error("downgrade of %s to %s failed: %s", env, revision or "base", exc.message)
+            return False, exc.message
+        except DataopsError as exc:
+            steps.append(f"downgrade to {revision or 'base'} failed: {exc.message}")
+            return False, exc.message
+    undone = ", ".join(result.revisions) or "nothing (already there)"
+    steps.append(f"downgraded {env} from {result.from_revision or 'base'} to {result.to_revision or 'base'}: undid {undone}")
+    return True, ""
+
+
+def _problems(parent: AuditRecord, state: DatabaseState) -> list[str]:
+    out = list(state.problems)
+    if parent.fingerprint_before and state.fingerprint != parent.fingerprint_before:
+        out.append(f"schema fingerprint {state.fingerprint[:12]} differs from {parent.fingerprint_before[:12]} "
+                   "before the run")
+    return out
+
+
+def _critical(settings: Settings, env: str, run_id: str, parent: AuditRecord, me: AuditRecord, steps: list[str],
+              finish, why: str) -> dict:
+    body = (f"The migration run {run_id} of {env} failed and could not be rolled back: {why}. "
+            f"Revision before the run: {parent.from_revision or 'base'}; backup: {parent.backup_id or 'none'}. "
+            "The database may be in an intermediate state: do not run migrations on it until a person has checked it.")
+    sent = send_alert(settings, "critical", f"rollback of the migration of {env} failed", body,
+                      environment=env, run_id=run_id, rollback_run_id=me.run_id, backup_id=parent.backup_id)
+    steps.append(f"critical alert {'sent' if sent else 'NOT delivered (see the log)'}")
+    finish("failed", "rollback-failed", f"{why}; critical alert {'sent' if sent else 'not delivered'}")
+    raise OperationFailed(f"rollback of {env} failed: {why}; a critical alert was "
+                          f"{'sent' if sent else 'logged (no alerts.webhook_url, or it did not answer)'}")
+
+
+def _publish(env: str, me: AuditRecord, steps: list[str]) -> None:
+    publish_markdown(
+        f"rollback-{env}",
+        f"# Rollback of {env}: {me.outcome}\n\n{me.detail or ''}\n\n## Steps\n\n"
+        + "\n".join(f"1. {s}" for s in steps) + "\n\n## Audit record\n\n"
+        + markdown_table([{"field": k, "value": v} for k, v in me.summary().items()]),
+        f"rollback of {env}: {me.outcome}")
+
+
+def start_rollback(flow, flow_run, state) -> None:
+    """on_failure hook of migrate-database: start rollback-migration for the failed run.
+
+    Only a run that got past its backup can have changed anything; earlier failures are left
+    alone (the rollback flow itself also checks how far the run got).
+    """
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run, flow)
+    params = flow_run.parameters or {}
+    env, config = params.get("env"), params.get("config")
+    try:
+        settings = load_settings(config)
+        record = load(settings.env(env).database_url, str(flow_run.id))
+    except Exception as exc:  # noqa: BLE001 - a hook must not raise; say why nothing was started
+        logger.error("cannot start a rollback of %s: %s", env, exc)
+        return
+    if record is None or not record.backup_id:
+        logger.info("migration run failed before its backup; nothing was changed, no rollback needed")
+        return
+    if record.outcome in ("rejected", "timed-out"):
+        # Prefect marks a run whose pause expired Failed, but the run stopped on its own, unchanged.
+        logger.info("migration run ended %s before applying anything; no rollback needed", record.outcome)
+        return
+    logger.warning("migration of %s failed after the backup; starting rollback-migration", env)
+    try:
+        rollback_migration(env=env, run_id=str(flow_run.id), config=config)
+    except Exception as exc:  # noqa: BLE001 - the rollback run records and alerts by itself
+        logger.error("rollback-migration of %s failed: %s", env, exc)
+
+
+if __name__ == "__main__":
+    import sys
+
+    rollback_migration(sys.argv[1], sys.argv[2])

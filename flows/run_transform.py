@@ -1,0 +1,132 @@
+"""run-transform: a batched data change, resumable, with progress, checks and a way back.
+
+1. Under the transform's lock (a second run is refused): resume the interrupted run, or
+   start one (snapshot of the touched columns first, when the transform asks for it).
+2. One task run per key range, side by side through the flow's task runner: threads
+   here; the same flow runs across machines with prefect-dask's DaskTaskRunner:
+
+       from prefect_dask import DaskTaskRunner
+       run_transform.with_options(task_runner=DaskTaskRunner(address="tcp://scheduler:8786"))(...)
+
+   (each Dask worker needs this repository and the transforms folder at the same path).
+3. Progress (rows done and left, rate, ETA) in the logs and a progress artifact, read from
+   the checkpoints so it covers every worker.
+4. After the last batch, the checks; a failure fails the run and the on_failure hook
+   starts revert-transform. Hooks run in this process only: a killed run is resumed with
+   `run`, never reverted behind the operator's back.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from dataops.errors import OperationFailed, is_transient
+from dataops.settings import load_settings
+from tasks.transform_batches import Options
+from tasks.transform_engine import (ProgressMonitor, Session, finish_task, plan_task, prepare_task, run_range_task,
+                                    summarize)
+from tasks.transform_report import ProgressArtifact, publish_plan, publish_summary
+from tasks.transform_state import transform_lock
+
+PROGRESS_EVERY_S = 5.0
+
+
+def start_revert(flow, flow_run, state) -> None:
+    """on_failure hook: revert the run if its checks failed. Any other failure (lock busy,
+    lost connection, a bug in change()) left a resumable run: that is for a person to decide."""
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run, flow)
+    params = flow_run.parameters or {}
+    env, name, config = params.get("env"), params.get("name"), params.get("config")
+    if params.get("dry_run"):
+        return
+    try:
+        from tasks import pg
+        from tasks.transform_state import CHECKS_FAILED, latest_run
+
+        settings = load_settings(config)
+        with pg.connect(settings.env(env).database_url, timeout=settings.postgres.connect_timeout) as conn:
+            last = latest_run(conn, name)
+    except Exception as exc:  # noqa: BLE001 - a hook must not raise; say why nothing was started
+        logger.error("cannot look at the state of %s on %s: %s", name, env, exc)
+        return
+    if last is None or last.action != "run" or last.status != CHECKS_FAILED:
+        logger.info("%s on %s failed before its checks; nothing is reverted. Run it again to resume: "
+                    "dataops transform %s run %s", name, env, env, name)
+        return
+    logger.warning("checks failed after run %d of %s on %s; starting revert-transform", last.id, name, env)
+    try:
+        from flows.revert_transform import revert_transform
+
+        revert_transform(env=env, name=name, config=config)
+    except Exception as exc:  # noqa: BLE001 - the revert run records its own failure
+        level = logger.warning if is_transient(exc) else logger.error
+        level("revert-transform of %s on %s failed: %s; run dataops transform %s revert %s", name, env, exc, env, name)
+
+
+@flow(name="run-transform", task_runner=ThreadPoolTaskRunner(max_workers=64), on_failure=[start_revert])
+def run_transform(env: str, name: str, batch_size: int | None = None, max_batch_seconds: float | None = None,
+                  throttle_ms: int | None = None, workers: int | None = None, dry_run: bool = False,
+                  config: str | None = None) -> dict:
+    settings = load_settings(config)
+    environment = settings.env(env)
+    opts = Options.from_settings(settings.transforms, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
+                                 throttle_ms=throttle_ms, workers=workers)
+    logger = get_run_logger()
+    if dry_run:
+        p = plan_task(settings, env, name, opts)
+        publish_plan(p)
+        logger.info("dry run of %s on %s: %d row(s) need work, %d invalid, nothing written", name, env,
+                    p["needing_work"], p["invalid"])
+        return p
+    from prefect.runtime import flow_run
+
+    t0 = time.monotonic()
+    with transform_lock(environment.database_url, name, env, timeout=settings.postgres.connect_timeout):
+        run = prepare_task(settings, env, name, opts, str(flow_run.id))
+        bar = ProgressArtifact(f"transform-{name}-{env}-progress", f"{name} on {env}")
+
+        def report(percent: float, line: str) -> None:
+            logger.info("%s", line)
+            bar.update(percent)
+
+        with ProgressMonitor(settings, env, run, report, PROGRESS_EVERY_S) as monitor:
+            futures = [run_range_task.with_options(task_run_name=f"{name}-range-{r.range_no}").submit(
+                settings, env, name, run.id, r.range_no, opts) for r in run.pending]
+            longest, error = _gather(futures)
+        if error is not None:
+            raise error
+        run, problems = finish_task(settings, env, name, run.id)
+        summary = summarize(run, env, Session(time.monotonic() - t0, longest), problems)
+        report(*monitor.line({"total": summary["rows"], "scanned": summary["scanned"],
+                              "changed": summary["changed"] + summary["deleted"], "invalid": summary["invalid"]}))
+    publish_summary(summary)
+    logger.info("%s on %s: %s; %d changed, %d deleted, %d invalid, %d unchanged in %d batches; longest transaction "
+                "%.3f s", name, env, summary["status"], summary["changed"], summary["deleted"], summary["invalid"],
+                summary["unchanged"], summary["batches"], summary["longest_tx_s"])
+    if problems:
+        raise OperationFailed(f"checks after {name} on {env} failed: {'; '.join(problems)}; reverting it")
+    return summary
+
+
+def _gather(futures) -> tuple[float, BaseException | None]:
+    """Wait for every range; keep the first error (the failed worker already asked the
+    others to stop after their current batch)."""
+    longest, error = 0.0, None
+    for f in as_completed(futures):
+        try:
+            longest = max(longest, f.result().longest_tx_s)
+        except BaseException as exc:  # noqa: BLE001 - re-raised once every worker has stopped
+            error = error or exc
+    return longest, error
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_transform(sys.argv[1], sys.argv[2])

@@ -1,0 +1,224 @@
+"""Proof that masking happened: no value of a masked source column reaches the target.
+
+What is compared: every masked source value and every value the masking wrote, as 64-bit
+keyed digests (HMAC-SHA256 by the salt, the one the masking computes anyway). A written
+value whose digest equals the digest of any source value of any masked column is a leak.
+Digests, not values, so that nothing readable is kept, and 8 bytes a value.
+
+Bounded memory whatever the table size: digests go to files on local disk, split into
+partitions by their top bits (sized so one partition holds about 4M digests, 32 MB), and
+each partition is matched on its own (numpy's sorted `isin`). The match is exact on the
+64-bit digests; two different values share a digest with odds of about n*m/2^64.
+
+What is not a leak, and is reported separately:
+- a value a rule maps to itself (a row's Faker pick that equals its own value, a partial
+  mask of a value with nothing to mask, an infinite date): counted per column as unchanged;
+- a Faker pool entry that equals some real value (the pool holds common names, and so does
+  production): counted per column as pool coincidences, since the entry came from Faker,
+  not from the source.
+Date shifts are checked per row (unchanged rows) but not across rows: shifted birth dates
+are other people's birth dates by construction. Null and constant rules are checked on the
+target by SQL (no value but NULL, or the constant).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TARGET_PER_PARTITION = 4_000_000
+FLUSH_BYTES = 4 << 20
+
+
+def partition_bits(expected_values: int) -> int:
+    """Top bits to split on so that one partition holds about TARGET_PER_PARTITION digests."""
+    parts = max(1, math.ceil(expected_values / TARGET_PER_PARTITION))
+    return min(12, max(0, math.ceil(math.log2(parts))))
+
+
+def short(d: bytes) -> bytes:
+    """The 8 bytes of a 32-byte digest kept for matching (the masking uses the first 15)."""
+    return d[24:32]
+
+
+class Collector:
+    """Digests of one copy job, appended to partition files under `directory`.
+
+    `src` takes source values' digests; `out` output digests with a 2-byte column id.
+    Buffers are bytearrays (appending 8 bytes costs ~70 ns) flushed every 4 MB.
+    """
+
+    def __init__(self, directory: str, job: str, bits: int):
+        self.dir, self.job, self.bits = directory, job, bits
+        self.src = bytearray()
+        self.out = bytearray()
+        self.out_col = bytearray()
+
+    def flush(self, final: bool = False) -> None:
+        if self.src and (final or len(self.src) >= FLUSH_BYTES):
+            self._write("src", np.frombuffer(bytes(self.src), dtype="<u8"), None)
+            self.src.clear()
+        if self.out and (final or len(self.out) >= FLUSH_BYTES):
+            self._write("out", np.frombuffer(bytes(self.out), dtype="<u8"),
+                        np.frombuffer(bytes(self.out_col), dtype="<u2"))
+            self.out.clear()
+            self.out_col.clear()
+
+    def _write(self, kind: str, digests: np.ndarray, cols: np.ndarray | None) -> None:
+        if self.bits == 0:
+            groups = [(0, digests, cols)]
+        else:
+            part = digests >> np.uint64(64 - self.bits)
+            order = np.argsort(part, kind="stable")
+            digests, part = digests[order], part[order]
+            cols = cols[order] if cols is not None else None
+            bounds = np.flatnonzero(np.diff(part)) + 1
+            starts = np.concatenate(([0], bounds))
+            ends = np.concatenate((bounds, [len(part)]))
+            groups = [(int(part[s]), digests[s:e], cols[s:e] if cols is not None else None) for s, e in zip(starts, ends)]
+        for p, d, c in groups:
+            with open(os.path.join(self.dir, f"{kind}-{p}-{self.job}.d"), "ab") as f:
+                d.tofile(f)
+            if c is not None:
+                with open(os.path.join(self.dir, f"{kind}-{p}-{self.job}.c"), "ab") as f:
+                    c.tofile(f)
+
+
+@dataclass
+class ColumnLeaks:
+    table: str
+    column: str
+    rule: str
+    checked: int = 0  # written values compared with the source values
+    leaked: int = 0  # written values equal to a masked source value
+    unchanged: int = 0  # rows the rule mapped to themselves
+    pool_coincidences: int | None = None  # Faker pool entries equal to some source value
+    note: str = ""
+
+    def as_row(self) -> dict:
+        return {"table": self.table, "column": self.column, "rule": self.rule, "checked": self.checked,
+                "leaked": self.leaked, "unchanged": self.unchanged,
+                "pool coincidences": "" if self.pool_coincidences is None else self.pool_coincidences,
+                "note": self.note}
+
+
+@dataclass
+class LeakReport:
+    columns: list[ColumnLeaks] = field(default_factory=list)
+    source_values: int = 0
+
+    @property
+    def leaked(self) -> int:
+        return sum(c.leaked for c in self.columns)
+
+    @property
+    def checked(self) -> int:
+        return sum(c.checked for c in self.columns)
+
+    @property
+    def ok(self) -> bool:
+        return self.leaked == 0
+
+    def summary(self) -> str:
+        unchanged = sum(c.unchanged for c in self.columns)
+        pooled = sum(c.pool_coincidences or 0 for c in self.columns)
+        verdict = "0 leaked values" if self.ok else f"{self.leaked:,} LEAKED values in " + ", ".join(
+            f"{c.table}.{c.column}" for c in self.columns if c.leaked)
+        return (f"leak scan: {verdict} ({self.checked:,} written values of {len(self.columns)} masked columns "
+                f"checked against {self.source_values:,} source values; {unchanged:,} unchanged by their rule, "
+                f"{pooled:,} Faker pool entries also found in the source)")
+
+
+class Workspace:
+    """A private folder for the digest files of one run, removed afterwards."""
+
+    def __init__(self, expected_values: int):
+        self.bits = partition_bits(expected_values)
+        self.path = tempfile.mkdtemp(prefix="dataops-leakscan-")
+        os.chmod(self.path, 0o700)
+
+    def collector(self, job: str) -> Collector:
+        return Collector(self.path, job, self.bits)
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def __enter__(self) -> "Workspace":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def match(self, n_columns: int, pools: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+        """(leaks per column id, pool coincidences per column id, source values seen)."""
+        files: dict[tuple[str, int], list[Path]] = defaultdict(list)
+        for f in Path(self.path).glob("*.d"):
+            kind, part, _ = f.name.split("-", 2)
+            files[(kind, int(part))].append(f)
+        leaks = np.zeros(n_columns, dtype=np.int64)
+        pooled = np.zeros(n_columns, dtype=np.int64)
+        source_values = 0
+        shift = np.uint64(64 - self.bits) if self.bits else None
+        pool_parts = {}
+        for col, digests in (pools or {}).items():
+            part = (digests >> shift).astype(np.int64) if shift is not None else np.zeros(len(digests), dtype=np.int64)
+            pool_parts[col] = (digests, part)
+        for p in range(1 << self.bits):
+            src_files = files.get(("src", p), [])
+            if not src_files:
+                continue
+            src = np.unique(np.concatenate([np.fromfile(f, dtype="<u8") for f in src_files]))
+            source_values += sum(f.stat().st_size // 8 for f in src_files)
+            for f in files.get(("out", p), []):
+                out = np.fromfile(f, dtype="<u8")
+                cols = np.fromfile(f.with_suffix(".c"), dtype="<u2")
+                hit = np.isin(out, src, assume_unique=False)
+                if hit.any():
+                    leaks += np.bincount(cols[hit], minlength=n_columns)[:n_columns]
+            for col, (digests, part) in pool_parts.items():
+                mine = digests[part == p]
+                if len(mine):
+                    pooled[col] += int(np.isin(mine, src).sum())
+        return leaks, pooled, source_values
+
+
+def digests_of(keyed, values: list[str]) -> np.ndarray:
+    """Short digests of text values (pool entries, constants), as matched above."""
+    return np.frombuffer(b"".join(short(keyed.digest(v.encode())) for v in values), dtype="<u8")
+
+
+def build_report(masking, names: list[tuple[str, str]], unchanged: dict[int, int], values: dict[int, int],
+                 workspace: Workspace, sql_checked: dict[str, tuple[int, int]]) -> LeakReport:
+    """The leak report of one run. `names[i]` is the (table, column) of column id i;
+    `unchanged` counts values per column id that their rule left as they were; `values`
+    counts the non-NULL values masked in Python per column id; `sql_checked` has (rows, bad values) of the null and constant
+    columns, which the target was checked for by SQL."""
+    maskers = [masking.tables[t].maskers[c] for t, c in names]
+    pools = {i: np.unique(digests_of(masking.keyed, m.pool)) for i, m in enumerate(maskers)
+             if m.kind == "faker" and not m.unique}
+    leaked, pooled, source_values = workspace.match(len(names), pools)
+    report = LeakReport(source_values=source_values)
+    for i, ((table, column), m) in enumerate(zip(names, maskers)):
+        c = ColumnLeaks(table, column, m.label, unchanged=unchanged.get(i, 0))
+        if m.kind in ("null", "constant"):
+            c.checked, c.leaked = sql_checked.get(f"{table}.{column}", (0, 0))
+            c.note = "checked in the target: only NULL" if m.kind == "null" else "checked in the target: only the constant"
+        elif m.kind == "shift_days":
+            c.checked = values.get(i, 0)
+            c.note = "compared per row: every date moved"
+        else:
+            c.leaked = int(leaked[i])
+            if m.kind == "faker" and not m.unique:
+                c.checked, c.pool_coincidences = len(m.pool), int(pooled[i])
+                c.note = "values come from the Faker pool: pool entries compared"
+            else:
+                c.checked = values.get(i, 0) - c.unchanged
+        report.columns.append(c)
+    return report

@@ -1,0 +1,74 @@
+"""`dataops deploy` against a real Prefect server: deployments, schedules, idempotence, and an
+alert through the automation when a run fails."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import free_port, run_cli
+
+
+@pytest.fixture
+def deploy_config(db, make_db, s3_bucket, write_config, webhook_receiver):
+    staging = make_db("stg")
+    return write_config(
+        {"production": ("production", db), "staging": ("staging", staging),
+         "broken": ("development", f"postgresql://app:NotShown123@127.0.0.1:{free_port()}/app")},
+        bucket=s3_bucket,
+        extra={"alerts": {"kind": "webhook", "webhook_url": webhook_receiver["url"]},
+               "schedules": {"timezone": "Europe/Paris"}})
+
+
+def test_deploy_registers_everything_idempotently(prefect_server, deploy_config):
+    from prefect.client.orchestration import get_client
+
+    env = {"PREFECT_API_URL": prefect_server["url"]}
+    r = run_cli("--config", str(deploy_config), "deploy", env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "deployment: refresh-staging/nightly-staging-refresh" in r.stdout
+    assert f"automation: dataops: alert on failed or crashed runs" in r.stdout
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: prefect_server["url"]}), get_client(sync_client=True) as client:
+        deps = {d.name: d for d in client.read_deployments()}
+        pool = client.read_work_pool("dataops-process")
+        automations = client.read_automations_by_name("dataops: alert on failed or crashed runs")
+    assert pool.type == "process"
+    expected = {"nightly-staging-refresh", "nightly-production-backup", "daily-production-validation",
+                "production-migration", "restore-backup", "run-transform"}
+    assert expected <= set(deps)
+    refresh = deps["nightly-staging-refresh"].schedules[0].schedule
+    assert (refresh.cron, refresh.timezone) == ("0 2 * * *", "Europe/Paris")
+    assert deps["production-migration"].schedules == []
+    assert deps["production-migration"].parameters == {"env": "production", "target": "head", "dry_run": False}
+    assert deps["nightly-production-backup"].parameters == {"env": "production"}
+    assert len(automations) == 1 and automations[0].enabled
+
+    r = run_cli("--config", str(deploy_config), "deploy", env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "changed: nothing (already up to date)" in r.stdout
+    with temporary_settings({PREFECT_API_URL: prefect_server["url"]}), get_client(sync_client=True) as client:
+        again = {d.name: d.id for d in client.read_deployments()}
+        assert len(client.read_automations_by_name("dataops: alert on failed or crashed runs")) == 1
+    assert again == {n: d.id for n, d in deps.items()}
+
+
+def test_failed_run_alerts_through_the_automation(prefect_server, deploy_config, webhook_receiver):
+    env = {"PREFECT_API_URL": prefect_server["url"]}
+    r = run_cli("--config", str(deploy_config), "deploy", env=env, timeout=400)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    r = run_cli("--config", str(deploy_config), "backup", "broken", env=env)
+    assert r.returncode == 1 and "cannot connect" in r.stderr
+    failed_at = time.monotonic()
+    while not webhook_receiver["received"] and time.monotonic() - failed_at < 10:
+        time.sleep(0.2)
+    assert webhook_receiver["received"], "no alert within 10 s"
+    alert = webhook_receiver["received"][0]
+    assert alert["subject"].startswith("[dataops] backup-database failed")
+    assert "Environment: broken" in alert["text"] and "cannot connect to PostgreSQL" in alert["text"]
+    assert "/runs/flow-run/" in alert["text"]
+    assert "NotShown123" not in str(alert)
