@@ -218,7 +218,8 @@ def settings_for(tmp: Path, dsn, folder: Path, **transforms):
 def engine_run(settings, name: str) -> dict:
     """transform(), phase by phase."""
     from tasks.transform_batches import Options
-    from tasks.transform_engine import _run_ranges, finish_run, prepare_run, summarize
+    from tasks.transform_engine import _run_ranges, finish_run, prepare_run
+    from tasks.transform_progress import summarize
     from tasks.transform_state import transform_lock
 
     opts = Options.from_settings(settings.transforms)
@@ -292,7 +293,7 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1_000_000)
     ap.add_argument("--small-users", type=int, default=100_000, help="smaller table for the memory comparison")
     ap.add_argument("--seed-loop-rows", type=int, default=50_000)
-    ap.add_argument("--rounds", type=int, default=2, help="in-process vs flow rounds of the SQL transform")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the main variants (medians reported)")
     ap.add_argument("--no-flow", action="store_true")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
@@ -337,22 +338,27 @@ def main() -> None:
             results.setdefault(label, []).append(r)
             return r
 
-        measure("single UPDATE", single_update)
-        measure("keyset batches of 10,000 (hand-written)", keyset_loop)
-        measure("seed-style loop (UPDATE per row, commit per 100)",
-                lambda d: seed_style_loop(d, args.seed_loop_rows), check=False)
-        measure("transform, SQL (no snapshot)", lambda d: engine_run(settings_for(tmp, d, folder), "split_sql"))
-        measure("transform, pandas (no snapshot)", lambda d: engine_run(settings_for(tmp, d, folder), "split_pandas"))
-        measure("transform, shipped module (pandas + snapshot)",
-                lambda d: engine_run(settings_for(tmp, d, folder), "users_split_full_name"))
-        measure("single UPDATE", single_update)
+        import contextlib
+
+        harness = contextlib.nullcontext()
         if not args.no_flow:
             from prefect.testing.utilities import prefect_test_harness
 
-            with prefect_test_harness(server_startup_timeout=180):
-                for _ in range(args.rounds):
-                    measure("transform, SQL, in-process", lambda d: engine_run(settings_for(tmp, d, folder), "split_sql"))
-                    measure("transform, SQL, run-transform flow", lambda d: flow_run(settings_for(tmp, d, folder), "split_sql"))
+            harness = prefect_test_harness(server_startup_timeout=180)
+        with harness:
+            for _ in range(args.rounds):  # interleaved, so that a change in the machine's load hits every variant
+                measure("single UPDATE", single_update)
+                measure("keyset batches of 10,000 (hand-written)", keyset_loop)
+                measure("transform, SQL (no snapshot)", lambda d: engine_run(settings_for(tmp, d, folder), "split_sql"))
+                measure("transform, pandas (no snapshot)",
+                        lambda d: engine_run(settings_for(tmp, d, folder), "split_pandas"))
+                if not args.no_flow:
+                    measure("transform, SQL, run-transform flow",
+                            lambda d: flow_run(settings_for(tmp, d, folder), "split_sql"))
+        measure("seed-style loop (UPDATE per row, commit per 100)",
+                lambda d: seed_style_loop(d, args.seed_loop_rows), check=False)
+        measure("transform, shipped module (pandas + snapshot)",
+                lambda d: engine_run(settings_for(tmp, d, folder), "users_split_full_name"))
         if not args.no_memory:
             for n, label in ((args.small_users, "small"), (args.users, "large")):
                 if label == "small":
@@ -381,67 +387,82 @@ def main() -> None:
 
 
 def _secs(runs: list[dict]) -> str:
-    return ", ".join(f"{r['seconds']:.2f}" for r in runs)
+    return ", ".join(f"{r['seconds']:.1f}" for r in runs)
 
 
 def _med(runs: list[dict], key: str = "seconds") -> float:
     return statistics.median(r[key] for r in runs)
 
 
+def _ratio(res: dict, label: str, base: str = "single UPDATE", key: str = "seconds") -> float:
+    """Median over rounds of base time / variant time, each round against its own baseline."""
+    return statistics.median(b["seconds"] / v[key] for b, v in zip(res[base], res[label]))
+
+
 def render(res: dict, args, started: datetime, load0, load1) -> str:
     rows = res["rows"]
     single = _med(res["single UPDATE"])
-    rate = lambda s, n=rows: n / s  # noqa: E731
-    base = rate(single)
     seed_r = res["seed-style loop (UPDATE per row, commit per 100)"][0]
     seed_rate = seed_r["rows"] / seed_r["seconds"]
+    n = len(res["single UPDATE"])
 
-    def line(label: str, runs: list[dict], note: str = "") -> str:
+    def line(label: str, shown: str, note: str = "") -> str:
+        runs = res[label]
         s = _med(runs)
         longest = max(r["longest_tx_s"] for r in runs)
-        return (f"| {label} | {s:.2f} | {rate(s):,.0f} | {100 * rate(s) / base:.0f}% | {rate(s) / seed_rate:.0f}x | "
-                f"{longest:.2f} | {note} |")
+        rel = f"{100 * _ratio(res, label):.0f}%" if len(runs) == n else f"{100 * single / s:.0f}%"
+        return (f"| {shown} | {s:.1f} ({_secs(runs)}) | "
+                f"{rows / s:,.0f} | {rel} | {rows / s / seed_rate:.1f}x | {longest:.2f} | {note} |")
+
+    sql_runs, pd_runs = res["transform, SQL (no snapshot)"], res["transform, pandas (no snapshot)"]
+    shipped = res["transform, shipped module (pandas + snapshot)"][0]
+
+    def phases(r: dict) -> str:
+        return (f"prepare {r['prepare_s']:.2f} s, batches {r['batches_s']:.1f} s, checks {r['checks_s']:.2f} s; "
+                f"{r['batches']} batches")
 
     out = [SECTION, "",
-           f"`bench/bench_transform.py --users {args.users}`: the full_name split on {rows:,} users "
-           f"(sample application's users table; {started:%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
-           f"{os.cpu_count()} cores, PostgreSQL 16 from pgserver, default settings). Load average "
-           f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end: other engineers' tests were sharing the machine, "
-           "so single figures carry a few percent of noise.",
+           f"`bench/bench_transform.py --users {args.users} --rounds {args.rounds}`: the full_name split on "
+           f"{rows:,} users (the sample application's users table; {started:%Y-%m-%d %H:%M} UTC; {platform.machine()}, "
+           f"{os.cpu_count()} cores, PostgreSQL 16 from pgserver with default settings). The main variants ran "
+           f"interleaved, {n} rounds, each on a fresh copy of the table; times are medians (single runs in "
+           "brackets), and \"vs single UPDATE\" is the median over rounds of each round's own ratio. Load average "
+           f"{load0[0]:.1f} at the start, {load1[0]:.1f} at the end: other engineers' tests shared the 2 cores, "
+           "so single runs vary by tens of percent; read the ratios, not the absolute rates.",
            "",
            "| variant | seconds | rows/s | vs single UPDATE | vs seed-style loop | longest transaction (s) | notes |",
            "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-           line("one set-based UPDATE of the whole table", res["single UPDATE"],
-                f"median of {len(res['single UPDATE'])} (first and last measurement)"),
-           line("keyset batches of 10,000, one UPDATE each (hand-written)",
-                res["keyset batches of 10,000 (hand-written)"]),
-           f"| seed-style loop: UPDATE per row, commit per 100 | {seed_r['seconds']:.2f} "
-           f"(first {seed_r['rows']:,} rows) | {seed_rate:,.0f} | {100 * seed_rate / base:.1f}% | 1x | "
-           f"{seed_r['longest_tx_s']:.3f} | |"]
-    for label in ("transform, SQL (no snapshot)", "transform, pandas (no snapshot)",
-                  "transform, shipped module (pandas + snapshot)"):
-        r = res[label][0]
-        out.append(line(label.replace("transform", "`transform()`"), res[label],
-                        f"prepare {r['prepare_s']:.2f} s, batches {r['batches_s']:.2f} s ({r['batches']} batches, "
-                        f"{rate(r['batches_s']):,.0f} rows/s), checks {r['checks_s']:.2f} s"))
-    sql_r, pd_r = res["transform, SQL (no snapshot)"][0], res["transform, pandas (no snapshot)"][0]
+           line("single UPDATE", "one set-based UPDATE of the whole table"),
+           line("keyset batches of 10,000 (hand-written)", "keyset batches of 10,000, one UPDATE each (hand-written)"),
+           line("transform, SQL (no snapshot)", "`transform()`, SQL (SET), no snapshot", phases(sql_runs[0])),
+           line("transform, pandas (no snapshot)", "`transform()`, pandas (change(df)), no snapshot",
+                phases(pd_runs[0])),
+           line("transform, shipped module (pandas + snapshot)",
+                "`transform()`, the shipped module (pandas, snapshot of 3 columns)", phases(shipped)),
+           f"| seed-style loop: UPDATE per row, commit per 100 | {seed_r['seconds']:.1f} (first "
+           f"{seed_r['rows']:,} rows) | {seed_rate:,.0f} | {100 * seed_rate * single / rows:.0f}% | 1x | "
+           f"{seed_r['longest_tx_s']:.2f} | |"]
+    single_vs_seed = rows / single / seed_rate
     out += ["",
-            "Targets (issue 5): SQL transform >= 85% of the single UPDATE: "
-            f"**{100 * single / sql_r['seconds']:.0f}%** whole run, {100 * single / sql_r['batches_s']:.0f}% for the "
-            f"batches alone; pandas >= 40%: **{100 * single / pd_r['seconds']:.0f}%** "
-            f"({100 * single / pd_r['batches_s']:.0f}% batches alone); both >= 25x the seed-style loop: "
-            f"**{rate(sql_r['seconds']) / seed_rate:.0f}x** and **{rate(pd_r['seconds']) / seed_rate:.0f}x**; "
-            f"longest transaction under max_batch_seconds (1 s): **{max(sql_r['longest_tx_s'], pd_r['longest_tx_s']):.2f} s**."]
+            f"Targets (issue 5). SQL transform >= 85% of the single UPDATE: **{100 * _ratio(res, 'transform, SQL (no snapshot)'):.0f}%**. "
+            f"pandas >= 40%: **{100 * _ratio(res, 'transform, pandas (no snapshot)'):.0f}%**. Both >= 25x the "
+            f"seed-style loop: **{rows / _med(sql_runs) / seed_rate:.1f}x** and **{rows / _med(pd_runs) / seed_rate:.1f}x**, "
+            f"but on this loaded machine the single UPDATE itself is only {single_vs_seed:.1f}x the loop (184k vs 6.3k "
+            "rows/s, 29x, in the issue's measurement): the loop waits on round trips, which the load slows far less "
+            "than it slows the set-based work, so this target cannot be read here; the ratio to the single UPDATE "
+            f"is the portable figure. Longest transaction under max_batch_seconds (1 s): **"
+            f"{max(r['longest_tx_s'] for r in sql_runs + pd_runs + [shipped]):.2f} s** over every run, commit included."]
     if "transform, SQL, run-transform flow" in res:
-        plain, flw = res["transform, SQL, in-process"], res["transform, SQL, run-transform flow"]
-        p, f = _med(plain), _med(flw)
-        inner = _med(flw, "inner_s")
+        flw = res["transform, SQL, run-transform flow"]
+        over = statistics.median((f["seconds"] - p["seconds"]) / f["seconds"] for p, f in zip(sql_runs, flw))
+        inner = statistics.median((f["seconds"] - f["inner_s"]) / f["seconds"] for f in flw)
         out += ["",
-                f"Flow and task overhead: the same SQL transform in-process and through the run-transform flow "
-                f"(Prefect test server, startup not timed), alternating, {len(plain)} rounds each: median "
-                f"{p:.2f} s in-process, {f:.2f} s as a flow ({inner:.2f} s between the flow's first and last step), "
-                f"so **{100 * (f - p) / f:.1f}%** of the flow run is Prefect (flow and task runs, states, logs, "
-                f"artifacts). Single runs: in-process {_secs(plain)} s; flow {_secs(flw)} s."]
+                "Flow and task overhead: the same SQL transform through the run-transform flow (Prefect test server, "
+                f"startup not timed), in every round: {_secs(flw)} s against {_secs(sql_runs)} s in-process; median "
+                f"over rounds of (flow - in-process) / flow: **{100 * over:.1f}%**. Within each flow run, "
+                f"{100 * inner:.1f}% (median) passed outside the flow's own steps (creating the flow run, its end: "
+                "Prefect joins its heartbeat thread), about 1 s whatever the size; the task runs (one per range, "
+                "plus prepare and checks), logs and artifacts are inside the rest."]
     if "memory large" in res:
         s, lg = res["memory small"], res["memory large"]
         mib = 1024 * 1024
@@ -449,9 +470,9 @@ def render(res: dict, args, started: datetime, load0, load1) -> str:
                 f"Peak memory of the pandas transform in a child process (VmHWM minus RSS after imports): "
                 f"**{(s['peak'] - s['rss_after_imports']) / mib:.0f} MiB** on {s['users']:,} users, "
                 f"**{(lg['peak'] - lg['rss_after_imports']) / mib:.0f} MiB** on {lg['users']:,} users "
-                f"(RSS after imports {lg['rss_after_imports'] / mib:.0f} MiB): batches bound it, not the table."]
-    out += ["", f"Template built in {res['build_s']:.0f} s (not part of any figure); each variant ran on its own "
-                "copy of it (CREATE DATABASE ... TEMPLATE, then CHECKPOINT)."]
+                f"(RSS after imports {lg['rss_after_imports'] / mib:.0f} MiB): bounded by the batch, flat in table size."]
+    out += ["", f"Template built in {res['build_s']:.0f} s (not part of any figure); each run used its own copy "
+                "(CREATE DATABASE ... TEMPLATE, then CHECKPOINT)."]
     return "\n".join(out) + "\n"
 
 

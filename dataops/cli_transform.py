@@ -12,7 +12,8 @@ from typing import Optional
 
 import typer
 
-from dataops.cli import app, echo, load_cli_settings, state as cli_state
+from dataops.cli import app, echo, load_cli_settings
+from dataops.cli import state as cli_state
 from dataops.errors import DataopsError, OperationFailed
 
 transform_app = typer.Typer(no_args_is_help=True, help="Batched data transforms: modules in transforms.path, applied in "

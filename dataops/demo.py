@@ -93,7 +93,8 @@ def step_transform(ctx: DemoContext) -> str:
     from flows.run_transform import run_transform
 
     r = run_transform("production", "users_split_full_name", config=ctx.config)
-    return (f"{r['changed']:,} users split, {r['invalid']:,} without a first name skipped, {r['batches']} batches, "
+    return (f"{r['changed']:,} users split, {r['invalid']:,} without a first name skipped, "
+            f"{r['batches']} batch{'' if r['batches'] == 1 else 'es'}, "
             f"longest transaction {r['longest_tx_s']:.2f} s (bound {r['max_batch_seconds']:g} s)")
 
 

@@ -16,15 +16,23 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dataops.settings import load_settings
 from flows.run_transform import PROGRESS_EVERY_S, _gather
 from tasks.transform_batches import Options
-from tasks.transform_engine import (ProgressMonitor, Session, finish_revert_task, prepare_revert_task,
-                                    run_range_task, summarize)
+from tasks.transform_engine import (
+    finish_revert_task,
+    prepare_revert_task,
+    run_range_task,
+)
+from tasks.transform_progress import ProgressMonitor, Session, summarize
 from tasks.transform_report import ProgressArtifact, publish_summary
-from tasks.transform_state import transform_lock
+from tasks.transform_state import CHECKS_FAILED, RUNNING, latest_run, transform_lock
 
 
 @flow(name="revert-transform", task_runner=ThreadPoolTaskRunner(max_workers=64))
 def revert_transform(env: str, name: str, batch_size: int | None = None, max_batch_seconds: float | None = None,
-                     throttle_ms: int | None = None, workers: int | None = None, config: str | None = None) -> dict:
+                     throttle_ms: int | None = None, workers: int | None = None, only_if_checks_failed: bool = False,
+                     config: str | None = None) -> dict:
+    """only_if_checks_failed: for automations started by any failed run-transform (a server-side
+    path besides the in-process hook): revert only a run whose checks failed, never one that
+    was merely interrupted and is waiting to be resumed."""
     settings = load_settings(config)
     environment = settings.env(env)
     opts = Options.from_settings(settings.transforms, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
@@ -33,7 +41,14 @@ def revert_transform(env: str, name: str, batch_size: int | None = None, max_bat
     from prefect.runtime import flow_run
 
     t0 = time.monotonic()
-    with transform_lock(environment.database_url, name, env, timeout=settings.postgres.connect_timeout):
+    with transform_lock(environment.database_url, name, env, timeout=settings.postgres.connect_timeout) as conn:
+        if only_if_checks_failed:
+            last = latest_run(conn, name)
+            interrupted_revert = last is not None and last.action == "revert" and last.status == RUNNING
+            if not interrupted_revert and (last is None or last.status != CHECKS_FAILED):
+                logger.info("the newest run of %s on %s did not fail its checks (%s); nothing to revert", name, env,
+                            f"{last.action} {last.id} {last.status}" if last else "never run")
+                return {"transform": name, "environment": env, "status": "nothing to revert"}
         rev = prepare_revert_task(settings, env, name, opts, str(flow_run.id))
         bar = ProgressArtifact(f"transform-{name}-{env}-revert-progress", f"revert of {name} on {env}")
 

@@ -27,8 +27,9 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from dataops.errors import OperationFailed, is_transient
 from dataops.settings import load_settings
 from tasks.transform_batches import Options
-from tasks.transform_engine import (ProgressMonitor, Session, finish_task, plan_task, prepare_task, run_range_task,
-                                    summarize)
+from tasks.transform_engine import finish_task, prepare_task, run_range_task
+from tasks.transform_plan import plan_task
+from tasks.transform_progress import ProgressMonitor, Session, summarize
 from tasks.transform_report import ProgressArtifact, publish_plan, publish_summary
 from tasks.transform_state import transform_lock
 
@@ -63,7 +64,7 @@ def start_revert(flow, flow_run, state) -> None:
     try:
         from flows.revert_transform import revert_transform
 
-        revert_transform(env=env, name=name, config=config)
+        revert_transform(env=env, name=name, only_if_checks_failed=True, config=config)
     except Exception as exc:  # noqa: BLE001 - the revert run records its own failure
         level = logger.warning if is_transient(exc) else logger.error
         level("revert-transform of %s on %s failed: %s; run dataops transform %s revert %s", name, env, exc, env, name)

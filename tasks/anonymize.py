@@ -177,9 +177,11 @@ def _update_table(conn: psycopg.Connection, plan: MaskingPlan, tm: TableMasking,
         lateral += sql.SQL(" CROSS JOIN LATERAL (SELECT {} OFFSET 0) AS {}").format(sql.SQL(", ").join(picks), pk)
     sets = sql.SQL(", ").join(sql.SQL("{} = m.{}").format(sql.Identifier(col), sql.Identifier(f"n{k}"))
                               for k, col in enumerate(tm.maskers))
-    update = sql.SQL("UPDATE {t} AS t SET {sets} FROM (SELECT x.ctid AS rid, {new} FROM ONLY {t} AS {x}{lat}) AS m "
-                     "WHERE t.ctid = m.rid RETURNING {ret}").format(
-        t=t.qualified, sets=sets, new=sql.SQL(", ").join(new_cols), x=x, lat=lateral,
+    # (tableoid, ctid) names a row of this table or, when it is partitioned, of one of its partitions
+    only = sql.SQL("ONLY ") if t.relkind == "r" else sql.SQL("")
+    update = sql.SQL("UPDATE {only}{t} AS t SET {sets} FROM (SELECT x.tableoid AS toid, x.ctid AS rid, {new} "
+                     "FROM {only}{t} AS {x}{lat}) AS m WHERE t.tableoid = m.toid AND t.ctid = m.rid RETURNING {ret}").format(
+        only=only, t=t.qualified, sets=sets, new=sql.SQL(", ").join(new_cols), x=x, lat=lateral,
         ret=sql.SQL(", ").join(returning) if returning else sql.SQL("1"))
     conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(t.qualified))
     digest = plan.keyed.digest

@@ -64,6 +64,12 @@ def label_of(schema: str, table: str) -> str:
     return table if schema == "public" else f"{schema}.{table}"
 
 
+def regclass(schema: str, name: str) -> str:
+    """Text for a ::regclass cast that names exactly this relation, whatever its name holds."""
+    quote = lambda s: '"' + s.replace('"', '""') + '"'  # noqa: E731
+    return f"{quote(schema)}.{quote(name)}"
+
+
 def split_label(label: str) -> tuple[str, str]:
     schema, _, table = label.rpartition(".")
     return schema or "public", table

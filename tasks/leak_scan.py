@@ -6,7 +6,7 @@ value whose digest equals the digest of any source value of any masked column is
 Digests, not values, so that nothing readable is kept, and 8 bytes a value.
 
 Bounded memory whatever the table size: digests go to files on local disk, split into
-partitions by their top bits (sized so one partition holds about 4M digests, 32 MB), and
+partitions by their top bits (sized so one partition holds about 1M digests, 8 MB), and
 each partition is matched on its own (numpy's sorted `isin`). The match is exact on the
 64-bit digests; two different values share a digest with odds of about n*m/2^64.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-TARGET_PER_PARTITION = 4_000_000
+TARGET_PER_PARTITION = 1_000_000
 FLUSH_BYTES = 4 << 20
 
 

@@ -40,10 +40,10 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.dsn import Dsn
-from dataops.errors import BadInput, DataopsError, OperationFailed, SafetyRefusal, TransientError, retry_if_transient
+from dataops.errors import BadInput, OperationFailed, SafetyRefusal, TransientError, retry_if_transient
 from dataops.settings import Environment, Settings
 from tasks import pg
-from tasks.anonymize_rules import TableInfo, split_label
+from tasks.anonymize_rules import regclass, split_label
 from tasks.leak_scan import LeakReport, Workspace, build_report
 from tasks.refresh_copy import CopyJob, CopyResult, run_jobs
 from tasks.refresh_plan import RefreshPlan, TablePlan, parts_for, plan_refresh, resolve_environments
@@ -200,17 +200,13 @@ class NewCopy:
         return self.server.with_database(self.name)
 
 
-def _exclude_pattern(schema: str, table: str) -> str:
-    quote = lambda s: '"' + s.replace('"', '""') + '"'  # noqa: E731 - pg_dump takes quoted names literally
-    return f"{quote(schema)}.{quote(table)}"
-
-
 def create_copy(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot, target: Environment) -> NewCopy:
     """Dump the source's schema in the snapshot, create the scratch database, restore the
     pre-data section (types, tables, sequences, functions, views) into it."""
     src = snap.env.database_url
     major, _ = pg.server_version(src, settings.postgres.connect_timeout)
-    tmajor, _ = pg.server_version(target.database_url, settings.postgres.connect_timeout)
+    # the target database may not exist yet (a first refresh): ask the server through its maintenance database
+    tmajor, _ = pg.server_version(target.database_url.with_database(pg.MAINTENANCE_DB), settings.postgres.connect_timeout)
     pg_dump = pg.client_binary("pg_dump", major, settings.postgres.bin_dir)
     pg_restore = pg.client_binary("pg_restore", tmajor, settings.postgres.bin_dir)
     workdir = tempfile.mkdtemp(prefix="dataops-refresh-")
@@ -219,7 +215,7 @@ def create_copy(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot, tar
     args = [pg_dump, "--schema-only", "--format=custom", "--no-sync", f"--snapshot={snap.id}",
             "--lock-wait-timeout=60000", "--no-publications", "--no-subscriptions",
             "--exclude-schema=dataops_snapshots", f"--file={schema_file}", f"--dbname={conninfo}"]
-    args += [f"--exclude-table={_exclude_pattern(tp.table.schema, tp.table.name)}"
+    args += [f"--exclude-table={regclass(tp.table.schema, tp.table.name)}"  # quoted: taken literally, not as a pattern
              for tp in plan.tables.values() if tp.mode == "exclude"]
     _run(args, env, "pg_dump --schema-only")
     name = scratch_prefix(target.database_url.database) + secrets.token_hex(4)
@@ -235,7 +231,7 @@ def create_copy(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot, tar
 
 def restore_section(settings: Settings, new: NewCopy, section: str, binary: str | None = None, jobs: int = 1) -> None:
     if binary is None:
-        major, _ = pg.server_version(new.server, settings.postgres.connect_timeout)
+        major, _ = pg.server_version(new.dsn, settings.postgres.connect_timeout)
         binary = pg.client_binary("pg_restore", major, settings.postgres.bin_dir)
     conninfo, env = new.dsn.libpq_args()
     args = [binary, f"--section={section}", "--no-owner", "--no-privileges", "--no-publications",
@@ -275,9 +271,10 @@ class ColumnIds:
 
 
 def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace: Workspace,
-               column_ids: ColumnIds) -> list[CopyJob]:
+               column_ids: ColumnIds, psql: str | None = None) -> list[CopyJob]:
     source_conninfo = snap.env.database_url.conninfo(application_name="dataops-refresh-copy")
     target_conninfo = new.dsn.conninfo(application_name="dataops-refresh-load")
+    pipe = (psql, snap.env.database_url.libpq_args(), new.dsn.libpq_args()) if psql else None
     jobs = []
     for tp in plan.copied:
         t = tp.table
@@ -318,7 +315,8 @@ def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace:
                 id=tp.label if parts == 1 else f"{tp.label}#{part + 1}", label=tp.label,
                 source=source_conninfo, target=target_conninfo, snapshot=snap.id,
                 copy_out=copy_out.as_string(snap.conn), copy_in=copy_in.as_string(snap.conn), maskers=python,
-                leak_dir=workspace.path, leak_bits=workspace.bits, est_rows=max(1, t.est_rows // parts)))
+                leak_dir=workspace.path, leak_bits=workspace.bits, est_rows=max(1, t.est_rows // parts),
+                psql=None if python else pipe))
     return jobs
 
 
@@ -328,8 +326,14 @@ def expected_masked_values(plan: RefreshPlan) -> int:
 
 
 def copy_data(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace: Workspace,
-              column_ids: ColumnIds) -> list[CopyResult]:
-    jobs = build_jobs(plan, snap, new, workspace, column_ids)
+              column_ids: ColumnIds, settings: Settings | None = None) -> list[CopyResult]:
+    psql = None
+    try:
+        major, _ = pg.server_version(new.dsn)
+        psql = pg.client_binary("psql", major, settings.postgres.bin_dir if settings else None)
+    except BadInput:
+        log.info("no psql %s client found: unmasked tables go through Python too", major)
+    jobs = build_jobs(plan, snap, new, workspace, column_ids, psql)
 
     def done(r: CopyResult) -> None:
         log.info("copied %s: %d rows in %.1f s", r.id, r.rows, r.finished - r.started)
@@ -407,7 +411,7 @@ def set_sequences(conn: psycopg.Connection, plan: RefreshPlan) -> None:
                 sql.Identifier(column), sql.Identifier(schema), sql.Identifier(table))).fetchone()[0]
             if top is not None and (top > last or (top == last and not called)):
                 last, called = top, True
-        conn.execute("SELECT setval(%s::regclass, %s, %s)", (f'"{seq.schema}"."{seq.name}"', last, called))
+        conn.execute("SELECT setval(%s::regclass, %s, %s)", (regclass(seq.schema, seq.name), last, called))
 
 
 # -- 4. validation -------------------------------------------------------------------------------
@@ -421,15 +425,12 @@ def integrity_checks(dsn: Dsn):
     return run_checks(dsn, [DeclaredForeignKeys(), SequencesBehind()])
 
 
-def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], expected: dict[str, tuple[int, str]],
-                  workspace: Workspace, column_ids: ColumnIds) -> tuple[list[str], list[str], LeakReport]:
-    """(problems, checks done, leak report) of the new copy against the source snapshot."""
-    problems, checks = [], []
-    streamed: dict[str, int] = {}
-    for r in results:
-        streamed[r.label] = streamed.get(r.label, 0) + r.rows
+def target_checksums(plan: RefreshPlan, new: NewCopy) -> dict[str, tuple]:
+    """Rows and checksum of the unmasked columns of every table of the new copy, plus the
+    count of values a null or constant rule did not produce. Needs no index: it runs while
+    the indexes and constraints are being built."""
 
-    def target_side(tp: TablePlan) -> tuple:
+    def one(tp: TablePlan) -> tuple:
         tm = plan.masking.tables.get(tp.label)
         extra = []
         for col, m in (tm.maskers.items() if tm else []):
@@ -439,13 +440,24 @@ def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], ex
             elif m.kind == "constant":
                 extra.append(sql.SQL("count(*) FILTER (WHERE t0.{c} IS NOT NULL AND concat(t0.{c}) <> {v})").format(
                     c=ident, v=sql.Literal(m.constant)))
-        with pg.connect(new.dsn, autocommit=True) as conn, pinned_settings(conn, STABLE_OUTPUT):
+        with pg.connect(new.dsn, autocommit=True, application_name="dataops-refresh-check") as conn, \
+                pinned_settings(conn, STABLE_OUTPUT):
             return _checksum(conn, tp, _unmasked(plan, tp.label), extra=extra)
 
-    with ThreadPoolExecutor(plan.jobs) as pool:
-        integrity = pool.submit(integrity_checks, new.dsn)
-        actual = dict(zip([tp.label for tp in plan.copied], pool.map(target_side, plan.copied)))
-        integrity = integrity.result()
+    with ThreadPoolExecutor(max(1, plan.jobs - 1)) as pool:  # leave a core to the index builds beside it
+        return dict(zip([tp.label for tp in plan.copied], pool.map(one, plan.copied)))
+
+
+def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], expected: dict[str, tuple[int, str]],
+                  actual: dict[str, tuple], workspace: Workspace,
+                  column_ids: ColumnIds) -> tuple[list[str], list[str], LeakReport]:
+    """(problems, checks done, leak report) of the new copy against the source snapshot:
+    `expected` from source_checksums, `actual` from target_checksums."""
+    problems, checks = [], []
+    streamed: dict[str, int] = {}
+    for r in results:
+        streamed[r.label] = streamed.get(r.label, 0) + r.rows
+    integrity = integrity_checks(new.dsn)
     sql_checked: dict[str, tuple[int, int]] = {}  # "table.column" -> (rows checked, bad values)
     for tp in plan.copied:
         rows, checksum, *extras = actual[tp.label]
@@ -544,6 +556,10 @@ class PlainSteps:
     def source_checksums(pool: ThreadPoolExecutor, settings: Settings, plan: RefreshPlan, snap: SourceSnapshot):
         return pool.submit(source_checksums, settings, plan, snap)  # .result() later
 
+    @staticmethod
+    def target_checksums(pool: ThreadPoolExecutor, plan: RefreshPlan, new: NewCopy):
+        return pool.submit(target_checksums, plan, new)
+
 
 def _plan_and_guard(settings: Settings, snap: SourceSnapshot, source: Environment, target: Environment) -> RefreshPlan:
     plan = make_plan(settings, snap, source, target)
@@ -574,17 +590,19 @@ def refresh(settings: Settings, source: str | None = None, target: str | None = 
             report.phases["schema"] = time.monotonic() - phase
             say(f"building the new copy in database {new.name}")
             try:
-                with Workspace(expected_masked_values(plan)) as ws, ThreadPoolExecutor(1) as side:
+                with Workspace(expected_masked_values(plan)) as ws, ThreadPoolExecutor(2) as side:
                     ids = ColumnIds()
                     phase = time.monotonic()
                     expected = steps.source_checksums(side, settings, plan, snap)
-                    results = steps.copy_data(plan, snap, new, ws, ids)
+                    results = steps.copy_data(plan, snap, new, ws, ids, settings)
                     report.phases["copy"] = time.monotonic() - phase
                     phase = time.monotonic()
+                    actual = steps.target_checksums(side, plan, new)  # beside the index builds
                     steps.finish_copy(settings, plan, new)
                     report.phases["indexes and constraints"] = time.monotonic() - phase
                     phase = time.monotonic()
-                    problems, checks, leaks = steps.validate(plan, new, results, expected.result(), ws, ids)
+                    problems, checks, leaks = steps.validate(plan, new, results, expected.result(), actual.result(),
+                                                             ws, ids)
                     report.phases["validation"] = time.monotonic() - phase
                 fill_tables(report, plan, results)
                 report.checks, report.leaks = checks, leaks
@@ -646,8 +664,8 @@ def source_checksums_task(settings: Settings, plan: RefreshPlan, snap: SourceSna
 
 @task(name="copy-tables", cache_policy=NO_CACHE)
 def copy_data_task(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace: Workspace,
-                   column_ids: ColumnIds) -> list[CopyResult]:
-    return copy_data(plan, snap, new, workspace, column_ids)
+                   column_ids: ColumnIds, settings: Settings) -> list[CopyResult]:
+    return copy_data(plan, snap, new, workspace, column_ids, settings)
 
 
 @task(name="indexes-and-constraints", cache_policy=NO_CACHE)
@@ -656,9 +674,14 @@ def finish_copy_task(settings: Settings, plan: RefreshPlan, new: NewCopy) -> Non
 
 
 @task(name="validate-copy", cache_policy=NO_CACHE)
-def validate_copy_task(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], expected: dict,
+def validate_copy_task(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], expected: dict, actual: dict,
                        workspace: Workspace, column_ids: ColumnIds) -> tuple[list[str], list[str], LeakReport]:
-    return validate_copy(plan, new, results, expected, workspace, column_ids)
+    return validate_copy(plan, new, results, expected, actual, workspace, column_ids)
+
+
+@task(name="target-checksums", cache_policy=NO_CACHE)
+def target_checksums_task(plan: RefreshPlan, new: NewCopy) -> dict:
+    return target_checksums(plan, new)
 
 
 @task(name="switch-to-copy", **TRANSIENT)
@@ -686,3 +709,7 @@ class PrefectSteps(PlainSteps):
     @staticmethod
     def source_checksums(pool: ThreadPoolExecutor, settings: Settings, plan: RefreshPlan, snap: SourceSnapshot):
         return source_checksums_task.submit(settings, plan, snap)
+
+    @staticmethod
+    def target_checksums(pool: ThreadPoolExecutor, plan: RefreshPlan, new: NewCopy):
+        return target_checksums_task.submit(plan, new)

@@ -49,6 +49,9 @@ class CopyJob:
     leak_dir: str = ""
     leak_bits: int = 0
     est_rows: int = 0
+    # Jobs with nothing to mask in Python go through two psql processes instead: C all the
+    # way (~0.7 us a row less CPU than a Python loop). (psql path, source libpq args, target libpq args)
+    psql: tuple[str, tuple[str, dict], tuple[str, dict]] | None = None
 
 
 @dataclass
@@ -70,6 +73,8 @@ def _session_settings(conn: psycopg.Connection) -> None:
 def run_copy_job(job: CopyJob) -> CopyResult:
     """Copy one job; the target side commits only at the end (the new copy is scratch anyway)."""
     started = time.time()
+    if job.psql and not job.maskers:
+        return CopyResult(job.id, job.label, _psql_pipe(job), started, time.time())
     with psycopg.connect(job.source, autocommit=True, application_name="dataops-refresh-copy") as src, \
             psycopg.connect(job.target, autocommit=True, application_name="dataops-refresh-load") as dst:
         _session_settings(src)
@@ -93,6 +98,36 @@ def run_copy_job(job: CopyJob) -> CopyResult:
     return CopyResult(job.id, job.label, rows, started, time.time(), unchanged, values)
 
 
+def _psql_pipe(job: CopyJob) -> int:
+    """`psql -c COPY ... TO STDOUT | psql -c COPY ... FROM STDIN`, the source side in the
+    snapshot. A source that fails halfway would leave the target with fewer rows: its exit
+    status is checked, and the row counts are validated anyway."""
+    import os
+    import subprocess
+
+    binary, (src_info, src_env), (dst_info, dst_env) = job.psql
+    options = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in STABLE_OUTPUT.items())
+    base = [binary, "-X", "-v", "ON_ERROR_STOP=1"]
+    out_cmd = [*base, "-q", f"--dbname={src_info}", "-c", "SET idle_in_transaction_session_timeout = 0",
+               "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
+               "-c", f"SET TRANSACTION SNAPSHOT '{job.snapshot}'", "-c", job.copy_out, "-c", "COMMIT"]
+    in_cmd = [*base, f"--dbname={dst_info}", "-c", "SET synchronous_commit = off", "-c", job.copy_in]
+    env = {**os.environ, "PGOPTIONS": options, "PGAPPNAME": "dataops-refresh-copy"}
+    source = subprocess.Popen(out_cmd, env={**env, **src_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=_die_with_parent)
+    try:
+        target = subprocess.run(in_cmd, env={**env, **dst_env, "PGAPPNAME": "dataops-refresh-load"},
+                                stdin=source.stdout, capture_output=True, text=True, preexec_fn=_die_with_parent)
+    finally:
+        source.stdout.close()
+        src_err = source.stderr.read().decode(errors="replace")
+        source.wait()
+    if source.returncode != 0 or target.returncode != 0:
+        why = (src_err if source.returncode else target.stderr).strip().splitlines()
+        raise psycopg.OperationalError(f"copying {job.id} failed: {why[-1] if why else 'psql exited early'}")
+    return int(target.stdout.strip().split()[-1])  # "COPY <rows>"
+
+
 def _raw_stream(cin, cout) -> int:
     rows = 0
     buf: list = []
@@ -109,7 +144,7 @@ def _raw_stream(cin, cout) -> int:
 
 
 _NEEDS_ESCAPE = re.compile(rb"[\\\t\n\r]").search
-MEMO_LIMIT = 50_000  # distinct values remembered per column
+MEMO_LIMIT = 20_000  # distinct values remembered per column (a few MB)
 MEMO_PROBE = 20_000  # after this many values, stop remembering if fewer than 1 in 5 repeat
 
 

@@ -27,7 +27,7 @@ from psycopg.rows import tuple_row
 from dataops.errors import BadInput, SafetyRefusal
 from dataops.settings import Environment, Role, Settings
 from tasks.anonymize_rules import (SKIPPED_SCHEMAS, ForeignKey, MaskingPlan, TableInfo, check_condition, label_of,
-                                   plan_masking, read_foreign_keys, read_tables, resolve_table)
+                                   plan_masking, read_foreign_keys, read_tables, regclass, resolve_table)
 
 ROWS_PER_PART_MASKED = 250_000
 ROWS_PER_PART_RAW = 1_000_000
@@ -165,7 +165,7 @@ def _check_dependencies(conn: psycopg.Connection, tables: dict[str, TableInfo], 
                JOIN pg_rewrite r ON r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass
                JOIN pg_class v ON v.oid = r.ev_class JOIN pg_namespace vn ON vn.oid = v.relnamespace
                WHERE d.refobjid = %s::regclass AND v.oid <> d.refobjid ORDER BY 1""",
-            (f'"{t.schema}"."{t.name}"',)).fetchall()
+            (regclass(t.schema, t.name),)).fetchall()
         if views:
             raise BadInput(f"refresh.exclude: view {views[0][0]} depends on table {t.label}; truncate the table "
                            "instead of excluding it")
@@ -247,7 +247,7 @@ def _read_blocks(conn: psycopg.Connection, plans: dict[str, TablePlan]) -> None:
         if tp.mode != "copy" or tp.table.relkind != "r":
             continue
         tp.blocks = cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
-                                (f'"{tp.table.schema}"."{tp.table.name}"',)).fetchone()[0]
+                                (regclass(tp.table.schema, tp.table.name),)).fetchone()[0]
 
 
 def _read_sequences(conn: psycopg.Connection, tables: dict[str, TableInfo], modes: dict[str, str]) -> list[SequencePlan]:

@@ -19,9 +19,9 @@ from dataops.errors import OperationFailed, SafetyRefusal
 from dataops.settings import Environment, Settings
 from tasks import pg
 from tasks.catalog import Manifest, Verification
-from tasks.schema import catalog_snapshot, fingerprint
 from tasks.storage import Storage
 from tasks.streams import CHUNK, HashingReader, Process, decompress_reader
+from tasks.validation import compare_with_expected
 
 log = logging.getLogger("dataops.restore")
 
@@ -86,20 +86,7 @@ def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, ds
 
 def compare_with_manifest(dsn: Dsn, manifest: Manifest) -> tuple[dict[str, int], list[str]]:
     """Row counts and schema fingerprint of a restored database against the manifest."""
-    with pg.connect(dsn) as conn:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        counts = pg.row_counts(conn)
-        fp = fingerprint(catalog_snapshot(conn))
-        conn.execute("COMMIT")
-    problems = []
-    if fp != manifest.schema_fingerprint:
-        problems.append(f"schema fingerprint {fp[:12]} differs from the manifest's {manifest.schema_fingerprint[:12]}")
-    for table in sorted(set(counts) | set(manifest.tables)):
-        got, want = counts.get(table), manifest.tables.get(table)
-        if got != want:
-            problems.append(f"table {table}: {got if got is not None else 'missing'} rows, "
-                            f"manifest says {want if want is not None else 'absent'}")
-    return counts, problems
+    return compare_with_expected(dsn, manifest.tables, manifest.schema_fingerprint, source="the manifest")
 
 
 def scratch_name(base: str, purpose: str) -> str:

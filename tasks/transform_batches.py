@@ -152,8 +152,8 @@ class SqlBatcher(KeysetBound):
     """SET (and DELETE) as one statement per batch; the counts come from the same snapshot
     (every part of a WITH sees the rows as they were before the statement)."""
 
-    def __init__(self, spec: TransformSpec, target: Target):
-        self.spec, self.target = spec, target
+    def __init__(self, spec: TransformSpec, target: Target, run_id: int = 0):
+        self.spec, self.target, self.run_id = spec, target, run_id
         self.keys_table = target.qualified
         valid = sql.SQL("coalesce({}, false)").format(frag(spec.valid_sql)) if spec.valid_sql else sql.SQL("true")
         delete = sql.SQL("coalesce({}, false)").format(frag(spec.delete)) if spec.delete else None
@@ -176,8 +176,12 @@ class SqlBatcher(KeysetBound):
                                                     nd=not_deleted, differs=differs)]
             deleted = sql.SQL("0")
             if self._delete:
-                parts.append(sql.SQL("del AS (DELETE FROM {t} WHERE {rng} AND {where} AND {valid} AND {d} RETURNING 1)")
-                             .format(t=t.qualified, rng=rng, where=where, valid=self._valid, d=self._delete))
+                parts.append(sql.SQL("del AS (DELETE FROM {t} WHERE {rng} AND {where} AND {valid} AND {d} "
+                                     "RETURNING {k}::text AS k)").format(
+                    t=t.qualified, rng=rng, where=where, valid=self._valid, d=self._delete, k=sql.Identifier(t.key)))
+                if self.run_id:  # a real run records the keys, so that its revert re-inserts exactly those rows
+                    parts.append(sql.SQL("kept AS (INSERT INTO dataops_transforms.deleted (run_id, key) "
+                                         "SELECT %(run)s, k FROM del)"))
                 deleted = sql.SQL("(SELECT count(*) FROM del)")
             k = sql.Identifier(t.key)
             self._queries[with_lo] = sql.SQL(
@@ -191,7 +195,7 @@ class SqlBatcher(KeysetBound):
     def apply(self, conn: psycopg.Connection, lo: str | None, hi: str, deadline: Deadline) -> BatchCounts:
         deadline.arm(conn)
         matched, invalid, examples, changed, deleted = conn.execute(
-            self.statement(lo is not None), {"lo": lo, "hi": hi}).fetchone()
+            self.statement(lo is not None), {"lo": lo, "hi": hi, "run": self.run_id}).fetchone()
         return BatchCounts(matched=matched, changed=changed, deleted=deleted, invalid=invalid,
                            unchanged=matched - invalid - changed - deleted, invalid_examples=list(examples or []))
 

@@ -1,10 +1,9 @@
 """What is checked after the last batch of a transform, before it is called done.
 
 Three things, each a reason to revert:
-- the validation checks (tasks.validation.run_checks with the `validation:` section:
-  foreign keys, unique keys, configured not-null/unique/custom checks) that concern the
-  transform's table and passed before the first batch but fail now. Checks that already
-  failed before are reported by `dataops validate`, not blamed on the transform;
+- the validation checks configured in `validation:` that concern the transform's table
+  (tasks.validation.run_checks; see checks_for) and passed before the first batch but fail
+  now. Checks that already failed before are `dataops validate`'s news, not the transform's;
 - the table's definition (columns, constraints, indexes, triggers) is as it was: a data
   transform must not change a schema;
 - the transform's own VERIFY query returns no rows.
@@ -40,13 +39,22 @@ def table_description(conn: psycopg.Connection, target: Target) -> dict:
     return out
 
 
-def _concerns(result, target: Target) -> bool:
-    """A check about the table itself, a foreign key pointing at it, or one not tied to a table (custom SQL)."""
-    label = target.table if target.schema == "public" else target.label
-    if result.table is None or result.table == label:
-        return True
-    parent = result.name.split("->", 1)[1].strip() if "->" in result.name else ""
-    return parent.startswith((label + "(", label + "."))
+def _label(target: Target) -> str:
+    return target.table if target.schema == "public" else target.label
+
+
+def checks_for(settings: Settings, target: Target) -> list:
+    """The checks of the `validation:` section that concern the table: the ones PostgreSQL does
+    not enforce by itself (not-null by intent, logical foreign keys, unique sets, row counts,
+    custom SQL). Declared constraints need no check here: PostgreSQL enforces them on every
+    batch, and the validation area's built-in scans of the whole database would cost a
+    transform more than its batches on a large database."""
+    from tasks.checks import LogicalForeignKeyCheck, configured_checks
+
+    label = _label(target)
+    return [c for c in configured_checks(settings.validation)
+            if c.table_label() in (None, label)
+            or (isinstance(c, LogicalForeignKeyCheck) and c.fk.parent.table.label == label)]
 
 
 def _key(result) -> str:
@@ -55,10 +63,14 @@ def _key(result) -> str:
 
 def validation_failures(settings: Settings, env: str, target: Target) -> dict[str, str]:
     """Failing validation checks that concern the table: {key: one-line description}."""
+    checks = checks_for(settings, target)
+    if not checks:
+        return {}
     from tasks.validation import run_checks
 
-    report = run_checks(settings.env(env), settings.validation)
-    return {_key(r): r.line() for r in report.failures if _concerns(r, target)}
+    cfg = settings.validation
+    report = run_checks(settings.env(env), checks, examples=cfg.examples, statement_timeout_s=cfg.statement_timeout_s)
+    return {_key(r): r.line() for r in report.failures}
 
 
 def baseline(settings: Settings, env: str, conn: psycopg.Connection, target: Target) -> dict:

@@ -18,183 +18,47 @@ runner can spread across machines.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass
 
-import psycopg
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from psycopg import sql
 
 from dataops.errors import BadInput, OperationFailed, is_transient, retry_if_transient
 from dataops.settings import Settings
 from tasks import pg
 from tasks.snapshot import take_snapshot
-from tasks.transform_batches import (Options, PandasBatcher, RangeOutcome, SqlBatcher, frag, key_range,
-                                     process_range, session_limits)
-from tasks.transform_checks import baseline, post_checks, still_to_do
-from tasks.transform_revert import batcher_for_revert, index_snapshot, own_revert_spec, snapshot_to_json
-from tasks.transform_spec import Target, TransformSpec, bind, load_transform, transforms_dir
-from tasks.transform_state import (CHECKS_FAILED, COMPLETED, REVERTED, RUNNING, RunState, create_run, ensure_schema,
-                                   latest_run, load_run, progress, request_stop, set_status, transform_lock)
+from tasks.transform_batches import Options, RangeOutcome, process_range, session_limits
+from tasks.transform_checks import baseline, post_checks
+from tasks.transform_plan import (
+    batcher_for,
+    compile_check,
+    connect,
+    spec_for,
+    split_ranges,
+)
+from tasks.transform_progress import ProgressMonitor, Session, summarize
+from tasks.transform_revert import batcher_for_revert, index_snapshot, snapshot_to_json
+from tasks.transform_spec import bind
+from tasks.transform_state import (
+    CHECKS_FAILED,
+    COMPLETED,
+    LOCK_CLASS,
+    REVERTED,
+    RUNNING,
+    RunState,
+    create_run,
+    ensure_schema,
+    has_schema,
+    latest_run,
+    load_run,
+    lock_key,
+    request_stop,
+    set_status,
+    transform_lock,
+)
 
 log = logging.getLogger("dataops.transform")
-PREVIEW_ROWS = 5
-
-
-def spec_for(settings: Settings, name: str) -> TransformSpec:
-    return load_transform(transforms_dir(settings), name)
-
-
-def _connect(settings: Settings, env: str, purpose: str, **kw):
-    return pg.connect(settings.env(env).database_url, timeout=settings.postgres.connect_timeout,
-                      application_name=f"dataops-transform:{purpose}"[:63], **kw)
-
-
-def batcher_for(spec: TransformSpec, target: Target):
-    return SqlBatcher(spec, target) if spec.kind == "sql" else PandasBatcher(spec, target)
-
-
-def compile_check(conn: psycopg.Connection, spec: TransformSpec, target: Target) -> None:
-    """EXPLAIN every statement the transform will run, so a typo in WHERE, SET or VERIFY is a
-    BadInput before the first batch rather than a failure in the middle. Writes nothing."""
-    first = conn.execute(sql.SQL("SELECT min({})::text FROM {}").format(sql.Identifier(target.key),
-                                                                       target.qualified)).fetchone()[0]
-    params = {"lo": first, "hi": first}
-    checks: list[tuple[str, sql.Composable, dict]] = []
-    if spec.kind == "sql":
-        checks.append(("WHERE/VALID/SET/DELETE", SqlBatcher(spec, target).statement(True), params))
-    else:
-        checks.append(("WHERE/VALID", PandasBatcher(spec, target).select(True), params))
-    if spec.revert:
-        checks.append(("REVERT/REVERT_WHERE", SqlBatcher(own_revert_spec(spec), target).statement(True), params))
-    if spec.verify:
-        checks.append(("VERIFY", frag(spec.verify), {}))
-    for label, stmt, p in checks:
-        try:
-            with conn.transaction():
-                conn.execute(sql.SQL("EXPLAIN {}").format(stmt), p)
-        except psycopg.Error as exc:
-            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise BadInput(f"{spec.path.name}: {label} does not run on {target.label}: {text}") from None
-
-
-def split_ranges(conn: psycopg.Connection, target: Target, workers: int, keys_table=None) -> list[tuple]:
-    """`workers` disjoint (lo, hi, rows) ranges over the key: lo exclusive, hi inclusive; the
-    first starts at the beginning and the last is open-ended, so rows inserted during the run
-    are covered too."""
-    keys_table = keys_table if keys_table is not None else target.qualified
-    k = sql.Identifier(target.key)
-
-    def count(lo, hi) -> int:
-        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(keys_table, key_range(target, lo, hi)),
-                            {"lo": lo, "hi": hi}).fetchone()[0]
-
-    if workers == 1:
-        return [(None, None, count(None, None))]
-    if not target.integer_key:
-        raise BadInput(f"workers > 1 needs an integer key; {target.label}.{target.key} is {target.key_type}; "
-                       "run with workers 1")
-    low, high = conn.execute(sql.SQL("SELECT min({k}), max({k}) FROM {t}").format(k=k, t=keys_table)).fetchone()
-    if low is None:
-        return [(None, None, 0)]
-    span = high - low + 1
-    w = max(1, min(workers, span))
-    edges = [low - 1 + span * i // w for i in range(w + 1)]
-    out = []
-    for i in range(w):
-        lo = None if i == 0 else str(edges[i])
-        hi = None if i == w - 1 else str(edges[i + 1])
-        out.append((lo, hi, count(lo, hi)))
-    return out
-
-
-# -- dry run ------------------------------------------------------------------------------------
-
-def plan(settings: Settings, env: str, name: str, opts: Options) -> dict:
-    """What a run would do, read in one READ ONLY transaction: rows needing work, invalid
-    rows (with examples), ranges, the snapshot, and a preview of a few changes."""
-    spec = spec_for(settings, name)
-    with _connect(settings, env, f"{name}:plan") as conn:
-        conn.read_only = True
-        target = bind(conn, spec)
-        compile_check(conn, spec, target)
-        t = target.qualified
-        valid = sql.SQL("coalesce({}, false)").format(frag(spec.valid_sql)) if spec.valid_sql else sql.SQL("true")
-        total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t)).fetchone()[0]
-        matched, invalid, examples = conn.execute(sql.SQL(
-            "SELECT count(*), count(*) FILTER (WHERE NOT {v}), "
-            "(array_agg({k}::text ORDER BY {k}) FILTER (WHERE NOT {v}))[1:5] FROM {t} WHERE {w}").format(
-            v=valid, k=sql.Identifier(target.key), t=t, w=frag(spec.where)), {}).fetchone()
-        ranges = split_ranges(conn, target, opts.workers)
-        preview = _preview(conn, spec, target)
-        todo = still_to_do(conn, spec, target) if spec.kind == "sql" else None
-        last = latest_run(conn, name)
-        conn.rollback()
-    return {
-        "transform": name, "environment": env, "description": spec.description, "kind": spec.kind,
-        "table": target.label, "key": target.key, "rows": total, "needing_work": matched,
-        "invalid": invalid or 0, "invalid_examples": list(examples or []), "would_change": todo,
-        "ranges": [{"lo": lo, "hi": hi, "rows": n} for lo, hi, n in ranges],
-        "snapshot": None if spec.snapshot is None else ("*" if spec.snapshot == "*" else list(spec.snapshot)),
-        "revert": "own REVERT" if spec.revert else ("snapshot" if spec.snapshot else "none"),
-        "preview": preview, "options": opts.as_dict(),
-        "last_run": None if last is None else {"id": last.id, "action": last.action, "status": last.status},
-    }
-
-
-def _preview(conn: psycopg.Connection, spec: TransformSpec, target: Target) -> list[dict]:
-    k = sql.Identifier(target.key)
-    valid = sql.SQL("coalesce({}, false)").format(frag(spec.valid_sql)) if spec.valid_sql else sql.SQL("true")
-    if spec.kind == "sql":
-        cols = list(spec.set)
-        delete = sql.SQL("coalesce({}, false)").format(frag(spec.delete)) if spec.delete else sql.SQL("false")
-        differs = sql.SQL("ROW({}) IS DISTINCT FROM ROW({})").format(
-            sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(", ").join(frag(spec.set[c]) for c in cols))
-        rows = conn.execute(sql.SQL(
-            "SELECT {k}::text, {cols}, {exprs}, {d} FROM {t} WHERE {w} AND {v} AND ({differs} OR {d}) "
-            "ORDER BY {k} LIMIT {n}").format(
-            k=k, cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
-            exprs=sql.SQL(", ").join(frag(spec.set[c]) for c in cols), d=delete, t=target.qualified,
-            w=frag(spec.where), v=valid, differs=differs, n=sql.Literal(PREVIEW_ROWS)), {}).fetchall()
-        n = len(cols)
-        return [{"key": r[0], "before": {c: _show(v) for c, v in zip(cols, r[1:1 + n])},
-                 "after": "(deleted)" if r[-1] else {c: _show(v) for c, v in zip(cols, r[1 + n:1 + 2 * n])}}
-                for r in rows]
-    import pandas as pd
-
-    b = PandasBatcher(spec, target)
-    rows = conn.execute(sql.SQL("SELECT {k}, {cols}, {v} FROM {t} WHERE {w} AND {v} ORDER BY {k} LIMIT 50").format(
-        k=k, cols=sql.SQL(", ").join(map(sql.Identifier, b.columns)), v=valid, t=target.qualified,
-        w=frag(spec.where)), {}).fetchall()
-    if not rows:
-        return []
-    df = pd.DataFrame.from_records([r[:-1] for r in rows], columns=[target.key, *b.columns])
-    if spec.valid_fn is not None:
-        df = df[spec.valid_fn(df.copy())]
-    out = b._check_output(spec.change(df.copy()), df)
-    shown = []
-    for idx in out.index:
-        before = {c: _show(df.at[idx, c]) for c in out.columns}
-        after = {c: _show(out.at[idx, c]) for c in out.columns}
-        if before != after:
-            shown.append({"key": str(df.at[idx, target.key]), "before": before, "after": after})
-        if len(shown) == PREVIEW_ROWS:
-            break
-    return shown
-
-
-def _show(v) -> str | None:
-    try:
-        import pandas as pd
-
-        if v is None or (not isinstance(v, (list, dict)) and pd.isna(v)):
-            return None
-    except (TypeError, ValueError):
-        pass
-    return str(v)
 
 
 # -- a run ----------------------------------------------------------------------------------------
@@ -202,7 +66,7 @@ def _show(v) -> str | None:
 def prepare_run(settings: Settings, env: str, name: str, opts: Options, flow_run_id: str | None = None) -> RunState:
     """Resume the interrupted run, or start a new one. The caller holds the transform's lock."""
     spec = spec_for(settings, name)
-    with _connect(settings, env, f"{name}:prepare", autocommit=True) as conn:
+    with connect(settings, env, f"{name}:prepare", autocommit=True) as conn:
         ensure_schema(conn)
         target = bind(conn, spec)
         compile_check(conn, spec, target)
@@ -250,7 +114,7 @@ def prepare_run(settings: Settings, env: str, name: str, opts: Options, flow_run
 def run_range(settings: Settings, env: str, name: str, run_id: int, range_no: int, opts: Options) -> RangeOutcome:
     """One worker: its own connection, its range from the checkpoint to the end."""
     spec = spec_for(settings, name)
-    with _connect(settings, env, f"{name}:r{range_no}", autocommit=True) as conn:
+    with connect(settings, env, f"{name}:r{range_no}", autocommit=True) as conn:
         session_limits(conn, opts)
         run = load_run(conn, run_id)
         if run is None:
@@ -258,9 +122,9 @@ def run_range(settings: Settings, env: str, name: str, run_id: int, range_no: in
         r = next(x for x in run.ranges if x.range_no == range_no)
         target = bind(conn, spec)
         if run.action == "run":
-            batcher = batcher_for(spec, target)
+            batcher = batcher_for(spec, target, run.id)
         else:
-            batcher = batcher_for_revert(run.params["method"], spec, target, run.snapshot)
+            batcher = batcher_for_revert(run.params["method"], spec, target, run.snapshot, run.reverts)
         try:
             return process_range(conn, batcher, r, opts, label=f"{run.action} {name} on {env}")
         except Exception as exc:
@@ -272,7 +136,7 @@ def run_range(settings: Settings, env: str, name: str, run_id: int, range_no: in
 def finish_run(settings: Settings, env: str, name: str, run_id: int) -> tuple[RunState, list[str]]:
     """Checks after the last batch; records completed or checks-failed. Returns (run, problems)."""
     spec = spec_for(settings, name)
-    with _connect(settings, env, f"{name}:checks", autocommit=True) as conn:
+    with connect(settings, env, f"{name}:checks", autocommit=True) as conn:
         run = load_run(conn, run_id)
         if run.pending:
             raise OperationFailed(f"run {run_id} of {name} has {len(run.pending)} unfinished range(s); "
@@ -289,7 +153,7 @@ def prepare_revert(settings: Settings, env: str, name: str, opts: Options, flow_
     """Resume an interrupted revert, or start reverting the newest run not yet reverted.
     The caller holds the transform's lock."""
     spec = spec_for(settings, name)
-    with _connect(settings, env, f"{name}:prepare-revert", autocommit=True) as conn:
+    with connect(settings, env, f"{name}:prepare-revert", autocommit=True) as conn:
         ensure_schema(conn)
         target = bind(conn, spec)
         last = latest_run(conn, name)
@@ -329,7 +193,7 @@ def prepare_revert(settings: Settings, env: str, name: str, opts: Options, flow_
 
 
 def finish_revert(settings: Settings, env: str, name: str, revert_id: int) -> RunState:
-    with _connect(settings, env, f"{name}:finish-revert", autocommit=True) as conn:
+    with connect(settings, env, f"{name}:finish-revert", autocommit=True) as conn:
         rev = load_run(conn, revert_id)
         if rev.pending:
             raise OperationFailed(f"revert {revert_id} of {name} has {len(rev.pending)} unfinished range(s); "
@@ -338,79 +202,6 @@ def finish_revert(settings: Settings, env: str, name: str, revert_id: int) -> Ru
             set_status(conn, revert_id, COMPLETED)
             set_status(conn, rev.reverts, REVERTED, f"reverted by run {revert_id}")
         return load_run(conn, revert_id)
-
-
-# -- progress -------------------------------------------------------------------------------------
-
-class ProgressMonitor:
-    """Reads the checkpoints every `every_s` and reports rows done and left, rate and ETA.
-
-    It reads the database rather than counting in memory, so it sees every worker, in
-    this process or on another machine."""
-
-    def __init__(self, settings: Settings, env: str, run: RunState, report, every_s: float = 5.0):
-        self.settings, self.env, self.run, self.report, self.every_s = settings, env, run, report, every_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name=f"progress-{run.transform}", daemon=True)
-        self._t0 = time.monotonic()
-        self._start_rows = run.total("scanned")
-
-    def __enter__(self) -> "ProgressMonitor":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        try:
-            with _connect(self.settings, self.env, f"{self.run.transform}:progress", autocommit=True) as conn:
-                while not self._stop.wait(self.every_s):
-                    self.report(*self.line(progress(conn, self.run.id)))
-        except Exception as exc:  # noqa: BLE001 - progress reports must never fail the run
-            log.warning("progress reports of %s stopped: %s", self.run.transform, exc)
-
-    def line(self, p: dict) -> tuple[float, str]:
-        total, done = max(p["total"], p["scanned"]), p["scanned"]
-        elapsed = time.monotonic() - self._t0
-        rate = (done - self._start_rows) / elapsed if elapsed > 0 else 0.0
-        left = max(total - done, 0)
-        eta = f"{left / rate:,.0f} s" if rate > 0 else "unknown"
-        fraction = 100.0 * done / total if total else 100.0
-        return fraction, (f"{self.run.action} {self.run.transform} on {self.env}: {done:,} of {total:,} rows "
-                          f"({fraction:.0f}%), {left:,} left, {p['changed']:,} changed, {p['invalid']:,} invalid, "
-                          f"{rate:,.0f} rows/s, ETA {eta}")
-
-
-# -- summaries --------------------------------------------------------------------------------------
-
-@dataclass
-class Session:
-    """What this process saw of a run (a resumed run's earlier sessions are in the checkpoints)."""
-
-    seconds: float
-    longest_tx_s: float
-
-
-def summarize(run: RunState, env: str, session: Session | None = None, problems: list[str] | None = None) -> dict:
-    out = {
-        "transform": run.transform, "environment": env, "run_id": run.id, "action": run.action, "status": run.status,
-        "table": run.table_name, "reverts": run.reverts,
-        "rows": max(run.total("total"), run.total("scanned")), "scanned": run.total("scanned"),
-        "needing_work": run.total("matched"), "changed": run.total("changed"), "deleted": run.total("deleted"),
-        "inserted": run.total("inserted"), "invalid": run.total("invalid"),
-        "invalid_examples": run.invalid_examples[:5], "unchanged": run.total("unchanged"), "batches": run.batches,
-        "ranges": len(run.ranges), "busy_s": round(sum(r.busy_s for r in run.ranges), 3),
-        "longest_tx_s": round(max(run.longest_tx_s, session.longest_tx_s if session else 0.0), 4),
-        "max_batch_seconds": run.params.get("max_batch_seconds"),
-        "snapshot": (run.snapshot or {}).get("name"), "problems": problems or [],
-        "detail": run.detail,
-    }
-    if session is not None:
-        out["seconds"] = round(session.seconds, 3)
-        out["rows_per_s"] = round(out["scanned"] / session.seconds) if session.seconds > 0 else None
-    return out
 
 
 # -- everything in-process (tests, benchmarks, scripts) -----------------------------------------------
@@ -470,9 +261,7 @@ def revert(settings: Settings, env: str, name: str, *, batch_size: int | None = 
 def status(settings: Settings, env: str, name: str, runs: int = 5) -> dict:
     """The newest runs of a transform on an environment, newest first. Reads only."""
     spec = spec_for(settings, name)
-    with _connect(settings, env, f"{name}:status") as conn:
-        from tasks.transform_state import has_schema
-
+    with connect(settings, env, f"{name}:status") as conn:
         if not has_schema(conn):
             ids = []
         else:
@@ -487,9 +276,7 @@ def status(settings: Settings, env: str, name: str, runs: int = 5) -> dict:
             "kind": spec.kind, "runs": listed}
 
 
-def _is_running(conn: psycopg.Connection, name: str) -> bool:
-    from tasks.transform_state import LOCK_CLASS, lock_key
-
+def _is_running(conn, name: str) -> bool:
     return conn.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::oid "
                         "AND objid = %s::oid AND objsubid = 2 AND granted "
                         "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
@@ -497,10 +284,6 @@ def _is_running(conn: psycopg.Connection, name: str) -> bool:
 
 
 # -- Prefect tasks ------------------------------------------------------------------------------------
-
-@task(name="plan-transform", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
-def plan_task(settings: Settings, env: str, name: str, opts: Options) -> dict:
-    return plan(settings, env, name, opts)
 
 
 @task(name="prepare-transform", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,

@@ -7,7 +7,12 @@ from __future__ import annotations
 import logging
 
 from dataops.redact import redact
-from tasks.reporting import artifact_key, markdown_table, publish_markdown, publish_table
+from tasks.reporting import (
+    artifact_key,
+    markdown_table,
+    publish_markdown,
+    publish_table,
+)
 
 log = logging.getLogger("dataops.transform")
 

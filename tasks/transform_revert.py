@@ -7,7 +7,8 @@ blocks every writer until it commits; on a large table that is the long lock tra
 exist to avoid. So the restore here is the same idea in key-range batches: each batch
 disables user triggers (a trigger such as users_set_updated_at would otherwise stamp a new
 updated_at over the one being restored), writes back the snapshot's values where they
-differ, re-inserts rows the transform deleted, enables the triggers and commits, all
+differ, re-inserts the rows the transform deleted (their keys are recorded as they go, so a
+row the application deleted since stays deleted), enables the triggers and commits, all
 within the max_batch_seconds bound.
 
 Limits, as for restore_snapshot: rows inserted after the snapshot are left alone, and an
@@ -54,8 +55,8 @@ def own_revert_spec(spec: TransformSpec) -> TransformSpec:
 class SnapshotBatcher(KeysetBound):
     """Batches over the snapshot's keys; each writes the snapshot's values back."""
 
-    def __init__(self, snap: Snapshot, target: Target):
-        self.snap, self.target = snap, target
+    def __init__(self, snap: Snapshot, target: Target, victim: int):
+        self.snap, self.target, self.victim = snap, target, victim
         # the snapshot's rows are keyed by the same column as the table
         self.keys_table = pg.qualified(SNAPSHOT_SCHEMA, snap.name)
         self.all_columns = set(target.columns) <= set(snap.columns)
@@ -80,7 +81,9 @@ class SnapshotBatcher(KeysetBound):
                 names = sql.SQL(", ").join(map(sql.Identifier, snap.columns))
                 parts.append(sql.SQL(
                     "ins AS (INSERT INTO {t} ({names}) OVERRIDING SYSTEM VALUE SELECT {scols} FROM {src} AS s "
-                    "WHERE {rs} AND NOT EXISTS (SELECT 1 FROM {t} AS x WHERE x.{k} = s.{k}) RETURNING 1)").format(
+                    "WHERE {rs} AND NOT EXISTS (SELECT 1 FROM {t} AS x WHERE x.{k} = s.{k}) "
+                    "AND EXISTS (SELECT 1 FROM dataops_transforms.deleted d WHERE d.run_id = %(victim)s "
+                    "AND d.key = s.{k}::text) RETURNING 1)").format(
                     t=t.qualified, names=names, src=src, rs=rng_s, k=k,
                     scols=sql.SQL(", ").join(sql.Identifier("s", c) for c in snap.columns)))
                 inserted = sql.SQL("(SELECT count(*) FROM ins)")
@@ -94,13 +97,14 @@ class SnapshotBatcher(KeysetBound):
             deadline.arm(conn)  # the ALTER waits for writers in flight: within the budget, or the batch is retried
             conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(t.qualified))
         deadline.arm(conn)
-        changed, inserted = conn.execute(self.statement(lo is not None), {"lo": lo, "hi": hi}).fetchone()
+        changed, inserted = conn.execute(self.statement(lo is not None),
+                                         {"lo": lo, "hi": hi, "victim": self.victim}).fetchone()
         if t.update_triggers or self.all_columns:
             conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(t.qualified))
         return BatchCounts(matched=changed + inserted, changed=changed, inserted=inserted)
 
 
-def batcher_for_revert(method: str, spec: TransformSpec, target: Target, snapshot: dict | None):
+def batcher_for_revert(method: str, spec: TransformSpec, target: Target, snapshot: dict | None, victim: int):
     if method == "own":
         return SqlBatcher(own_revert_spec(spec), target)
-    return SnapshotBatcher(snapshot_from_json(snapshot), target)
+    return SnapshotBatcher(snapshot_from_json(snapshot), target, victim)

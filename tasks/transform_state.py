@@ -6,8 +6,9 @@ the table agree: a committed batch has its checkpoint, a rolled-back one has not
 run starts after the last checkpoint of each key range; no batch is applied twice, none is
 skipped.
 
-    runs    one row per run or revert: status, parameters, snapshot, totals at the end
-    ranges  one row per disjoint key range of a run: the checkpoint (last key done) and counts
+    runs     one row per run or revert: status, parameters, snapshot, baseline of the checks
+    ranges   one row per disjoint key range of a run: the checkpoint (last key done) and counts
+    deleted  keys of the rows a run deleted, written with the batch that deleted them
 
 One run of a transform at a time: a session-level advisory lock keyed by the transform's
 name, held by the run's own connection for as long as it runs. A killed process loses its
@@ -47,7 +48,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
     id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     transform       text NOT NULL,
     action          text NOT NULL CHECK (action IN ('run', 'revert')),
-    reverts         bigint REFERENCES {SCHEMA}.runs (id),
+    reverts         bigint,  -- a revert: the run it undoes
     status          text NOT NULL,
     definition      text NOT NULL,
     table_name      text NOT NULL,
@@ -63,7 +64,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
 );
 CREATE INDEX IF NOT EXISTS runs_transform_idx ON {SCHEMA}.runs (transform, id);
 CREATE TABLE IF NOT EXISTS {SCHEMA}.ranges (
-    run_id          bigint NOT NULL REFERENCES {SCHEMA}.runs (id) ON DELETE CASCADE,
+    run_id          bigint NOT NULL,  -- runs.id; no FOREIGN KEY, so that no tool counts this tool's tables as the app's
     range_no        integer NOT NULL,
     lo              text,
     hi              text,
@@ -83,6 +84,11 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.ranges (
     finished        boolean NOT NULL DEFAULT false,
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run_id, range_no)
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.deleted (
+    run_id          bigint NOT NULL,
+    key             text NOT NULL,  -- rows a run deleted: its revert re-inserts these and no others
+    PRIMARY KEY (run_id, key)
 );
 """
 
@@ -156,7 +162,7 @@ def ensure_schema(conn: psycopg.Connection) -> None:
     """Create the state tables once; a transaction-level lock keeps two first runs from racing."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_CLASS,))
-        if conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.ranges",)).fetchone()[0] is None:
+        if conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.deleted",)).fetchone()[0] is None:  # the newest
             conn.execute(_DDL)
 
 

@@ -151,10 +151,18 @@ def test_two_runs_give_identical_values_and_in_place_matches(stack, make_db, wri
     prod, stg, config = stack
     with pg.connect(prod) as conn:
         conn.execute("CREATE MATERIALIZED VIEW user_count AS SELECT count(*) AS n FROM users")
+        conn.execute("CREATE TABLE contacts (id int, at date, email text) PARTITION BY RANGE (at)")
+        conn.execute("CREATE TABLE contacts_old PARTITION OF contacts FOR VALUES FROM ('2000-01-01') TO ('2025-01-01')")
+        conn.execute("CREATE TABLE contacts_new PARTITION OF contacts FOR VALUES FROM ('2025-01-01') TO ('2030-01-01')")
+        conn.execute("INSERT INTO contacts SELECT id, created_at::date, email FROM users")
         conn.commit()
-    settings = load_settings(config())
+    anon = copy.deepcopy(ANON)
+    anon["rules"]["contacts"] = {"email": {"faker": "email", "unique": True}}
+    settings = load_settings(config(anonymize=anon))
     first = refresh(settings)
     assert rows(stg, "SELECT n FROM user_count") == [(300,)]  # refreshed after the load
+    contacts = rows(stg, "SELECT c.email = u.email FROM contacts c JOIN users u USING (id)")
+    assert len(contacts) == 300 and all(same for (same,) in contacts)  # partitioned, masked alike
     query = "SELECT id, email, full_name, first_name, last_name, phone, date_of_birth, address FROM users ORDER BY id"
     masked_once = rows(stg, query)
     emails_once = rows(stg, "SELECT id, email FROM user_emails ORDER BY id")
@@ -169,11 +177,12 @@ def test_two_runs_give_identical_values_and_in_place_matches(stack, make_db, wri
     with pg.connect(pg.Dsn(prod.secret()).with_database("postgres"), autocommit=True) as conn:
         conn.execute(f'DROP DATABASE "{dev.database}"')
         conn.execute(f'CREATE DATABASE "{dev.database}" TEMPLATE "{prod.database}"')
-    cfg = config(environments={"production": ("production", prod), "staging": ("staging", stg),
-                               "dev": ("development", dev)})
+    cfg = config(anonymize=anon, environments={"production": ("production", prod), "staging": ("staging", stg),
+                                               "dev": ("development", dev)})
     report = anonymize(load_settings(cfg), "dev")
     assert report.leaks.ok and report.deleted["audit_logs"] > 0
     assert rows(dev, query) == masked_once and rows(dev, "SELECT id, email FROM user_emails ORDER BY id") == emails_once
+    assert rows(dev, "SELECT id, email FROM contacts ORDER BY id") == rows(stg, "SELECT id, email FROM contacts ORDER BY id")
     assert rows(dev, "SELECT count(*) FROM users WHERE updated_at IS NOT NULL")[0][0] == \
         rows(prod, "SELECT count(*) FROM users WHERE updated_at IS NOT NULL")[0][0]  # user triggers were off
     with pytest.raises(SafetyRefusal, match=r"environments.production.role"):
@@ -206,6 +215,15 @@ def test_subset_keeps_every_referenced_row(stack):
     assert rows(stg, "SELECT count(*) FROM categories WHERE parent_id IS NOT NULL")[0][0] > 0  # parents came along
     assert broken_foreign_keys(stg) == []
     assert "with the subset" in report.checks[0] and report.leaks.ok
+
+
+def test_excluded_and_truncated_tables(stack):
+    prod, stg, config = stack
+    report = refresh(load_settings(config(refresh_cfg={"exclude": ["feature_flags"], "truncate": ["audit_logs"]})))
+    assert rows(stg, "SELECT to_regclass('public.feature_flags')") == [(None,)]  # not even created
+    assert rows(stg, "SELECT count(*) FROM audit_logs") == [(0,)]
+    assert rows(stg, "SELECT count(*) FROM users") == [(300,)] and report.leaks.ok
+    assert {t.table: t.mode for t in report.tables}["audit_logs"] == "truncate"
 
 
 def test_guards_refuse_before_anything_is_written(stack, make_db, pg_server_dsn):

@@ -134,7 +134,7 @@ def test_cli_bad_config_exits_2_with_one_line_and_writes_nothing(label, text, me
     assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
 
 
-def test_cli_unknown_environment_and_unreachable_server(tmp_path, s3_bucket, s3_endpoint, s3_client):
+def test_cli_unknown_environment_and_unreachable_server(prefect_api, tmp_path, s3_bucket, s3_endpoint, s3_client):
     from conftest import free_port
 
     port = free_port()  # nothing listens here
@@ -146,20 +146,20 @@ def test_cli_unknown_environment_and_unreachable_server(tmp_path, s3_bucket, s3_
         " access_key_id: x, secret_access_key: y}\n")
     r = run_cli("--config", str(cfg), "backup", "prod")
     assert r.returncode == 2 and "unknown environment 'prod' (known: production)" in r.stderr
-    r = run_cli("--config", str(cfg), "backup", "production")
+    r = run_cli("--config", str(cfg), "backup", "production", env={"PREFECT_API_URL": prefect_api})
     assert r.returncode == 1, r.stderr
     assert r.stderr.startswith("error: cannot connect to PostgreSQL at 127.0.0.1") and len(r.stderr.strip().splitlines()) == 1
     assert "Hunter2Secret" not in r.stderr + r.stdout
     assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
 
 
-def test_cli_missing_bucket_is_bad_input(tmp_path, db, s3_endpoint):
+def test_cli_missing_bucket_is_bad_input(prefect_api, tmp_path, db, s3_endpoint):
     cfg = tmp_path / "dataops.yaml"
     cfg.write_text(
         f"environments:\n  production: {{role: production, database_url: '{db.secret()}'}}\n"
         f"storage: {{url: 's3://no-such-bucket/p', endpoint_url: '{s3_endpoint}', region: us-east-1,"
         " access_key_id: x, secret_access_key: y}\n")
-    r = run_cli("--config", str(cfg), "backup", "production")
+    r = run_cli("--config", str(cfg), "backup", "production", env={"PREFECT_API_URL": prefect_api})
     assert r.returncode == 2, r.stderr
     assert "bucket 'no-such-bucket' does not exist" in r.stderr and "fix storage.url" in r.stderr
 

@@ -4,8 +4,10 @@ transactions while the application keeps writing."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -23,7 +25,8 @@ from tasks import pg
 from tasks.checksums import table_checksum
 from tasks.sample_app import create_schema, seed
 from tasks.transform_batches import Options, next_batch_size
-from tasks.transform_engine import plan, revert, status, transform
+from tasks.transform_engine import revert, status, transform
+from tasks.transform_plan import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "transforms"
@@ -122,6 +125,26 @@ def test_revert_returns_the_table_checksum_to_the_original(make_db, tmp_path, na
         revert(settings, "dev", name)
 
 
+def test_revert_reinserts_the_rows_the_transform_deleted_and_no_others(make_db, tmp_path):
+    dsn = app_db(make_db, users=200)
+    settings = write_settings(tmp_path, dsn)
+    s = transform(settings, "dev", "user_emails_normalize")
+    removed = sorted(int(r[0]) for r in query(dsn, "SELECT key FROM dataops_transforms.deleted"))
+    assert len(removed) == s["deleted"] > 0
+    # after the transform, the application deletes a row the transform had normalized
+    normalized = query(dsn, "SELECT min(e.id) FROM user_emails e JOIN dataops_snapshots.{} s USING (id)".format(
+        s["snapshot"]))[0][0]
+    with pg.connect(dsn) as conn:
+        conn.execute("DELETE FROM user_emails WHERE id = %s", (normalized,))
+        conn.commit()
+
+    r = revert(settings, "dev", "user_emails_normalize")
+
+    assert r["inserted"] == len(removed)
+    assert [x[0] for x in query(dsn, "SELECT id FROM user_emails WHERE id = ANY(%s) ORDER BY id", (removed,))] == removed
+    assert query(dsn, "SELECT count(*) FROM user_emails WHERE id = %s", (normalized,))[0][0] == 0
+
+
 def test_backfill_refuses_until_the_migration_added_the_column(make_db, tmp_path):
     dsn = app_db(make_db, users=50)
     settings = write_settings(tmp_path, dsn)
@@ -211,14 +234,15 @@ def test_kill_9_in_the_middle_then_resume_matches_an_uninterrupted_run(make_db, 
 
 # -- one run at a time ---------------------------------------------------------------------------------
 
-def test_a_second_concurrent_run_is_refused(make_db, tmp_path):
+def test_a_second_concurrent_run_is_refused(make_db, tmp_path, caplog):
     dsn = app_db(make_db, users=200)
     settings = write_settings(tmp_path, dsn, batch_size=20, throttle_ms=60)
     outcome: dict = {}
+    caplog.set_level(logging.INFO, logger="dataops.transform")
 
     def first():
         try:
-            outcome["first"] = transform(settings, "dev", "users_split_full_name")
+            outcome["first"] = transform(settings, "dev", "users_split_full_name", progress_every_s=0.3)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["first"] = exc
 
@@ -238,6 +262,8 @@ def test_a_second_concurrent_run_is_refused(make_db, tmp_path):
     finally:
         t.join(60)
     assert isinstance(outcome["first"], dict) and outcome["first"]["status"] == "completed", outcome
+    progress = [m for m in caplog.messages if m.startswith("run users_split_full_name on dev: ")]
+    assert progress and re.search(r"\d+ of 200 rows \(\d+%\), \d+ left, .* rows/s, ETA", progress[0]), progress
 
 
 # -- short transactions under a concurrent writer --------------------------------------------------------

@@ -13,6 +13,7 @@ from tasks import pg
 from tasks.checksums import table_checksum
 from tasks.sample_app import create_schema, seed
 from tasks.transform_engine import status, transform
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -72,6 +73,14 @@ def test_run_transform_flow_completes_with_progress_and_counts(prefect_api, app,
     assert "skipped as invalid" in table and f"e.g. keys {', '.join(s['invalid_examples'])}" in table
     assert f"longest transaction {s['longest_tx_s']:.3f} s (bound 1 s)" in art["transform-users-split-full-name-dev-details"].data
 
+    # what a server-side automation on every failed run would start: it leaves a good run alone
+    from flows.revert_transform import revert_transform
+
+    after = checksum(app, "users")
+    assert revert_transform("dev", "users_split_full_name", only_if_checks_failed=True, config=cfg)["status"] == \
+        "nothing to revert"
+    assert checksum(app, "users") == after
+
 
 def test_failed_checks_revert_the_run_through_the_failure_hook(prefect_api, app, tmp_path):
     """A transform that breaks a validation check passes every batch, then is undone."""
@@ -108,8 +117,8 @@ def test_verify_failure_marks_the_run_and_blocks_a_new_one_until_reverted(app, t
     original = checksum(app, "users")
     with pytest.raises(OperationFailed, match=r"VERIFY of shout returned rows, e\.g\. \d+"):
         transform(settings, "dev", "shout")
-    from tasks.transform_engine import revert
     from dataops.errors import BadInput
+    from tasks.transform_engine import revert
 
     with pytest.raises(BadInput, match="failed its checks and is not reverted; revert it first"):
         transform(settings, "dev", "shout")
