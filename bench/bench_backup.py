@@ -688,9 +688,32 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a("\"2 threads\" = `compression_threads: 2`: two zstd workers beside the thread that reads pg_dump. \"proposed\" = "
       "the same with zstd's job size set to 2 MiB (a prototype of a change to `tasks/streams.py`, patched into the "
       "benchmark's child process only).")
+    def total(k: str) -> float:
+        return sum(f[k]["cpu"].values())
+
+    zc = total("z0")
+    a("")
+    a("### Reading")
+    a("")
+    a(f"- CPU, which other load disturbs less than wall time: `-Z0` costs {zc:.2f} CPU-s, almost all of it in the "
+      f"PostgreSQL backend ({f['z0']['cpu']['postgres']:.2f} s, one core). The backup costs {total('file'):.2f} "
+      f"(file, shipped), {total('file_prop'):.2f} (file, proposed), {total('s3'):.2f} / {total('s3_prop'):.2f} "
+      f"(S3, moto's server included): {total('file_prop') / zc:.1f}-{total('s3') / zc:.1f}x the CPU of `-Z0`. The extra "
+      "is zstd itself (level 4 costs ~0.8 CPU-s per 200 MiB on this CPU, and lower levels are larger than pg_dump's "
+      "gzip), plus moto for S3. So the backup meets 1.5x the wall time of `-Z0` only when that work runs on cores the "
+      f"backend leaves free: on these {m['nproc']} CPUs, shared with other work, it does not.")
+    a(f"- The shipped `compression_threads: 0` gives {ctx['workers']} zstd worker(s) here "
+      f"({'inline compression in the reading thread' if ctx['workers'] == 1 else 'multi-threaded'}). "
+      f"`compression_threads: 2` took {f['file_t2']['wall']:.2f} s against {fl['wall']:.2f} s (file) and "
+      f"{f['s3_t2']['wall']:.2f} s against {s3['wall']:.2f} s (S3), but its default zstd job size lifts peak RSS "
+      f"to {f['s3_t2']['rss'] / 1e6:.0f} MB into S3; with 2 MiB jobs (proposed) {f['s3_prop']['rss'] / 1e6:.0f} MB.")
+    a(f"- moto S3 against `file://`: {s3['wall'] - fl['wall']:+.2f} s (shipped), "
+      f"{f['s3_prop']['wall'] - f['file_prop']['wall']:+.2f} s (proposed), with moto's server using "
+      f"{s3['cpu']['moto']:.2f} CPU-s of the same {m['nproc']} CPUs; the backup's own process used about the same CPU "
+      f"either way. The `file://` rows are the product's own cost; against a real S3 the difference is the network.")
     if variants:
         a("")
-        a("### Other settings (one run each, into moto S3)")
+        a("### Other settings (one run each, into moto S3; single runs, so noisy)")
         a("")
         a("| setting | wall time | / `-Z0` | stored size | / default dump | peak RSS |")
         a("| --- | --- | --- | --- | --- | --- |")

@@ -454,8 +454,9 @@ def main() -> None:
     ap.add_argument("--tools-venv", type=Path, default=Path(os.environ.get("DATAOPS_BENCH_TOOLS_VENV",
                                                                             ROOT / ".venv-bench-tools")))
     ap.add_argument("--no-tools", action="store_true", help="skip pg_anon and pganonymize")
-    ap.add_argument("--reuse-tools", action="store_true",
-                    help="report the tools' figures of the last run with the same --users and --root (kept in ROOT/tools.json)")
+    ap.add_argument("--tools", default="pg_anon,pganonymize",
+                    help="tools to run now (the others' figures come from the last run, if kept in ROOT/tools.json)")
+    ap.add_argument("--reuse-tools", action="store_true", help="run no tool; report the figures kept in ROOT/tools.json")
     ap.add_argument("--no-write", action="store_true", help="print the section, do not touch RESULTS.md")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -494,13 +495,13 @@ def main() -> None:
     print(f"  {refresh_r['seconds']:.1f} s, {refresh_r['rss_tree'] / MB:.0f} MB; {refresh_r['leaks']}", flush=True)
     tools: dict[str, dict] = {}
     saved = args.root / "tools.json"
-    py = None if args.no_tools or args.reuse_tools else tool_python(args.tools_venv)
-    if args.reuse_tools:
-        kept = json.loads(saved.read_text()) if saved.exists() else {}
-        if kept.get("users") != args.users:
-            raise SystemExit(f"no tool figures for --users {args.users} in {saved}; run once without --reuse-tools")
-        tools = {name: {**r, "note": r["note"] + f" (measured {kept['date']})"} for name, r in kept["tools"].items()}
-    elif py is None and not args.no_tools:
+    wanted = [] if args.no_tools or args.reuse_tools else [t.strip() for t in args.tools.split(",") if t.strip()]
+    kept = json.loads(saved.read_text()) if saved.exists() else {}
+    if kept.get("users") == args.users and not args.no_tools:
+        tools = {name: {**r, "note": r["note"] + (f" (measured {r['date']})" if "date" in r else "")}
+                 for name, r in kept["tools"].items() if name not in wanted}
+    py = tool_python(args.tools_venv) if wanted else None
+    if wanted and py is None:
         missing = (f"not installed: python3 -m venv {args.tools_venv} && {args.tools_venv}/bin/pip install "
                    "psycopg2-binary pganonymize pg-anon")
         tools = {"pg_anon": {"error": missing}, "pganonymize": {"error": missing}}
@@ -509,6 +510,8 @@ def main() -> None:
                                                         "not deterministic; init.sql without pgcrypto (see the script)"),
                                ("pganonymize", run_pganonymize, "Faker per value, in place after the copy; "
                                                                 "fake.unique.email, inet nulled by SQL (see the script)")):
+            if name not in wanted:
+                continue
             print(f"{name}...", flush=True)
             try:
                 tools[name] = {**fn(base, bin_dir, py, work), "note": note}
@@ -517,7 +520,9 @@ def main() -> None:
                 tools[name] = {"error": " ".join(str(exc).split())[:300]}
                 print(f"  failed: {tools[name]['error']}", flush=True)
     if py:
-        saved.write_text(json.dumps({"users": args.users, "date": setup["date"], "tools": tools}))
+        fresh = {n: {**r, "date": setup["date"]} for n, r in tools.items() if n in wanted and "error" not in r}
+        old = kept.get("tools", {}) if kept.get("users") == args.users else {}
+        saved.write_text(json.dumps({"users": args.users, "tools": {**old, **fresh}}))
     setup["load_end"] = _load()
     from tasks import pg
 

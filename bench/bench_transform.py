@@ -459,7 +459,9 @@ def render(res: dict, args, started: datetime, load0, load1) -> str:
         out += ["",
                 "Flow and task overhead: the same SQL transform through the run-transform flow (Prefect test server, "
                 f"startup not timed), in every round: {_secs(flw)} s against {_secs(sql_runs)} s in-process; median "
-                f"over rounds of (flow - in-process) / flow: **{100 * over:.1f}%**. Within each flow run, "
+                f"over rounds of (flow - in-process) / flow: **{100 * over:.1f}%**"
+                + (" (negative: within the run-to-run noise of the loaded machine)" if over < 0 else "")
+                + ". Within each flow run, "
                 f"{100 * inner:.1f}% (median) passed outside the flow's own steps (creating the flow run, its end: "
                 "Prefect joins its heartbeat thread), about 1 s whatever the size; the task runs (one per range, "
                 "plus prepare and checks), logs and artifacts are inside the rest."]

@@ -63,7 +63,6 @@ def revert_transform(env: str, name: str, batch_size: int | None = None, max_bat
         if error is not None:
             raise error
         rev = finish_revert_task(settings, env, name, rev.id)
-    bar.update(100.0)
     summary = summarize(rev, env, Session(time.monotonic() - t0, longest))
     publish_summary(summary)
     logger.info("reverted run %s of %s on %s (%s): %d rows written back, %d re-inserted", rev.reverts, name, env,

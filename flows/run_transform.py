@@ -96,7 +96,7 @@ def run_transform(env: str, name: str, batch_size: int | None = None, max_batch_
             logger.info("%s", line)
             bar.update(percent)
 
-        with ProgressMonitor(settings, env, run, report, PROGRESS_EVERY_S) as monitor:
+        with ProgressMonitor(settings, env, run, report, PROGRESS_EVERY_S):
             futures = [run_range_task.with_options(task_run_name=f"{name}-range-{r.range_no}").submit(
                 settings, env, name, run.id, r.range_no, opts) for r in run.pending]
             longest, error = _gather(futures)
@@ -104,8 +104,6 @@ def run_transform(env: str, name: str, batch_size: int | None = None, max_batch_
             raise error
         run, problems = finish_task(settings, env, name, run.id)
         summary = summarize(run, env, Session(time.monotonic() - t0, longest), problems)
-        report(*monitor.line({"total": summary["rows"], "scanned": summary["scanned"],
-                              "changed": summary["changed"] + summary["deleted"], "invalid": summary["invalid"]}))
     publish_summary(summary)
     logger.info("%s on %s: %s; %d changed, %d deleted, %d invalid, %d unchanged in %d batches; longest transaction "
                 "%.3f s", name, env, summary["status"], summary["changed"], summary["deleted"], summary["invalid"],

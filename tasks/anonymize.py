@@ -200,12 +200,11 @@ def _update_table(conn: psycopg.Connection, plan: MaskingPlan, tm: TableMasking,
                 counts[j][1] += 1
                 v, o = unescape(old), unescape(new)
                 if m.kind != "shift_days":
-                    collector.src += digest(v)[24:32]
+                    collector.add_source(digest(v)[24:32])
                 if o == v:
                     counts[j][0] += 1
                 elif m.kind in ("hash", "template", "partial") or (m.kind == "faker" and m.unique):
-                    collector.out += digest(o)[24:32]
-                    collector.out_col += col_id.to_bytes(2, "little")
+                    collector.add_output(digest(o)[24:32], col_id.to_bytes(2, "little"))
             collector.flush()
     collector.flush(final=True)
     conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(t.qualified))

@@ -30,17 +30,19 @@ import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy only where digests are matched: copy workers never load it
+    import numpy as np
 
 TARGET_PER_PARTITION = 1_000_000
-FLUSH_BYTES = 4 << 20
+FLUSH_BYTES = 1 << 20
 
 
 def partition_bits(expected_values: int) -> int:
     """Top bits to split on so that one partition holds about TARGET_PER_PARTITION digests."""
     parts = max(1, math.ceil(expected_values / TARGET_PER_PARTITION))
-    return min(12, max(0, math.ceil(math.log2(parts))))
+    return min(16, max(0, math.ceil(math.log2(parts))))
 
 
 def short(d: bytes) -> bytes:
@@ -51,44 +53,50 @@ def short(d: bytes) -> bytes:
 class Collector:
     """Digests of one copy job, appended to partition files under `directory`.
 
-    `src` takes source values' digests; `out` output digests with a 2-byte column id.
-    Buffers are bytearrays (appending 8 bytes costs ~70 ns) flushed every 4 MB.
+    A digest goes straight into the bytearray of its partition (the low 16 bits of the
+    8-byte little-endian digest, shifted: the same split `Workspace.match` makes with
+    numpy), so a worker needs no numpy and a flush is plain file appends. `add_output`
+    takes a 2-byte column id with each output digest. Buffers are flushed at 1 MB.
     """
 
     def __init__(self, directory: str, job: str, bits: int):
         self.dir, self.job, self.bits = directory, job, bits
-        self.src = bytearray()
-        self.out = bytearray()
-        self.out_col = bytearray()
+        self.shift = 16 - bits
+        n = 1 << bits
+        self.src = [bytearray() for _ in range(n)]
+        self.out = [bytearray() for _ in range(n)]
+        self.out_col = [bytearray() for _ in range(n)]
+        self.pending = 0
+
+    def add_source(self, short_digest: bytes) -> None:
+        self.src[(short_digest[0] | short_digest[1] << 8) >> self.shift] += short_digest
+        self.pending += 8
+
+    def add_output(self, short_digest: bytes, col: bytes) -> None:
+        p = (short_digest[0] | short_digest[1] << 8) >> self.shift
+        self.out[p] += short_digest
+        self.out_col[p] += col
+        self.pending += 10
 
     def flush(self, final: bool = False) -> None:
-        if self.src and (final or len(self.src) >= FLUSH_BYTES):
-            self._write("src", np.frombuffer(bytes(self.src), dtype="<u8"), None)
-            self.src.clear()
-        if self.out and (final or len(self.out) >= FLUSH_BYTES):
-            self._write("out", np.frombuffer(bytes(self.out), dtype="<u8"),
-                        np.frombuffer(bytes(self.out_col), dtype="<u2"))
-            self.out.clear()
-            self.out_col.clear()
+        if not self.pending or (not final and self.pending < FLUSH_BYTES):
+            return
+        for kind, bufs in (("src", self.src), ("out", self.out), ("outc", self.out_col)):
+            suffix = ".c" if kind == "outc" else ".d"
+            name = "out" if kind == "outc" else kind
+            for p, buf in enumerate(bufs):
+                if buf:
+                    with open(os.path.join(self.dir, f"{name}-{p}-{self.job}{suffix}"), "ab") as f:
+                        f.write(buf)
+                    buf.clear()
+        self.pending = 0
 
-    def _write(self, kind: str, digests: np.ndarray, cols: np.ndarray | None) -> None:
-        if self.bits == 0:
-            groups = [(0, digests, cols)]
-        else:
-            part = digests >> np.uint64(64 - self.bits)
-            order = np.argsort(part, kind="stable")
-            digests, part = digests[order], part[order]
-            cols = cols[order] if cols is not None else None
-            bounds = np.flatnonzero(np.diff(part)) + 1
-            starts = np.concatenate(([0], bounds))
-            ends = np.concatenate((bounds, [len(part)]))
-            groups = [(int(part[s]), digests[s:e], cols[s:e] if cols is not None else None) for s, e in zip(starts, ends)]
-        for p, d, c in groups:
-            with open(os.path.join(self.dir, f"{kind}-{p}-{self.job}.d"), "ab") as f:
-                d.tofile(f)
-            if c is not None:
-                with open(os.path.join(self.dir, f"{kind}-{p}-{self.job}.c"), "ab") as f:
-                    c.tofile(f)
+
+def partition_of(digests: np.ndarray, bits: int) -> np.ndarray:
+    """The partition of each short digest, as Collector computes it byte by byte."""
+    import numpy as np
+
+    return ((digests & np.uint64(0xFFFF)) >> np.uint64(16 - bits)).astype(np.int64)
 
 
 @dataclass
@@ -158,6 +166,8 @@ class Workspace:
 
     def match(self, n_columns: int, pools: dict[int, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, int]:
         """(leaks per column id, pool coincidences per column id, source values seen)."""
+        import numpy as np
+
         files: dict[tuple[str, int], list[Path]] = defaultdict(list)
         for f in Path(self.path).glob("*.d"):
             kind, part, _ = f.name.split("-", 2)
@@ -165,11 +175,7 @@ class Workspace:
         leaks = np.zeros(n_columns, dtype=np.int64)
         pooled = np.zeros(n_columns, dtype=np.int64)
         source_values = 0
-        shift = np.uint64(64 - self.bits) if self.bits else None
-        pool_parts = {}
-        for col, digests in (pools or {}).items():
-            part = (digests >> shift).astype(np.int64) if shift is not None else np.zeros(len(digests), dtype=np.int64)
-            pool_parts[col] = (digests, part)
+        pool_parts = {col: (digests, partition_of(digests, self.bits)) for col, digests in (pools or {}).items()}
         for p in range(1 << self.bits):
             src_files = files.get(("src", p), [])
             if not src_files:
@@ -191,6 +197,8 @@ class Workspace:
 
 def digests_of(keyed, values: list[str]) -> np.ndarray:
     """Short digests of text values (pool entries, constants), as matched above."""
+    import numpy as np
+
     return np.frombuffer(b"".join(short(keyed.digest(v.encode())) for v in values), dtype="<u8")
 
 
@@ -198,8 +206,10 @@ def build_report(masking, names: list[tuple[str, str]], unchanged: dict[int, int
                  workspace: Workspace, sql_checked: dict[str, tuple[int, int]]) -> LeakReport:
     """The leak report of one run. `names[i]` is the (table, column) of column id i;
     `unchanged` counts values per column id that their rule left as they were; `values`
-    counts the non-NULL values masked in Python per column id; `sql_checked` has (rows, bad values) of the null and constant
-    columns, which the target was checked for by SQL."""
+    counts the non-NULL values masked in Python per column id; `sql_checked` has (rows,
+    bad values) of the null and constant columns, which the target was checked for by SQL."""
+    import numpy as np
+
     maskers = [masking.tables[t].maskers[c] for t, c in names]
     pools = {i: np.unique(digests_of(masking.keyed, m.pool)) for i, m in enumerate(maskers)
              if m.kind == "faker" and not m.unique}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import secrets
 import shutil
 import subprocess
@@ -240,8 +241,6 @@ def restore_section(settings: Settings, new: NewCopy, section: str, binary: str 
 
 
 def _run(args: list[str], env: dict[str, str], what: str) -> None:
-    import os
-
     proc = subprocess.run(args, env={**os.environ, **env}, capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
@@ -527,9 +526,12 @@ def switch(new: NewCopy, target: Environment, attempts: int = 3) -> None:
                 raise TransientError(f"could not switch '{target.name}': {str(exc).splitlines()[0]}; "
                                      "the previous database is untouched, try again") from None
             time.sleep(1)
-    if exists:
-        pg.drop_database(dsn, old)
     shutil.rmtree(Path(new.schema_file).parent, ignore_errors=True)
+    if exists:
+        try:
+            pg.drop_database(dsn, old)
+        except Exception as exc:  # noqa: BLE001 - the switch is done; the next run drops it
+            log.warning("could not drop the previous %s (now %s): %s; the next refresh drops it", dsn.database, old, exc)
 
 
 # -- the whole refresh as one call ------------------------------------------------------------------

@@ -162,7 +162,7 @@ def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector)
         # idx, function, tracked source/output, id bytes, k, memo, memo probes, values seen
         specs.append([idx, m.py, track_source, track_output, col_id.to_bytes(2, "little"), k, memo, 0, 0])
     unchanged = [0] * len(specs)
-    src, out, out_col = collector.src, collector.out, collector.out_col
+    add_source, add_output = collector.add_source, collector.add_output
     needs_escape = _NEEDS_ESCAPE
     rows = 0
     buf: list[bytes] = []
@@ -191,7 +191,7 @@ def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector)
             d = d.digest()
             o = spec[1](v, d, fields).encode()
             if spec[2]:
-                src += d[24:32]
+                add_source(d[24:32])
             same = o == v
             if same:
                 unchanged[spec[5]] += 1
@@ -200,8 +200,7 @@ def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector)
                 h.update(o)
                 od = outer()
                 od.update(h.digest())
-                out += od.digest()[24:32]
-                out_col += spec[4]
+                add_output(od.digest()[24:32], spec[4])
             if needs_escape(o):
                 o = escape(o)
             fields[idx] = o
@@ -238,22 +237,31 @@ def _die_with_parent() -> None:
 
 
 def run_jobs(jobs: list[CopyJob], workers: int, on_done=None) -> list[CopyResult]:
-    """Run copy jobs, largest first; masked jobs in processes when they are big enough.
+    """Run copy jobs, `workers` at a time, largest first.
 
-    Any failure cancels what has not started and re-raises; the caller drops the copy.
+    Each job runs in a thread; a job that masks in Python hands itself to a worker process
+    when the masked rows are many (pure-psql jobs never need one), so at most `workers`
+    processes exist and they only hold what masking needs. Any failure cancels what has
+    not started and re-raises; the caller drops the copy.
     """
     jobs = sorted(jobs, key=lambda j: j.est_rows, reverse=True)
     masked_rows = sum(j.est_rows for j in jobs if j.maskers)
+    procs = None
     if workers > 1 and masked_rows >= PROCESS_THRESHOLD_ROWS:
-        pool: cf.Executor = cf.ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent,
-                                                   mp_context=multiprocessing.get_context("spawn"))
-    else:
-        pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dataops-copy")
+        procs = cf.ProcessPoolExecutor(max_workers=min(workers, sum(1 for j in jobs if j.maskers)),
+                                       initializer=_die_with_parent, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(job: CopyJob) -> CopyResult:
+        if procs is not None and job.maskers:
+            return procs.submit(run_copy_job, job).result()
+        return run_copy_job(job)
+
+    threads = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dataops-copy")
     results: list[CopyResult] = []
     futures = {}
     try:
         for job in jobs:
-            futures[pool.submit(run_copy_job, job)] = job
+            futures[threads.submit(run, job)] = job
         for fut in cf.as_completed(futures):
             result = fut.result()
             results.append(result)
@@ -264,6 +272,7 @@ def run_jobs(jobs: list[CopyJob], workers: int, on_done=None) -> list[CopyResult
             fut.cancel()
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        threads.shutdown(wait=True, cancel_futures=True)
+        if procs is not None:
+            procs.shutdown(wait=True, cancel_futures=True)
     return results
-

@@ -21,7 +21,8 @@ class ProgressMonitor:
     """Reads the checkpoints every `every_s` and reports rows done and left, rate and ETA.
 
     It reads the database rather than counting in memory, so it sees every worker, in
-    this process or on another machine."""
+    this process or on another machine. One last report when the block ends, so even a
+    run shorter than `every_s` reports its rows and rate."""
 
     def __init__(self, settings: Settings, env: str, run: RunState, report, every_s: float = 5.0):
         self.settings, self.env, self.run, self.report, self.every_s = settings, env, run, report, every_s
@@ -43,6 +44,7 @@ class ProgressMonitor:
             with connect(self.settings, self.env, f"{self.run.transform}:progress", autocommit=True) as conn:
                 while not self._stop.wait(self.every_s):
                     self.report(*self.line(progress(conn, self.run.id)))
+                self.report(*self.line(progress(conn, self.run.id)))
         except Exception as exc:  # noqa: BLE001 - progress reports must never fail the run
             log.warning("progress reports of %s stopped: %s", self.run.transform, exc)
 

@@ -10,6 +10,7 @@ interrupted run, resume, revert), so it is plain data in a module rather than a 
     VALID = "full_name LIKE '% %'"        # optional row check (SQL); other rows are skipped and reported
     SET = {"first_name": "split_part(full_name, ' ', 1)"}      # the change as SQL, column -> expression
     # or, instead of SET:  def change(df): ... return df_of_changed_columns   (pandas)
+    # and, pandas only, optionally:  def valid(df): ... return a boolean Series (a row check in Python)
     DELETE = "..."                        # optional (SQL kind): rows matching it are deleted instead
     COLUMNS = ["full_name", "first_name"] # pandas kind: columns change() reads and may return
     SNAPSHOT = ["first_name", "updated_at"]   # or "*": copy these columns of the WHERE rows first

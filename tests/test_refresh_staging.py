@@ -79,31 +79,68 @@ def broken_foreign_keys(dsn) -> list[str]:
     return bad
 
 
-@pytest.fixture
-def stack(make_db, write_config):
-    """production seeded with 300 users; staging holding other (older) data."""
-    prod, stg = make_db("prod"), make_db("stg")
+def _seeded_pair(make):
+    prod, stg = make("prod"), make("stg")
     create_schema(prod)
     seed(prod, users=300)
     create_schema(stg)
     seed(stg, users=40, seed=7)
+    return prod, stg
 
-    def config(anonymize=None, refresh_cfg=None, environments=None):
+
+@pytest.fixture(scope="module")
+def unchanged_pair(pg_server_dsn):
+    """For tests that must change nothing: seeded once for the module."""
+    import uuid
+
+    names = []
+
+    def make(prefix):
+        names.append(f"{prefix}_{uuid.uuid4().hex[:10]}")
+        pg.create_database(pg_server_dsn, names[-1])
+        return pg_server_dsn.with_database(names[-1])
+
+    yield _seeded_pair(make)
+    for name in names:
+        pg.drop_database(pg_server_dsn, name)
+
+
+@pytest.fixture
+def stack(make_db, write_config):
+    """production seeded with 300 users; staging holding other (older) data."""
+    return _with_config(*_seeded_pair(make_db), write_config)
+
+
+@pytest.fixture
+def read_only_stack(unchanged_pair, write_config):
+    return _with_config(*unchanged_pair, write_config)
+
+
+def _with_config(prod, stg, write_config):
+    def config(anonymize=None, refresh_cfg=None, environments=None, bucket=None):
         extra = {"anonymize": anonymize if anonymize is not None else ANON}
         if refresh_cfg:
             extra["refresh"] = refresh_cfg
         envs = environments or {"production": ("production", prod), "staging": ("staging", stg)}
-        return write_config(envs, extra=extra)
+        return write_config(envs, extra=extra, bucket=bucket)
 
     return prod, stg, config
 
 
-def test_refresh_flow_masks_validates_and_switches(prefect_api, stack, pg_server_dsn):
+def test_refresh_flow_masks_validates_and_switches(prefect_api, stack, pg_server_dsn, s3_bucket):
     from flows.refresh_staging import refresh_staging
     from prefect.client.orchestration import get_client
 
+    from tasks.catalog import list_backups
+    from tasks.storage import open_storage
+
     prod, stg, config = stack
-    r = refresh_staging(config=str(config()))
+    cfg = config(refresh_cfg={"backup_target_first": True}, bucket=s3_bucket)
+    r = refresh_staging(config=str(cfg))
+
+    # the old staging was backed up first, by the foundation's backup flow
+    backups = list_backups(open_storage(load_settings(cfg).storage), "staging")
+    assert [b.id for b in backups] == [r["backup_id"]] and backups[0].tables["users"] == 40
 
     assert r["leak_scan"]["leaked"] == 0 and "0 leaked values" in r["leak_scan"]["summary"]
     prod_users = {row[0]: row for row in rows(prod, "SELECT id, email, full_name, phone, address, date_of_birth, "
@@ -277,8 +314,8 @@ def test_guards_refuse_before_anything_is_written(stack, make_db, pg_server_dsn)
      "refresh.exclude: table users is referenced by audit_logs (audit_logs_user_id_fkey), which is copied"),
     (lambda a, r: a.pop("salt"), "anonymize.salt is not set"),
 ])
-def test_bad_rules_fail_before_any_copy(stack, pg_server_dsn, change, message):
-    prod, stg, config = stack
+def test_bad_rules_fail_before_any_copy(read_only_stack, pg_server_dsn, change, message):
+    prod, stg, config = read_only_stack
     anon, refresh_cfg = copy.deepcopy(ANON), {}
     change(anon, refresh_cfg)
     before = checksums(stg)

@@ -236,7 +236,7 @@ def test_kill_9_in_the_middle_then_resume_matches_an_uninterrupted_run(make_db, 
 
 def test_a_second_concurrent_run_is_refused(make_db, tmp_path, caplog):
     dsn = app_db(make_db, users=200)
-    settings = write_settings(tmp_path, dsn, batch_size=20, throttle_ms=60)
+    settings = write_settings(tmp_path, dsn, batch_size=5, throttle_ms=100)  # about 1.5 s of batches
     outcome: dict = {}
     caplog.set_level(logging.INFO, logger="dataops.transform")
 
@@ -263,7 +263,8 @@ def test_a_second_concurrent_run_is_refused(make_db, tmp_path, caplog):
         t.join(60)
     assert isinstance(outcome["first"], dict) and outcome["first"]["status"] == "completed", outcome
     progress = [m for m in caplog.messages if m.startswith("run users_split_full_name on dev: ")]
-    assert progress and re.search(r"\d+ of 200 rows \(\d+%\), \d+ left, .* rows/s, ETA", progress[0]), progress
+    assert re.search(r"\d+ of 200 rows \(\d+%\), \d+ left, .* rows/s, ETA", progress[0]), progress
+    assert progress[-1].startswith("run users_split_full_name on dev: 200 of 200 rows (100%), 0 left"), progress
 
 
 # -- short transactions under a concurrent writer --------------------------------------------------------
