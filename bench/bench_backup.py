@@ -16,8 +16,8 @@ What it does, in one run:
      file:// folder;
    - the same dump_to_storage pipeline into a storage that discards the bytes, which
      isolates the pipeline (pg_dump -Z0 + SHA-256 + zstd) from the storage;
-   - compression_level 4, and level 4 with the raw stream counted but not hashed (a
-     prototype of a change to tasks/backup.py, patched in the child only).
+   - the same backups with `compression_threads: 1` (zstd inline in the thread reading
+     pg_dump, the default before one worker per core), to show what the workers buy.
 4. Optionally: a few compression/transfer settings once each, and the Prefect flow
    (flows.backup_database) against a Prefect server of its own whose start is not timed.
 5. Writes the section "## Backup (issue 2)" of bench/RESULTS.md (other sections are kept).
@@ -75,25 +75,6 @@ def _proc_status(field: str, pid: str = "self") -> int:
     m = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
     return int(m.group(1)) * 1024 if m else 0
 
-def _prototype(zstd_job_mib: int) -> None:
-    """Prototype of a change to tasks/streams.py, patched into this child process only:
-    multi-threaded zstd with an explicit job size. Each worker buffers a job's input and
-    output; zstd's default job size for these levels costs ~35 MiB more than 2 MiB jobs.
-    The worker count follows tasks.streams.compressor (threads=0: cores - 1)."""
-    import zstandard
-
-    import tasks.streams
-
-    def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
-        workers = threads or max(1, (os.cpu_count() or 1) - 1)
-        if workers <= 1:
-            return zstandard.ZstdCompressor(level=level)
-        params = zstandard.ZstdCompressionParameters.from_level(level, threads=workers, job_size=zstd_job_mib * MiB)
-        return zstandard.ZstdCompressor(compression_params=params)
-
-    tasks.streams.compressor = compressor  # compress_reader looks it up at call time
-
-
 def _cpu_pair() -> tuple[float, float]:
     """CPU seconds of this process (all threads) and of its exited children (pg_dump)."""
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -116,8 +97,6 @@ def child_main(spec_path: str) -> None:
     from tasks.storage import Storage
 
     out: dict = {"import_s": round(time.monotonic() - t_import, 3), "rss_after_import": _proc_status("VmRSS")}
-    if spec.get("prototype"):
-        _prototype(**spec["prototype"])
 
     if spec["kind"] == "flow":
         from flows.backup_database import backup_database
@@ -224,7 +203,6 @@ class Bench:
     # -- infrastructure -------------------------------------------------------------------
     def start(self) -> None:
         import logging
-        import socket
 
         import boto3
         import pgserver
@@ -416,9 +394,8 @@ class Bench:
             shutil.rmtree(self.file_root / folder, ignore_errors=True)
 
     def backup_run(self, storage: str, *, kind: str = "backup", backups: dict | None = None, s3: dict | None = None,
-                   prototype: dict | None = None, check: bool = False) -> dict:
-        res = self.run_child({"kind": kind, "settings": self.settings_dict(storage, backups, s3),
-                              "prototype": prototype})
+                   check: bool = False) -> dict:
+        res = self.run_child({"kind": kind, "settings": self.settings_dict(storage, backups, s3)})
         if kind == "backup":
             stored = self.stored_size(storage, res["dump_key"])
             if stored != res["size"]:
@@ -493,10 +470,6 @@ def _free_port() -> int:
 # what is measured
 # =====================================================================================
 
-# Settings and a prototyped change to tasks/streams.py (see _prototype) that keep
-# compression_threads: 2 (two zstd workers beside the reading thread) within 200 MB.
-PROPOSED = {"backups": {"compression_threads": 2}, "prototype": {"zstd_job_mib": 2}}
-
 # Measured in every round, interleaved (median of --repeat). The backups use the shipped
 # settings (whatever dataops/settings.py says now) unless the label says otherwise.
 ROUND = [
@@ -507,20 +480,17 @@ ROUND = [
     ("file", "backup() into `file://`, shipped settings", {"storage": "file"}),
     ("discard", "preflight() + dump_to_storage() into a storage that discards (pipeline only), shipped",
      {"storage": "file", "kind": "discard"}),
-    ("s3_t2", "backup() into moto S3, `compression_threads: 2`", {"storage": "s3", "backups": {"compression_threads": 2}}),
-    ("file_t2", "backup() into `file://`, `compression_threads: 2`",
-     {"storage": "file", "backups": {"compression_threads": 2}}),
-    ("s3_prop", "backup() into moto S3, proposed: `compression_threads: 2` + zstd job 2 MiB (prototype)",
-     {"storage": "s3", **PROPOSED}),
-    ("file_prop", "backup() into `file://`, proposed: `compression_threads: 2` + zstd job 2 MiB (prototype)",
-     {"storage": "file", **PROPOSED}),
+    ("s3_inline", "backup() into moto S3, `compression_threads: 1` (zstd inline)",
+     {"storage": "s3", "backups": {"compression_threads": 1}}),
+    ("file_inline", "backup() into `file://`, `compression_threads: 1` (zstd inline)",
+     {"storage": "file", "backups": {"compression_threads": 1}}),
 ]
 
 # Measured once each, into moto S3, on top of the shipped settings.
 VARIANTS = [
     ("zstd level 1", {"backups": {"compression_level": 1}}),
     ("zstd level 3", {"backups": {"compression_level": 3}}),
-    ("zstd level 3, `compression_threads: 2`", {"backups": {"compression_level": 3, "compression_threads": 2}}),
+    ("zstd level 3, `compression_threads: 1`", {"backups": {"compression_level": 3, "compression_threads": 1}}),
     ("zstd level 6", {"backups": {"compression_level": 6}}),
     ("multipart 5 MiB x 4", {"s3": {"multipart_chunk_mb": 5}}),
     ("multipart 16 MiB x 2", {"s3": {"multipart_chunk_mb": 16, "max_concurrency": 2}}),
@@ -532,7 +502,7 @@ def measure(b: Bench, how: dict, check: bool = False) -> dict:
     if "pg_dump" in how:
         return b.pg_dump_pipe(how["pg_dump"])
     return b.backup_run(how["storage"], kind=how.get("kind", "backup"), backups=how.get("backups"), s3=how.get("s3"),
-                        prototype=how.get("prototype"), check=check)
+                        check=check)
 
 
 # =====================================================================================
@@ -651,7 +621,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     s3, fl = f["s3"], f["file"]
     a("")
     a(f"Exact sizes: default `pg_dump -Fc` {int(gzip_size):,} bytes; shipped backup {int(s3['size']):,} bytes; "
-      f"2 threads {int(f['s3_t2']['size']):,} bytes; proposed {int(f['s3_prop']['size']):,} bytes.")
+      f"inline {int(f['s3_inline']['size']):,} bytes.")
     a("")
     a("- CPU seconds (medians) are less sensitive to other load than wall time. Python: the backup's child process, "
       "zstd's worker threads included, during the measured call only; "
@@ -672,8 +642,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a("")
     a("### Targets")
     a("")
-    cols = [("s3", "S3, shipped"), ("file", "file, shipped"), ("s3_t2", "S3, 2 threads"), ("file_t2", "file, 2 threads"),
-            ("s3_prop", "S3, proposed"), ("file_prop", "file, proposed")]
+    cols = [("s3", "S3, shipped"), ("file", "file, shipped"), ("s3_inline", "S3, inline"), ("file_inline", "file, inline")]
     a("| target | limit | " + " | ".join(lbl for _, lbl in cols) + " |")
     a("| --- | --- | " + " | ".join("---" for _ in cols) + " |")
     a("| wall time / `pg_dump -Fc -Z0` (medians) | <= 1.5 | "
@@ -685,9 +654,8 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a("| peak RSS of the backup process | < 200 MB | "
       + " | ".join(f"{f[k]['rss'] / 1e6:.0f} MB {ok(f[k]['rss'] < rss_limit)}" for k, _ in cols) + " |")
     a("")
-    a("\"2 threads\" = `compression_threads: 2`: two zstd workers beside the thread that reads pg_dump. \"proposed\" = "
-      "the same with zstd's job size set to 2 MiB (a prototype of a change to `tasks/streams.py`, patched into the "
-      "benchmark's child process only).")
+    a(f"\"shipped\" = `compression_threads: 0`: {ctx['workers']} zstd worker(s) here, one per core, 4 MiB jobs. "
+      "\"inline\" = `compression_threads: 1`: zstd in the thread that reads pg_dump.")
     def total(k: str) -> float:
         return sum(f[k]["cpu"].values())
 
@@ -696,21 +664,18 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a("### Reading")
     a("")
     a(f"- CPU, which other load disturbs less than wall time: `-Z0` costs {zc:.2f} CPU-s, almost all of it in the "
-      f"PostgreSQL backend ({f['z0']['cpu']['postgres']:.2f} s, one core). The backup costs {total('file'):.2f} "
-      f"(file, shipped), {total('file_prop'):.2f} (file, proposed), {total('s3'):.2f} / {total('s3_prop'):.2f} "
-      f"(S3, moto's server included): {total('file_prop') / zc:.1f}-{total('s3') / zc:.1f}x the CPU of `-Z0`. The extra "
-      "is zstd itself (level 4 costs ~0.8 CPU-s per 200 MiB on this CPU, and lower levels are larger than pg_dump's "
-      "gzip), plus moto for S3. So the backup meets 1.5x the wall time of `-Z0` only when that work runs on cores the "
-      f"backend leaves free: on these {m['nproc']} CPUs, shared with other work, it does not.")
-    a(f"- The shipped `compression_threads: 0` gives {ctx['workers']} zstd worker(s) here "
-      f"({'inline compression in the reading thread' if ctx['workers'] == 1 else 'multi-threaded'}). "
-      f"`compression_threads: 2` took {f['file_t2']['wall']:.2f} s against {fl['wall']:.2f} s (file) and "
-      f"{f['s3_t2']['wall']:.2f} s against {s3['wall']:.2f} s (S3), but its default zstd job size lifts peak RSS "
-      f"to {f['s3_t2']['rss'] / 1e6:.0f} MB into S3; with 2 MiB jobs (proposed) {f['s3_prop']['rss'] / 1e6:.0f} MB.")
-    a(f"- moto S3 against `file://`: {s3['wall'] - fl['wall']:+.2f} s (shipped), "
-      f"{f['s3_prop']['wall'] - f['file_prop']['wall']:+.2f} s (proposed), with moto's server using "
-      f"{s3['cpu']['moto']:.2f} CPU-s of the same {m['nproc']} CPUs; the backup's own process used about the same CPU "
-      f"either way. The `file://` rows are the product's own cost; against a real S3 the difference is the network.")
+      f"PostgreSQL backend ({f['z0']['cpu']['postgres']:.2f} s). The backup costs {total('file'):.2f} (file) and "
+      f"{total('s3'):.2f} (S3, moto's server included): {total('file') / zc:.1f}-{total('s3') / zc:.1f}x the CPU of "
+      "`-Z0`. The extra is zstd itself (level 4; lower levels come out larger than pg_dump's gzip), plus moto for S3. "
+      f"So the backup stays within 1.5x the wall time of `-Z0` only when that work runs beside the backend: on these "
+      f"{m['nproc']} CPUs the zstd workers and the backend share them, and any other load on the machine comes "
+      "straight out of that margin.")
+    a(f"- Workers: the shipped setting took {fl['wall']:.2f} s (file) and {s3['wall']:.2f} s (S3); compressing inline "
+      f"took {f['file_inline']['wall']:.2f} s and {f['s3_inline']['wall']:.2f} s, with peak RSS "
+      f"{f['s3']['rss'] / 1e6:.0f} MB against {f['s3_inline']['rss'] / 1e6:.0f} MB into S3.")
+    a(f"- moto S3 against `file://`: {s3['wall'] - fl['wall']:+.2f} s, with moto's server using "
+      f"{s3['cpu']['moto']:.2f} CPU-s of the same {m['nproc']} CPUs. The `file://` rows are the product's own "
+      "cost; against a real S3 the difference is the network, and no local CPU.")
     if variants:
         a("")
         a("### Other settings (one run each, into moto S3; single runs, so noisy)")
@@ -734,7 +699,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
         a("| configuration | flow call, run 1 / run 2 | dump task | Prefect overhead vs plain `backup()` median "
           "| RSS after imports | peak RSS | < 200 MB |")
         a("| --- | --- | --- | --- | --- | --- | --- |")
-        for key, plain in (("shipped", s3), ("proposed", f["s3_prop"])):
+        for key, plain in (("shipped", s3),):
             x = flow[key]
             runs = x["flow_runs"]
             a(f"| {key} | " + " / ".join(f"{r['call_s']:.2f} s" for r in runs) + " | "
@@ -803,10 +768,10 @@ def main() -> None:
 
             url, server_s = b.start_prefect()
             flow = {"server_s": server_s}
-            for key, how in (("shipped", {}), ("proposed", PROPOSED)):
+            for key, how in (("shipped", {}),):
                 cfg = b.tmp / f"dataops-{key}.yaml"
                 cfg.write_text(yaml.safe_dump(b.settings_dict("s3", how.get("backups")), sort_keys=False))
-                flow[key] = b.run_child({"kind": "flow", "config": str(cfg), "runs": 2, "prototype": how.get("prototype")},
+                flow[key] = b.run_child({"kind": "flow", "config": str(cfg), "runs": 2},
                                         env={"PREFECT_API_URL": url})
                 print(f"flow {key}: " + ", ".join(f"{x['call_s']:.2f} s" for x in flow[key]["flow_runs"]), flush=True)
 
