@@ -6,7 +6,9 @@ What is registered:
 - the deployments in deployments/prefect.yaml, through Prefect's own `prefect deploy`
   (the file reads the schedule's timezone and the repo's location from the environment);
 - the notification block named in `alerts:` (Slack webhook, generic webhook, or e-mail);
-- one automation that sends that notification for every flow run ending Failed or Crashed.
+- one automation that sends that notification for every flow run ending Failed or Crashed;
+- one automation that starts rollback-migration for a production-migration run that
+  Crashed (its process killed: no failure hook ran, so only the server can start it).
 Running it twice changes nothing: every object is looked up by name and only created or
 updated when it differs.
 """
@@ -28,6 +30,9 @@ PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
 WORK_POOL = "dataops-process"
 BLOCK_NAME = "dataops-alerts"
 AUTOMATION_NAME = "dataops: alert on failed or crashed runs"
+ROLLBACK_AUTOMATION_NAME = "dataops: roll back crashed production migrations"
+MIGRATION_DEPLOYMENT = "migrate-database/production-migration"
+ROLLBACK_DEPLOYMENT = "rollback-migration/rollback-migration"
 
 ALERT_SUBJECT = "[dataops] {{ flow.name }} {{ flow_run.state.name | lower }}: {{ flow_run.name }}"
 ALERT_BODY = (
@@ -177,24 +182,63 @@ def failure_automation(block_id: str):
     )
 
 
-def ensure_automation(client, block_id: str | None) -> tuple[list[str], bool]:
-    if block_id is None:
-        return [], False
-    wanted = failure_automation(block_id)
-    existing = client.read_automations_by_name(AUTOMATION_NAME)
+def rollback_automation(migration_id, rollback_id):
+    """A crashed production migration gets the same rollback its failure hook would start.
+
+    A Failed run is left to the hook (it runs in the flow's process, 40 ms after the state
+    change): starting a second rollback from here would race it for the migration lock.
+    """
+    from prefect.automations import Automation, EventTrigger, Posture
+    from prefect.events.actions import RunDeployment
+
+    return Automation(
+        name=ROLLBACK_AUTOMATION_NAME,
+        description="Starts rollback-migration for a production-migration run that Crashed: a killed process runs "
+                    "no failure hook. The rollback reads from the audit table how far the run got.",
+        trigger=EventTrigger(expect={"prefect.flow-run.Crashed"},
+                             match={"prefect.resource.id": "prefect.flow-run.*"},
+                             match_related={"prefect.resource.role": "deployment",
+                                            "prefect.resource.id": f"prefect.deployment.{migration_id}"},
+                             posture=Posture.Reactive, threshold=1, within=0),
+        actions=[RunDeployment(source="selected", deployment_id=rollback_id, parameters={
+            "env": {"__prefect_kind": "jinja", "template": "{{ flow_run.parameters['env'] }}"},
+            "run_id": {"__prefect_kind": "jinja", "template": "{{ flow_run.id }}"},
+        })],
+    )
+
+
+def _ensure(client, wanted) -> bool:
+    """Create or update the automation named like `wanted`; True if anything changed."""
+    existing = client.read_automations_by_name(wanted.name)
     keys = ("trigger", "actions", "description", "enabled")
     if existing:
         have = existing[0]
+        for extra in existing[1:]:
+            client.delete_automation(extra.id)
         if all(getattr(have, k) == getattr(wanted, k) for k in keys):
-            return [AUTOMATION_NAME], False
+            return len(existing) > 1
         from prefect.events.schemas.automations import AutomationCore
 
         client.update_automation(have.id, AutomationCore(**{k: getattr(wanted, k) for k in ("name", *keys)}))
-        for extra in existing[1:]:
-            client.delete_automation(extra.id)
-        return [AUTOMATION_NAME], True
+        return True
     wanted.create()
-    return [AUTOMATION_NAME], True
+    return True
+
+
+def ensure_automation(client, block_id: str | None) -> tuple[list[str], bool]:
+    """The alert automation (only with a notification block) and the crash rollback."""
+    names, changed = [], False
+    if block_id is not None:
+        changed |= _ensure(client, failure_automation(block_id))
+        names.append(AUTOMATION_NAME)
+    try:
+        migration = client.read_deployment_by_name(MIGRATION_DEPLOYMENT)
+        rollback = client.read_deployment_by_name(ROLLBACK_DEPLOYMENT)
+    except Exception:  # noqa: BLE001 - ObjectNotFound: a prefect.yaml without them needs no rollback automation
+        return names, changed
+    changed |= _ensure(client, rollback_automation(migration.id, rollback.id))
+    names.append(ROLLBACK_AUTOMATION_NAME)
+    return names, changed
 
 
 def deploy(settings, config_path: str) -> DeployReport:
@@ -235,7 +279,8 @@ def serve(host: str, port: int, config_path: str, out, deploy_settings=None) -> 
     """Run `prefect server start` and a process worker until interrupted; returns an exit code."""
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "DATAOPS_CONFIG": config_path, "DATAOPS_HOME": str(REPO_ROOT),
-           "PREFECT_UI_URL": f"http://{host}:{port}"}  # so alerts link to the run's page
+           "PREFECT_UI_URL": f"http://{host}:{port}",  # so alerts link to the run's page
+           "PREFECT_UI_API_URL": f"http://{host}:{port}/api"}  # the browser's API, also behind a proxy
     url = f"http://{host}:{port}/api"
     server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)

@@ -176,7 +176,8 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-home")
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
-           "PREFECT_API_URL": "", "PREFECT_UI_URL": f"http://127.0.0.1:{port}"}
+           "PREFECT_API_URL": "", "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
+           "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
     log = open(home / "server.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                              "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -228,3 +229,40 @@ def webhook_receiver():
     thread.start()
     yield {"url": f"http://127.0.0.1:{server.server_address[1]}/hook", "received": received}
     server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def deployed(prefect_server):
+    """The embedded stack, its deployments on the real server, and a worker polling the pool.
+
+    Shared by the deployment-run and browser tests (deploying and starting a worker costs
+    about half a minute); tests that change it say so and tolerate each other's changes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from dataops.devstack import dev_down, dev_up
+
+    root = Path(tempfile.mkdtemp(prefix="dodep-"))
+    cfg = root / "dataops.yaml"
+    stack = dev_up(root, users=150, s3_port=free_port(), config_path=cfg)
+    data = yaml.safe_load(cfg.read_text())
+    data["migrations"]["approval_poll_s"] = 1
+    cfg.write_text("# Written by `dataops dev up` (edited by the test)\n" + yaml.safe_dump(data, sort_keys=False))
+    env = {"PREFECT_API_URL": prefect_server["url"]}
+    worker = None
+    try:
+        r = run_cli("--config", str(cfg), "deploy", env=env, timeout=400)
+        assert r.returncode == 0, r.stderr[-3000:]
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", "dataops-process", "--type", "process"],
+            env={**os.environ, **env, "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+                 "DATAOPS_CONFIG": str(cfg)},
+            cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        yield {"stack": stack, "config": cfg, "server": prefect_server}
+    finally:
+        if worker:
+            worker.terminate()
+            worker.wait(20)
+        dev_down(root)

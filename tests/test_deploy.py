@@ -38,14 +38,22 @@ def test_deploy_registers_everything_idempotently(prefect_server, deploy_config)
         automations = client.read_automations_by_name("dataops: alert on failed or crashed runs")
     assert pool.type == "process"
     expected = {"nightly-staging-refresh", "nightly-production-backup", "daily-production-validation",
-                "production-migration", "restore-backup", "run-transform"}
-    assert expected <= set(deps)
+                "production-migration", "restore-backup", "run-transform", "weekly-backup-verification",
+                "daily-backup-retention", "revert-transform", "rollback-migration", "downgrade-migration",
+                "anonymize-staging"}
+    assert expected == set(deps)
     refresh = deps["nightly-staging-refresh"].schedules[0].schedule
     assert (refresh.cron, refresh.timezone) == ("0 2 * * *", "Europe/Paris")
     assert deps["production-migration"].schedules == []
     assert deps["production-migration"].parameters == {"env": "production", "target": "head", "dry_run": False}
     assert deps["nightly-production-backup"].parameters == {"env": "production"}
     assert len(automations) == 1 and automations[0].enabled
+    with temporary_settings({PREFECT_API_URL: prefect_server["url"]}), get_client(sync_client=True) as client:
+        [client_automation] = client.read_automations_by_name("dataops: roll back crashed production migrations")
+    rollback = client_automation.actions[0]
+    assert rollback.deployment_id == deps["rollback-migration"].id
+    assert set(rollback.parameters) == {"env", "run_id"}
+    assert client_automation.trigger.expect == {"prefect.flow-run.Crashed"}
 
     r = run_cli("--config", str(deploy_config), "deploy", env=env, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -53,6 +61,7 @@ def test_deploy_registers_everything_idempotently(prefect_server, deploy_config)
     with temporary_settings({PREFECT_API_URL: prefect_server["url"]}), get_client(sync_client=True) as client:
         again = {d.name: d.id for d in client.read_deployments()}
         assert len(client.read_automations_by_name("dataops: alert on failed or crashed runs")) == 1
+        assert len(client.read_automations_by_name("dataops: roll back crashed production migrations")) == 1
     assert again == {n: d.id for n, d in deps.items()}
 
 
