@@ -3,13 +3,21 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install browser bench clean
 
 demo: install
 	$(BIN)/dataops demo
 
-test: install
+test: install browser
 	$(BIN)/pytest -q
+
+# The UI test drives Debian's chromium with playwright (no `playwright install`, no download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || test -x /usr/bin/chromium || \
+	  { echo "installing chromium for the browser test (apt-get)"; \
+	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium >/dev/null 2>&1 || \
+	    { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q >/dev/null && \
+	      $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q chromium >/dev/null; }; }
 
 install: $(VENV)/.installed
 
