@@ -216,7 +216,8 @@ def demo(users: int = typer.Option(10_000, "--users", min=10, help="users to see
          root: Path = typer.Option(Path(".dataops/demo"), "--root", help="where the demo stack keeps its data"),
          s3_port: int = typer.Option(9901, "--s3-port", help="port of the local S3-compatible endpoint"),
          keep: bool = typer.Option(False, "--keep", help="leave the stack running afterwards")):
-    """Run every flow end to end on the embedded stack and print a short report."""
+    """The whole story on a fresh embedded stack: backup, migrate, transform, validate, refresh staging,
+    and a failing migration rolled back with an alert; ends with a report and where to look."""
     from dataops.demo import run_demo
 
     prepare_prefect(None, state.verbose)

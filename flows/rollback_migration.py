@@ -13,8 +13,11 @@ fingerprint and the backup taken before anything changed.
    design), then check again.
 4. If that fails too: a critical alert (alerts.webhook_url), and this run fails.
 
-A run that failed before it held the lock changed nothing (another run may be applying right
-now): the rollback records that and touches nothing. Every outcome goes to the audit table.
+A rollback that got the database back sends a warning alert through the same channel (the
+failed revision, the error, what the rollback did, the run ids): nobody has to act now, but
+the migration needs fixing before it is run again. A run that failed before it held the lock
+changed nothing (another run may be applying right now): the rollback records that, touches
+nothing and sends nothing. Every outcome goes to the audit table.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
                      parent_run_id=run_id, target=parent.from_revision, backup_id=parent.backup_id,
                      fingerprint_before=parent.fingerprint_before, phase="applying")
     steps: list[str] = []
+    alerted: list[bool] = []
+    failure = parent.detail or "no error recorded"  # finish() appends the rollback's outcome to it
 
     def finish(outcome: str, parent_outcome: str | None, detail: str) -> dict:
         me.finish(outcome, detail, "done")
@@ -59,7 +64,12 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
             save(dsn, record)
         _publish(env, me, steps)
         return {"run_id": me.run_id, "parent_run_id": run_id, "outcome": outcome, "detail": detail,
-                "revision": me.to_revision, "steps": steps}
+                "revision": me.to_revision, "steps": steps, "alert_sent": alerted[-1] if alerted else None}
+
+    def done(outcome: str, detail: str) -> dict:
+        """Back where the run started: record it, and say so through the alert channel (a warning)."""
+        alerted.append(_warn(settings, env, run_id, parent, me, steps, failure))
+        return finish(outcome, outcome, detail)
 
     if PHASES.index(parent.phase) < PHASES.index("applying"):
         steps.append(f"run {run_id} failed in phase '{parent.phase}', before it held the migration lock")
@@ -72,7 +82,8 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
     if downgraded and not problems:
         me.to_revision, me.fingerprint_after = parent.from_revision, state.fingerprint
         steps.append("schema fingerprint equals the one before the run; checks pass")
-        return finish("rolled-back", "rolled-back", f"downgraded to {parent.from_revision or 'base'}")
+        undone = next((s for s in steps if s.startswith(f"downgraded {env} ")), "")
+        return done("rolled-back", undone or f"downgraded to {parent.from_revision or 'base'}")
 
     steps.append(f"downgrade did not give back the schema: {'; '.join(problems)}")
     if why.startswith("another migration holds the lock"):
@@ -96,7 +107,7 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
                          f"after restoring backup {parent.backup_id}: {'; '.join(problems)}")
     me.to_revision, me.fingerprint_after = parent.from_revision, state.fingerprint
     steps.append("schema fingerprint equals the one before the run; checks pass")
-    return finish("restored", "restored", f"restored backup {parent.backup_id} (the downgrade did not get back)")
+    return done("restored", f"restored backup {parent.backup_id} (the downgrade did not get back)")
 
 
 def _downgrade(settings: Settings, env: str, revision: str | None, steps: list[str], logger) -> tuple[bool, str]:
@@ -130,13 +141,58 @@ def _problems(parent: AuditRecord, state: DatabaseState) -> list[str]:
     return out
 
 
+def _failed_at(settings: Settings, env: str, parent: AuditRecord) -> str:
+    """Where the migration run failed, in words: the revision it was applying, or its phase."""
+    if parent.phase == "validating":
+        return "in its post-migration checks"
+    if parent.phase != "applying":
+        return f"in phase '{parent.phase}'"
+    try:
+        pending = migrate.upgrade_path(migrate.target_for(settings, env),
+                                       parent.applied[-1] if parent.applied else parent.from_revision,
+                                       parent.to_revision or "head")
+    except Exception:  # noqa: BLE001 - only words for the alert: never fail a rollback that worked over them
+        pending = []
+    return f"at revision {pending[0].revision}" if pending else "while applying"
+
+
+def _links(**run_ids: str) -> dict:
+    """{name}_url for each run, when the Prefect UI's address is known (PREFECT_UI_URL, or the API's)."""
+    from prefect.settings import PREFECT_UI_URL
+
+    ui = PREFECT_UI_URL.value()
+    return {f"{k}_url": f"{ui.rstrip('/')}/runs/flow-run/{v}" for k, v in run_ids.items()} if ui else {}
+
+
+def _warn(settings: Settings, env: str, run_id: str, parent: AuditRecord, me: AuditRecord, steps: list[str],
+          failure: str) -> bool:
+    """The warning alert of a rollback that worked; True if it was delivered."""
+    where = _failed_at(settings, env, parent)
+    restored = any(s.startswith("restored backup") for s in steps)
+    subject = (f"migration of {env} failed and was rolled back"
+               + (f" (backup {parent.backup_id} restored)" if restored else ""))
+    body = (f"The migration run {run_id} of {env} failed {where}: {failure}. "
+            f"The rollback run {me.run_id} put it back automatically: {'; '.join(steps)}. "
+            f"{env} is at revision {parent.from_revision or 'base'} again, with the schema it had before the run "
+            f"(backup taken before the run: {parent.backup_id or 'none'}). "
+            + (f"Writes made to {env} after that backup were lost with the restore; check whether any matter. "
+               if restored else "Nothing needs to be done now; ")
+            + "fix the migration before running it again.")
+    sent = send_alert(settings, "warning", subject, body, environment=env, run_id=run_id, rollback_run_id=me.run_id,
+                      backup_id=parent.backup_id, failed=where, revision=parent.from_revision,
+                      **_links(run=run_id, rollback_run=me.run_id))
+    steps.append(f"warning alert {'sent' if sent else 'NOT delivered (see the log)'}")
+    return sent
+
+
 def _critical(settings: Settings, env: str, run_id: str, parent: AuditRecord, me: AuditRecord, steps: list[str],
               finish, why: str) -> dict:
     body = (f"The migration run {run_id} of {env} failed and could not be rolled back: {why}. "
             f"Revision before the run: {parent.from_revision or 'base'}; backup: {parent.backup_id or 'none'}. "
             "The database may be in an intermediate state: do not run migrations on it until a person has checked it.")
     sent = send_alert(settings, "critical", f"rollback of the migration of {env} failed", body,
-                      environment=env, run_id=run_id, rollback_run_id=me.run_id, backup_id=parent.backup_id)
+                      environment=env, run_id=run_id, rollback_run_id=me.run_id, backup_id=parent.backup_id,
+                      **_links(run=run_id, rollback_run=me.run_id))
     steps.append(f"critical alert {'sent' if sent else 'NOT delivered (see the log)'}")
     finish("failed", "rollback-failed", f"{why}; critical alert {'sent' if sent else 'not delivered'}")
     raise OperationFailed(f"rollback of {env} failed: {why}; a critical alert was "

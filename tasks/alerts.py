@@ -1,4 +1,5 @@
-"""Alerts for the cases a person must look at now (a rollback that could not restore).
+"""Alerts: a person must look now (critical: a rollback that could not restore), or should
+know (warning: a failed migration that was rolled back).
 
 Sent from the process that hit the problem, as one JSON POST to `alerts.webhook_url`
 (a generic webhook, or a Slack incoming webhook with kind: slack). A failed flow also has a
@@ -35,8 +36,9 @@ def send_alert(settings: Settings, severity: str, subject: str, body: str, **fie
     if cfg.kind == "email":
         return _send_email(cfg, severity, subject, body)
     if not cfg.webhook_url:
-        log.critical("no alerts.webhook_url in %s: the %s alert above went to the log only",
-                     settings.source or "dataops.yaml", severity)
+        log.log(logging.CRITICAL if severity == "critical" else logging.WARNING,
+                "no alerts.webhook_url in %s: the %s alert above went to the log only",
+                settings.source or "dataops.yaml", severity)
         return False
     if cfg.kind == "slack":
         payload = {"text": f"*[{severity.upper()}] {subject}*\n{body}"}

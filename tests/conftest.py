@@ -203,32 +203,11 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture
 def webhook_receiver():
-    """An HTTP endpoint on 127.0.0.1 that records every request body it gets."""
-    import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """An HTTP endpoint on 127.0.0.1 that records every JSON body it gets (the demo's receiver)."""
+    from dataops.alert_receiver import AlertReceiver
 
-    received: list[dict] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):  # noqa: N802
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            try:
-                received.append(json.loads(body))
-            except ValueError:
-                received.append({"raw": body.decode(errors="replace")})
-            self.send_response(200)
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield {"url": f"http://127.0.0.1:{server.server_address[1]}/hook", "received": received}
-    server.shutdown()
+    with AlertReceiver() as rx:
+        yield {"url": rx.url, "received": rx.received, "receiver": rx}
 
 
 @pytest.fixture(scope="session")

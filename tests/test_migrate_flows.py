@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 
+from dataops.alert_receiver import AlertReceiver
 from dataops.errors import BadInput, OperationFailed
 from flows.migrate_database import migrate_database
 from flows.rollback_migration import rollback_migration
@@ -83,8 +84,16 @@ def flow_run_state(run_id: str) -> str:
         return client.read_flow_run(uuid.UUID(run_id)).state.type.value
 
 
-def test_failed_revision_is_undone_by_the_hook_and_the_rollback_flow(prefect_api, app_db, configure, tmp_path):
-    cfg = configure(migrations=migrations_copy(tmp_path, **{"0009_fails_halfway": FAILS_HALFWAY}))
+@pytest.fixture
+def receiver():
+    with AlertReceiver() as rx:
+        yield rx
+
+
+def test_failed_revision_is_undone_by_the_hook_and_the_rollback_flow(prefect_api, app_db, configure, tmp_path,
+                                                                      receiver):
+    cfg = configure(migrations=migrations_copy(tmp_path, **{"0009_fails_halfway": FAILS_HALFWAY}),
+                    alerts={"webhook_url": receiver.url})
     before = inspect_database(app_db)
 
     with pytest.raises(OperationFailed, match="upgrade of revision 0009 on app failed: division by zero"):
@@ -101,9 +110,34 @@ def test_failed_revision_is_undone_by_the_hook_and_the_rollback_flow(prefect_api
     assert (rollback.parent_run_id, rollback.outcome, rollback.to_revision) == (migration.run_id, "rolled-back", "0002")
     assert rollback.fingerprint_after == before.fingerprint
     assert flow_run_state(migration.run_id) == "FAILED" and flow_run_state(rollback.run_id) == "COMPLETED"
+    # a rollback that worked still tells people, as a warning: the migration needs fixing
+    assert len(receiver.received) == 1
+    alert = receiver.received[0]
+    assert (alert["severity"], alert["subject"]) == ("warning", "migration of app failed and was rolled back")
+    assert (alert["run_id"], alert["rollback_run_id"], alert["failed"]) == (migration.run_id, rollback.run_id,
+                                                                            "at revision 0009")
+    assert alert["run_url"].endswith(f"/runs/flow-run/{migration.run_id}")
+    assert "failed at revision 0009: upgrade of revision 0009 on app failed: division by zero" in alert["body"]
+    assert "downgraded app from 0008 to 0002: undid 0008, 0007, 0006, 0005, 0004, 0003" in alert["body"]
+    assert "app is at revision 0002 again" in alert["body"]
 
 
-def test_failed_downgrade_falls_back_to_restoring_the_backup(prefect_api, app_db, configure, tmp_path):
+def test_rollback_of_a_run_that_never_held_the_lock_touches_nothing_and_sends_nothing(prefect_api, app_db, configure,
+                                                                                      receiver):
+    cfg = configure(alerts={"webhook_url": receiver.url})
+    failed = AuditRecord(run_id=str(uuid.uuid4()), action="migrate", environment="app", who="test", phase="approval",
+                         from_revision="0002", backup_id="20990101T000000Z-000000")
+    failed.finish("failed", "the approval form could not be read")
+    save(app_db, failed)
+
+    r = rollback_migration("app", failed.run_id, config=cfg)
+
+    assert r["outcome"] == "nothing-to-undo" and r["alert_sent"] is None
+    assert load(app_db, failed.run_id).outcome == "failed" and read_current(app_db) == "0002"
+    assert receiver.wait_for(timeout=0.5) is None
+
+
+def test_failed_downgrade_falls_back_to_restoring_the_backup(prefect_api, app_db, configure, tmp_path, receiver):
     path = migrations_copy(tmp_path, **{
         "0009_no_way_back": '''
             """applies, but its downgrade fails"""
@@ -118,7 +152,7 @@ def test_failed_downgrade_falls_back_to_restoring_the_backup(prefect_api, app_db
         ''',
         "0010_fails": FAILS_HALFWAY.replace('"0009"', '"0010"').replace('"0008"', '"0009"'),
     })
-    cfg = configure(migrations=path)
+    cfg = configure(migrations=path, alerts={"webhook_url": receiver.url})
     before = inspect_database(app_db)
 
     with pytest.raises(OperationFailed, match="revision 0010 .* division by zero"):
@@ -132,6 +166,9 @@ def test_failed_downgrade_falls_back_to_restoring_the_backup(prefect_api, app_db
     rollback = next(r for r in rows if r.action == "rollback")
     assert migration.outcome == "restored" and rollback.outcome == "restored"
     assert rollback.backup_id == migration.backup_id and migration.backup_id in rollback.detail
+    alert = receiver.wait_for(timeout=0)
+    assert alert["severity"] == "warning" and alert["failed"] == "at revision 0010"
+    assert alert["subject"] == f"migration of app failed and was rolled back (backup {migration.backup_id} restored)"
 
 
 def test_rollback_that_cannot_restore_sends_a_critical_alert(prefect_api, app_db, configure, tmp_path,
