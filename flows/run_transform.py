@@ -8,7 +8,9 @@
        from prefect_dask import DaskTaskRunner
        run_transform.with_options(task_runner=DaskTaskRunner(address="tcp://scheduler:8786"))(...)
 
-   (each Dask worker needs this repository and the transforms folder at the same path).
+   (each Dask worker needs this repository and the transforms folder at the same path, the
+   project's dependencies with prefect-dask, and a route to the database URL in dataops.yaml:
+   every range opens its own connection from the worker that runs it).
 3. Progress (rows done and left, rate, ETA) in the logs and a progress artifact, read from
    the checkpoints so it covers every worker.
 4. After the last batch, the checks; a failure fails the run and the on_failure hook
