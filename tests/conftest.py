@@ -243,5 +243,9 @@ def deployed(prefect_server):
     finally:
         if worker:
             worker.terminate()
-            worker.wait(20)
+            try:
+                worker.wait(20)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.wait()
         dev_down(root)
