@@ -106,7 +106,7 @@ class BackupSettings(Strict):
     compression: Literal["zstd", "pg_dump"] = Field(
         default="zstd", description="zstd: pg_dump -Z0 compressed by multi-threaded zstd; pg_dump: its own gzip")
     compression_level: int = Field(default=3, ge=1, le=19, description="zstd level; 3 (with a larger match table): smaller than pg_dump's gzip")
-    compression_threads: int = Field(default=0, ge=0, le=64, description="zstd workers; 0: one per core")
+    compression_threads: int = Field(default=0, ge=0, le=64, description="zstd workers; 0: one per core beside pg_dump's")
     scratch_database_url: Dsn | None = Field(
         default=None, description="server for scratch databases (verify); default: the environment's own server"
     )

@@ -84,13 +84,14 @@ HASH_LOG = 18
 
 
 def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
-    """threads=0 means one zstd worker per core. pg_dump and its server backend mostly wait
-    on each other, so the cores are shared rather than one kept for them: measured on 2
-    cores, two workers finish ~25% sooner than compressing inline (bench/RESULTS.md).
-    Jobs of 4 MiB keep each worker's buffers small: zstd's default (4x the window) costs
-    ~35 MiB more per backup at no gain in size worth having (0.1%). See HASH_LOG for the
-    one parameter changed from the level's own."""
-    workers = threads or os.cpu_count() or 1
+    """threads=0 means one zstd worker per core beside the one pg_dump's server backend
+    keeps busy; with a single worker, compressing inline in the reading thread is cheaper
+    than handing blocks to a thread. On 2 cores, two workers were no faster than inline
+    (they take the core the backend and the S3 upload need) and cost ~25 MB more
+    (bench/RESULTS.md). Jobs of 4 MiB keep each worker's buffers small: zstd's default
+    (4x the window) costs ~35 MiB more at no gain in size worth having (0.1%). See
+    HASH_LOG for the one parameter changed from the level's own."""
+    workers = threads or max(1, (os.cpu_count() or 1) - 1)
     params = zstandard.ZstdCompressionParameters.from_level(
         level, hash_log=max(HASH_LOG, zstandard.ZstdCompressionParameters.from_level(level).hash_log),
         threads=workers if workers > 1 else 0, job_size=JOB_SIZE if workers > 1 else 0)
