@@ -70,12 +70,16 @@ def test_failed_run_alerts_through_the_automation(prefect_server, deploy_config,
     r = run_cli("--config", str(deploy_config), "deploy", env=env, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
 
+    r = run_cli("--config", str(deploy_config), "backup", "production", env=env)  # a success sends nothing
+    assert r.returncode == 0, r.stderr[-2000:]
     r = run_cli("--config", str(deploy_config), "backup", "broken", env=env)
     assert r.returncode == 1 and "cannot connect" in r.stderr
     failed_at = time.monotonic()
     while not webhook_receiver["received"] and time.monotonic() - failed_at < 10:
         time.sleep(0.2)
     assert webhook_receiver["received"], "no alert within 10 s"
+    time.sleep(2)  # the successful run had its chance to alert too
+    assert len(webhook_receiver["received"]) == 1, webhook_receiver["received"]
     alert = webhook_receiver["received"][0]
     assert alert["subject"].startswith("[dataops] backup-database failed")
     assert "Environment: broken" in alert["text"] and "cannot connect to PostgreSQL" in alert["text"]
