@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install browser bench clean
+.PHONY: demo test install browser bench bench-refresh clean
 
 demo: install
 	$(BIN)/dataops demo
@@ -27,8 +27,16 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,bench]'
 	touch $@
 
+# Each script rewrites its own section of bench/RESULTS.md. Run them on a quiet machine.
 bench: install
 	$(BIN)/python bench/bench_backup.py
+	$(BIN)/python bench/bench_validation.py
+	$(BIN)/python bench/bench_migrations.py
+	$(BIN)/python bench/bench_transform.py
+
+# The refresh against pg_anon and pganonymize, installed in a venv of their own (.venv-bench-tools).
+bench-refresh: install
+	$(BIN)/python bench/bench_refresh.py
 
 clean:
 	rm -rf $(VENV) .dataops .pytest_cache
