@@ -35,8 +35,12 @@ bench: install
 	$(BIN)/python bench/bench_transform.py
 
 # The refresh against pg_anon and pganonymize, installed in a venv of their own (.venv-bench-tools).
-bench-refresh: install
+bench-refresh: install .venv-bench-tools/bin/python
 	$(BIN)/python bench/bench_refresh.py
+
+.venv-bench-tools/bin/python:
+	$(PYTHON) -m venv .venv-bench-tools
+	.venv-bench-tools/bin/pip install -q pg-anon==1.12.0 pganonymize==0.13.0 psycopg2-binary
 
 clean:
 	rm -rf $(VENV) .dataops .pytest_cache
