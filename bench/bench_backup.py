@@ -17,7 +17,7 @@ What it does, in one run:
    - the same dump_to_storage pipeline into a storage that discards the bytes, which
      isolates the pipeline (pg_dump -Z0 + SHA-256 + zstd) from the storage;
    - the same backups with `compression_threads: 2` (two zstd workers instead of the
-     shipped one-per-core-beside-the-backend, which is inline on 2 cores).
+     shipped one-per-core-beside-the-backend, which is one on 2 cores).
 4. Optionally: a few compression/transfer settings once each, and the Prefect flow
    (flows.backup_database) against a Prefect server of its own whose start is not timed.
 5. Writes the section "## Backup (issue 2)" of bench/RESULTS.md (other sections are kept).
@@ -108,6 +108,19 @@ def child_main(spec_path: str) -> None:
             runs.append({"call_s": time.monotonic() - t1, "dump_s": result["duration_seconds"],
                          "size": result["size"], "rss_after": _proc_status("VmRSS")})
         out["flow_runs"] = runs
+        # Prefect's own floor on this machine: a flow that does nothing, same process and server.
+        from prefect import flow as prefect_flow
+
+        @prefect_flow(name="bench-empty")
+        def empty() -> int:
+            return 0
+
+        floor = []
+        for _ in range(2):
+            t1 = time.monotonic()
+            empty()
+            floor.append(time.monotonic() - t1)
+        out["empty_flow_s"] = floor
     else:
         settings = parse_settings(spec["settings"], source="bench", env={})
         cpu0 = _cpu_pair()
@@ -351,6 +364,40 @@ class Bench:
                "python": c1["self"] - c0["self"], "moto": 0.0}
         return {"call_s": wall, "size": total, "pg_dump_rss": sampler.peak_of("pg_dump"), "cpu": cpu}
 
+    def codecs(self) -> list[tuple[str, float, int]]:
+        """zstd alone on the -Z0 archive (in memory, one thread): CPU seconds (best of 3) and size
+        for the shipped parameters against zstd's own level 3 and the previous tuning."""
+        import zstandard
+
+        from tasks.streams import HASH_LOG, compression_params
+
+        archive = self.tmp / "z0.dump"
+        conninfo, secret_env = self.dsn.libpq_args()
+        subprocess.run([self.pg_dump, "-Fc", "-Z0", f"--file={archive}", f"--dbname={conninfo}"], check=True,
+                       env={**os.environ, **secret_env})
+        data = archive.read_bytes()
+        archive.unlink()
+        level = 3
+        own = zstandard.ZstdCompressionParameters.from_level(level)
+        sets = [("shipped: level 3, long table 2^%d, short table 2^%d" % (compression_params(level, 1).hash_log,
+                                                                         compression_params(level, 1).chain_log),
+                 compression_params(level, 1)),
+                (f"level 3 with long table 2^{HASH_LOG} only (the previous setting)",
+                 zstandard.ZstdCompressionParameters.from_level(level, hash_log=HASH_LOG)),
+                (f"level 3 as zstd ships it (2^{own.hash_log} / 2^{own.chain_log})", own),
+                ("level 1 as zstd ships it", zstandard.ZstdCompressionParameters.from_level(1))]
+        out = []
+        for label, params in sets:
+            comp = zstandard.ZstdCompressor(compression_params=params)
+            best, size = float("inf"), 0
+            for _ in range(3):
+                c0 = time.process_time()
+                size = len(comp.compress(data))
+                best = min(best, time.process_time() - c0)
+            out.append((label, best, size))
+        del data
+        return out
+
     def run_child(self, spec: dict, env: dict | None = None, timeout: float = 300) -> dict:
         path = self.tmp / f"spec-{uuid.uuid4().hex[:8]}.json"
         path.write_text(json.dumps(spec))
@@ -425,7 +472,7 @@ class Bench:
 
 
 def _zstd_workers(level: int, threads: int) -> int:
-    """How many zstd workers tasks.streams.compressor asks for with these settings (1 = inline)."""
+    """How many zstd worker threads tasks.streams.compressor asks for with these settings."""
     import types
 
     import tasks.streams
@@ -593,7 +640,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a(f"| PostgreSQL | {b.pg_version}, embedded (pgserver), unix socket; pg_dump {b.pg_dump_version} from the same build |")
     a(f"| codec | zstd via python-zstandard {zstandard.__version__}; shipped settings: `compression_level: "
       f"{ctx['level']}`, `compression_threads: {ctx['threads']}` (\"{ctx['threads_doc']}\"; zstd workers here: "
-      f"{ctx['workers']}, where 1 means compressing inline in the reading thread) |")
+      f"{ctx['workers']}, beside the thread that reads pg_dump; 4 MiB jobs) |")
     a(f"| code | git {ctx['git']} |")
     a(f"| storage | moto {moto.__version__} `ThreadedMotoServer` on 127.0.0.1 (in the benchmark's own process) via "
       f"boto3 {boto3.__version__}, multipart {ctx['chunk_mb']} MiB x {ctx['concurrency']}; and a `file://` folder "
@@ -655,7 +702,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
       + " | ".join(f"{f[k]['rss'] / 1e6:.0f} MB {ok(f[k]['rss'] < rss_limit)}" for k, _ in cols) + " |")
     a("")
     a(f"\"shipped\" = `compression_threads: 0`: {ctx['workers']} zstd worker(s) here (one per core beside the "
-      "backend's; 1 = inline in the thread that reads pg_dump). \"2 workers\" = `compression_threads: 2`, 4 MiB jobs.")
+      "backend's), beside the thread that reads pg_dump. \"2 workers\" = `compression_threads: 2`. 4 MiB jobs in both.")
     def total(k: str) -> float:
         return sum(f[k]["cpu"].values())
 
@@ -666,7 +713,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a(f"- CPU, which other load disturbs less than wall time: `-Z0` costs {zc:.2f} CPU-s, almost all of it in the "
       f"PostgreSQL backend ({f['z0']['cpu']['postgres']:.2f} s). The backup costs {total('file'):.2f} (file) and "
       f"{total('s3'):.2f} (S3, moto's server included): {total('file') / zc:.1f}-{total('s3') / zc:.1f}x the CPU of "
-      "`-Z0`. The extra is zstd itself (level 4; lower levels come out larger than pg_dump's gzip), plus moto for S3. "
+      "`-Z0`. The extra is zstd itself (see the codec alone, below), plus moto for S3. "
       f"So the backup stays within 1.5x the wall time of `-Z0` only when that work runs beside the backend: on these "
       f"{m['nproc']} CPUs the zstd workers and the backend share them, and any other load on the machine comes "
       "straight out of that margin.")
@@ -676,6 +723,17 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a(f"- moto S3 against `file://`: {s3['wall'] - fl['wall']:+.2f} s, with moto's server using "
       f"{s3['cpu']['moto']:.2f} CPU-s of the same {m['nproc']} CPUs. The `file://` rows are the product's own "
       "cost; against a real S3 the difference is the network, and no local CPU.")
+    if ctx.get("codecs"):
+        a("")
+        a("### The codec alone")
+        a("")
+        a("zstd on the same `-Z0` archive held in memory, one thread, no pipe or storage: CPU seconds (best of 3), "
+          "which other load disturbs little.")
+        a("")
+        a("| parameters | CPU s | size | / default dump |")
+        a("| --- | --- | --- | --- |")
+        for label, cpu, size in ctx["codecs"]:
+            a(f"| {label} | {cpu:.2f} | {mib(size)} | {size / gzip_size:.3f} |")
     if variants:
         a("")
         a("### Other settings (one run each, into moto S3; single runs, so noisy)")
@@ -707,6 +765,16 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
               + " / ".join(f"{r['call_s'] - plain['wall']:+.2f} s" for r in runs)
               + f" | {mib(x['rss_after_import'])} | {mib(x['peak_rss'])} ({x['peak_rss'] / 1e6:.0f} MB) | "
               f"{ok(x['peak_rss'] < rss_limit)} |")
+        floor = flow["shipped"].get("empty_flow_s")
+        if floor:
+            over = flow["shipped"]["flow_runs"][-1]["call_s"] - s3["wall"]
+            a("")
+            a(f"- Prefect's floor here: a flow that does nothing, run right after in the same process against the same "
+              f"server, took {' / '.join(f'{t:.2f} s' for t in floor)}. That constant (creating, starting and "
+              f"finishing a flow run through the API) is what the flow adds to `backup()`; the dump task itself "
+              f"took what `backup()` takes. A larger database amortizes it: the dump scales with the data, the floor "
+              f"does not. The flow's second run against `-Z0`: "
+              f"{flow['shipped']['flow_runs'][-1]['call_s'] / z0:.2f}x.")
     a("")
     a(f"Whole benchmark run: {ctx['total_s']:.0f} s (database build {b.seed_s:.0f} s).")
     return "\n".join(L) + "\n"
@@ -755,6 +823,7 @@ def main() -> None:
         for k in f:  # each run against the -Z0 run of its own round: steadier when the load varies
             f[k]["paired"] = med([x["call_s"] / z["call_s"] for x, z in zip(runs[k], runs["z0"])])
 
+        codecs = b.codecs()
         variants = []
         if not args.no_variants:
             for label, how in VARIANTS:
@@ -778,6 +847,7 @@ def main() -> None:
         ctx.update(total_s=time.monotonic() - started, load0=load0, loads=loads,
                    load1=" / ".join(f"{x:.2f}" for x in os.getloadavg()),
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+        ctx["codecs"] = codecs
         section = report(b, f, variants, flow, ctx)
     finally:
         b.stop()

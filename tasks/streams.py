@@ -77,25 +77,38 @@ class HashingReader:
 
 
 JOB_SIZE = 4 * CHUNK
-# Level 3's match table (2^17) is too small for a dump, whose repeats (a row's shape, a
-# column's values) lie far apart: level 3 with level 4's table (2^18) came out 1.3% smaller
-# than pg_dump's gzip, smaller than level 4 itself, at ~12% less CPU than level 4.
+# Levels 3 and 4 (zstd's "dfast") keep two match tables: a large one for long matches and a
+# small one for short ones. A dump's useful repeats (a row's shape, a column's values) lie
+# far apart, so the defaults are tuned the wrong way round for it: measured on the sample
+# application's -Z0 dump (bench/RESULTS.md), level 3 with a larger long table (2^18, level
+# 4's) and a smaller short one (2^10 instead of 2^16) came out 3.5% smaller than pg_dump's
+# gzip and took ~20% less CPU than level 3 as shipped by zstd; short matches found through
+# the big table were mostly worse than the literals they replaced.
 HASH_LOG = 18
+SHORT_TABLE_LOG = 10
+_DFAST = zstandard.STRATEGY_DFAST
+
+
+def compression_params(level: int, workers: int) -> zstandard.ZstdCompressionParameters:
+    own = zstandard.ZstdCompressionParameters.from_level(level)
+    chain_log = min(SHORT_TABLE_LOG, own.chain_log) if own.strategy == _DFAST else own.chain_log
+    return zstandard.ZstdCompressionParameters.from_level(
+        level, hash_log=max(HASH_LOG, own.hash_log), chain_log=chain_log, threads=max(1, workers),
+        job_size=JOB_SIZE)
 
 
 def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
     """threads=0 means one zstd worker per core beside the one pg_dump's server backend
-    keeps busy; with a single worker, compressing inline in the reading thread is cheaper
-    than handing blocks to a thread. On 2 cores, two workers were no faster than inline
-    (they take the core the backend and the S3 upload need) and cost ~25 MB more
-    (bench/RESULTS.md). Jobs of 4 MiB keep each worker's buffers small: zstd's default
-    (4x the window) costs ~35 MiB more at no gain in size worth having (0.1%). See
-    HASH_LOG for the one parameter changed from the level's own."""
+    keeps busy. Always at least one worker thread, never inline in the reading thread:
+    zstd streaming inline keeps its history in a ring buffer and, once that wraps, matches
+    across the seam by its slower "external dictionary" path; a worker compresses each
+    job with the previous one as a plain prefix. On the -Z0 archive of bench/RESULTS.md,
+    one worker took 0.70 CPU-s where inline took 0.99, and the reading thread keeps
+    draining pg_dump's pipe while the worker compresses. Jobs of 4 MiB keep the worker's
+    buffers small (+15 MiB against inline; 16 MiB jobs cost +67 MiB for 0.4% in size).
+    See HASH_LOG for the match tables changed from the level's own."""
     workers = threads or max(1, (os.cpu_count() or 1) - 1)
-    params = zstandard.ZstdCompressionParameters.from_level(
-        level, hash_log=max(HASH_LOG, zstandard.ZstdCompressionParameters.from_level(level).hash_log),
-        threads=workers if workers > 1 else 0, job_size=JOB_SIZE if workers > 1 else 0)
-    return zstandard.ZstdCompressor(compression_params=params)
+    return zstandard.ZstdCompressor(compression_params=compression_params(level, workers))
 
 
 def compress_reader(source: BinaryIO, level: int, threads: int) -> BinaryIO:
