@@ -31,6 +31,7 @@ WORK_POOL = "dataops-process"
 BLOCK_NAME = "dataops-alerts"
 AUTOMATION_NAME = "dataops: alert on failed or crashed runs"
 ROLLBACK_AUTOMATION_NAME = "dataops: roll back crashed production migrations"
+ZOMBIE_AUTOMATION_NAME = "dataops: mark runs Crashed when their heartbeats stop"
 MIGRATION_DEPLOYMENT = "migrate-database/production-migration"
 ROLLBACK_DEPLOYMENT = "rollback-migration/rollback-migration"
 
@@ -207,6 +208,45 @@ def rollback_automation(migration_id, rollback_id):
     )
 
 
+def zombie_automation(within_s: float, flow_runs: list[str] | None = None, name: str = ZOMBIE_AUTOMATION_NAME):
+    """A run whose host died (power, eviction, OOM of the whole machine) stays Running for
+    ever: no process is left to run its hooks or report Crashed. Every flow run emits a
+    heartbeat event (PREFECT_FLOWS_HEARTBEAT_FREQUENCY); this marks a run Crashed once they
+    stop without a final state, which the two other automations then act on (the alert;
+    the rollback of a production migration). Prefect's own recipe (docs: detect zombie flows).
+    `flow_runs` narrows it to some runs (tests)."""
+    from datetime import timedelta
+
+    from prefect.automations import Automation, EventTrigger, Posture
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+
+    ids = [f"prefect.flow-run.{r}" for r in flow_runs] if flow_runs else ["prefect.flow-run.*"]
+    return Automation(
+        name=name,
+        description=f"Marks a flow run Crashed when {within_s:.0f} s pass after a heartbeat with neither another "
+                    "heartbeat nor a final state: the process running it is gone with its host.",
+        trigger=EventTrigger(after={"prefect.flow-run.heartbeat"},
+                             expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed",
+                                     "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                                     "prefect.flow-run.Crashed"},
+                             match={"prefect.resource.id": ids}, for_each={"prefect.resource.id"},
+                             posture=Posture.Proactive, threshold=1, within=timedelta(seconds=within_s)),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {within_s:.0f} s: the process running it is gone")],
+    )
+
+
+def check_heartbeat_window(crash_after_s: int | None) -> None:
+    """A window shorter than the heartbeat interval would crash every healthy long run."""
+    from prefect.settings import get_current_settings
+
+    beat = get_current_settings().flows.heartbeat_frequency
+    if crash_after_s is not None and (beat is None or crash_after_s <= beat):
+        raise BadInput(f"prefect.crash_after_silence_s ({crash_after_s} s) must be longer than the flow heartbeat "
+                       f"interval (PREFECT_FLOWS_HEARTBEAT_FREQUENCY: {beat}); raise it or set it to null")
+
+
 def _ensure(client, wanted) -> bool:
     """Create or update the automation named like `wanted`; True if anything changed."""
     existing = client.read_automations_by_name(wanted.name)
@@ -225,9 +265,22 @@ def _ensure(client, wanted) -> bool:
     return True
 
 
-def ensure_automation(client, block_id: str | None) -> tuple[list[str], bool]:
-    """The alert automation (only with a notification block) and the crash rollback."""
+def _remove(client, name: str) -> bool:
+    existing = client.read_automations_by_name(name)
+    for a in existing:
+        client.delete_automation(a.id)
+    return bool(existing)
+
+
+def ensure_automation(client, block_id: str | None, crash_after_s: int | None = None) -> tuple[list[str], bool]:
+    """The alert automation (only with a notification block), the heartbeat watch (unless
+    turned off) and the crash rollback."""
     names, changed = [], False
+    if crash_after_s is not None:
+        changed |= _ensure(client, zombie_automation(crash_after_s))
+        names.append(ZOMBIE_AUTOMATION_NAME)
+    else:
+        changed |= _remove(client, ZOMBIE_AUTOMATION_NAME)
     if block_id is not None:
         changed |= _ensure(client, failure_automation(block_id))
         names.append(AUTOMATION_NAME)
@@ -244,6 +297,7 @@ def ensure_automation(client, block_id: str | None) -> tuple[list[str], bool]:
 def deploy(settings, config_path: str) -> DeployReport:
     from prefect.client.orchestration import get_client
 
+    check_heartbeat_window(settings.prefect.crash_after_silence_s)  # bad input: before anything is written
     url = api_url()
     check_server(url)
     report = DeployReport(api_url=url, work_pool=WORK_POOL)
@@ -259,7 +313,7 @@ def deploy(settings, config_path: str) -> DeployReport:
         if changed:
             report.changed.append("notification block")
         report.block = f"{BLOCK_NAME} ({getattr(settings.alerts, 'kind', '')})" if block_id else None
-        report.automations, changed = ensure_automation(client, block_id)
+        report.automations, changed = ensure_automation(client, block_id, settings.prefect.crash_after_silence_s)
         if changed:
             report.changed.append("automation")
     return report

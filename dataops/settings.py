@@ -119,6 +119,11 @@ class PostgresSettings(Strict):
 
 class PrefectSettings(Strict):
     api_url: str | None = Field(default=None, description="Prefect API; default: a temporary local one")
+    crash_after_silence_s: int | None = Field(
+        default=600, ge=60, le=86400,
+        description="`dataops deploy`: a run whose heartbeats stop this long is marked Crashed (a host that died "
+                    "runs no hook; Crashed then alerts, and rolls back a production migration); null: no such "
+                    "automation. Must exceed the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (Prefect's default 180)")
 
 
 _PG_DURATION = re.compile(r"^\d+\s*(us|ms|s|min|h|d)?$")

@@ -54,6 +54,10 @@ def test_deploy_registers_everything_idempotently(prefect_server, deploy_config)
     assert rollback.deployment_id == deps["rollback-migration"].id
     assert set(rollback.parameters) == {"env", "run_id"}
     assert client_automation.trigger.expect == {"prefect.flow-run.Crashed"}
+    with temporary_settings({PREFECT_API_URL: prefect_server["url"]}), get_client(sync_client=True) as client:
+        [zombie] = client.read_automations_by_name("dataops: mark runs Crashed when their heartbeats stop")
+    assert zombie.trigger.posture == "Proactive" and zombie.trigger.within.total_seconds() == 600
+    assert zombie.trigger.after == {"prefect.flow-run.heartbeat"} and zombie.actions[0].state == "CRASHED"
 
     r = run_cli("--config", str(deploy_config), "deploy", env=env, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -62,6 +66,7 @@ def test_deploy_registers_everything_idempotently(prefect_server, deploy_config)
         again = {d.name: d.id for d in client.read_deployments()}
         assert len(client.read_automations_by_name("dataops: alert on failed or crashed runs")) == 1
         assert len(client.read_automations_by_name("dataops: roll back crashed production migrations")) == 1
+        assert len(client.read_automations_by_name("dataops: mark runs Crashed when their heartbeats stop")) == 1
     assert again == {n: d.id for n, d in deps.items()}
 
 
@@ -85,3 +90,61 @@ def test_failed_run_alerts_through_the_automation(prefect_server, deploy_config,
     assert "Environment: broken" in alert["text"] and "cannot connect to PostgreSQL" in alert["text"]
     assert "/runs/flow-run/" in alert["text"]
     assert "NotShown123" not in str(alert)
+
+
+def test_a_window_shorter_than_the_heartbeat_is_refused(prefect_server, deploy_config):
+    import yaml
+
+    data = yaml.safe_load(deploy_config.read_text())
+    data["prefect"] = {"crash_after_silence_s": 120}
+    deploy_config.write_text(yaml.safe_dump(data))
+    r = run_cli("--config", str(deploy_config), "deploy", env={"PREFECT_API_URL": prefect_server["url"],
+                                                               "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "180"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: prefect.crash_after_silence_s (120 s) must be longer than the flow heartbeat interval "
+        "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180); raise it or set it to null"]
+
+
+def test_a_run_whose_heartbeats_stop_is_marked_crashed(prefect_server):
+    """The host-died case: a run that heartbeat once and then went silent is Crashed by the
+    server; a run that keeps its heartbeats going stays Running."""
+    import uuid
+    from datetime import datetime, timezone
+
+    import httpx
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.states import Running
+
+    from dataops.deploy import zombie_automation
+
+    url = prefect_server["url"]
+
+    def beat(*runs: str) -> None:
+        events = [{"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+                   "event": "prefect.flow-run.heartbeat", "resource": {"prefect.resource.id": f"prefect.flow-run.{r}"}}
+                  for r in runs]
+        assert httpx.post(f"{url}/events", json=events).status_code == 204
+
+    with temporary_settings({PREFECT_API_URL: url}), get_client(sync_client=True) as client:
+        flow_id = client.create_flow_from_name("zombie-check")
+        silent, alive = (httpx.post(f"{url}/flow_runs/", json={"flow_id": str(flow_id), "name": name}).json()["id"]
+                         for name in ("silent", "alive"))
+        for run in (silent, alive):
+            client.set_flow_run_state(run, Running(), force=True)
+        automation = zombie_automation(10, [silent, alive], name=f"zombie-test-{uuid.uuid4().hex[:6]}").create()
+        try:
+            time.sleep(1)  # the triggers service loads new automations
+            beat(silent, alive)
+            deadline = time.monotonic() + 45
+            while client.read_flow_run(silent).state.type != StateType.CRASHED and time.monotonic() < deadline:
+                beat(alive)
+                time.sleep(3)
+            state = client.read_flow_run(silent).state
+            assert state.type == StateType.CRASHED, state
+            assert "no heartbeat for 10 s" in state.message
+            assert client.read_flow_run(alive).state.type == StateType.RUNNING
+        finally:
+            client.delete_automation(automation.id)
