@@ -35,6 +35,12 @@ SELECT g, g, g::bigint * 1000000007, g * 1.25, g * 1.5, g / 7.0, g / 3.0, DATE '
        ROW(g, 'p' || g)::pair, g * 1.5, g
 FROM generate_series(1, 200) g;
 INSERT INTO t (id) VALUES (0);
+CREATE TABLE nn AS SELECT * FROM t WHERE id > 0;  -- every column NOT NULL: hashed through the chain
+DO $$ DECLARE c name; BEGIN
+    FOR c IN SELECT attname FROM pg_attribute WHERE attrelid = 'nn'::regclass AND attnum > 0 AND NOT attisdropped LOOP
+        EXECUTE format('ALTER TABLE nn ALTER COLUMN %I SET NOT NULL', c);
+    END LOOP;
+END $$;
 """
 
 # (column, a change the checksum must see)
@@ -84,6 +90,47 @@ def test_one_changed_value_of_each_type_changes_the_checksum(conn, column, chang
     if column != "id":
         assert after(conn, f"UPDATE t SET {column} = NULL WHERE id = 2") != original  # NULL is a value too
         assert after(conn, f"UPDATE t SET {column} = NULL WHERE id = 0") == original  # already NULL: no change
+
+
+NOT_NULL_CHANGES = [(c, "dm = 'happy'" if c == "dm" else change) for c, change in CHANGES]
+
+
+@pytest.mark.parametrize(("column", "change"), NOT_NULL_CHANGES, ids=[c[0] for c in NOT_NULL_CHANGES])
+def test_one_changed_value_of_each_type_changes_the_checksum_when_not_null(conn, column, change):
+    original = table_checksum(conn, "public", "nn").checksum
+    assert after(conn, f"UPDATE nn SET {change} WHERE id = 2", table="nn") != original
+
+
+def test_not_null_columns_are_chained_the_others_hashed_alone(conn):
+    chained = checksum_sql(conn, "public", "nn")[0].as_string(conn)
+    alone = checksum_sql(conn, "public", "t")[0].as_string(conn)
+    # by name: vc is the last link, u the one before; each takes the chain so far as its seed
+    assert chained.startswith('SELECT count(*), sum(pg_catalog.hashtextextended(("vc")::text COLLATE "C", '
+                              'pg_catalog.uuid_hash_extended("u", ')
+    assert '# "i8")) # ("id")::int8)' in chained  # whole 64-bit integers go into the seed
+    assert "(pg_catalog.hashint8extended(\"i8\", " in alone and "coalesce(" in alone
+    assert "coalesce(pg_catalog." not in chained.replace("coalesce(pg_catalog.scale", "")  # no NULL stand-ins
+    assert "CASE \"e\" WHEN 'happy' THEN" in chained  # enums stay out of the chain
+
+
+def test_chained_columns_ignore_column_order_and_int_width_but_not_swaps(conn):
+    with conn.transaction(force_rollback=True):
+        conn.execute("""
+            CREATE TABLE narrow (a int NOT NULL, b text NOT NULL, c numeric(6, 2) NOT NULL);
+            CREATE TABLE wide (b text NOT NULL, c numeric(6, 2) NOT NULL, a bigint NOT NULL);
+            INSERT INTO narrow SELECT g, 'v' || g, g / 4.0 FROM generate_series(1, 50) g;
+            INSERT INTO wide SELECT 'v' || g, g / 4.0, g FROM generate_series(1, 50) g ORDER BY g DESC;
+            CREATE TABLE big1 (v bigint NOT NULL); CREATE TABLE big2 (v bigint NOT NULL);
+            INSERT INTO big1 VALUES (1); INSERT INTO big2 VALUES (4294967296);
+            CREATE TABLE xy (x int NOT NULL, y int NOT NULL); INSERT INTO xy VALUES (1, 2), (3, 4);
+        """)
+        assert table_checksum(conn, "public", "narrow").checksum == table_checksum(conn, "public", "wide").checksum
+        assert table_checksum(conn, "public", "big1").checksum != table_checksum(conn, "public", "big2").checksum
+        first = table_checksum(conn, "public", "xy").checksum
+        conn.execute("UPDATE xy SET x = y, y = x WHERE x = 1")  # moved between columns
+        moved = table_checksum(conn, "public", "xy").checksum
+        conn.execute("UPDATE xy SET x = x, y = 4 WHERE y = 1; UPDATE xy SET y = 1 WHERE x = 3")  # swapped between rows
+        assert len({first, moved, table_checksum(conn, "public", "xy").checksum}) == 3
 
 
 def test_every_column_is_hashed_and_most_without_text(conn):
