@@ -158,14 +158,15 @@ def _chained(col: _Column) -> bool:
     return col.not_null and not col.is_enum
 
 
-def _chain_step(cur: psycopg.Cursor, col: _Column, seed: str) -> str:
+def _typed_hash(cur: psycopg.Cursor, col: _Column, seed: str, chain: bool) -> str:
+    """The column's type-specific hash, seeded by a literal or (`chain`) by the chain so far."""
     v = sql.Identifier(col.name).as_string(cur)
     if col.is_domain and col.type_oid in _SQL_NAMES:
         v = f"({v})::{_SQL_NAMES[col.type_oid]}"
     if col.type_oid == _NUMERIC:
-        template = _NUMERIC_FIXED if col.typmod >= 0 else _CHAIN_NUMERIC_FREE
+        template = _NUMERIC_FIXED if col.typmod >= 0 else (_CHAIN_NUMERIC_FREE if chain else _NUMERIC_FREE)
     else:
-        template = _CHAIN.get(col.type_oid, _TEXT_FORM)
+        template = (_CHAIN if chain else _TEMPLATES).get(col.type_oid, _TEXT_FORM)
     return template.format(v=v, s=seed)
 
 
@@ -186,13 +187,7 @@ def _column_hash(cur: psycopg.Cursor, col: _Column) -> sql.Composable:
         else:
             expr = fallback
     else:
-        if col.is_domain and col.type_oid in _SQL_NAMES:
-            v = f"({v})::{_SQL_NAMES[col.type_oid]}"
-        if col.type_oid == _NUMERIC:
-            template = _NUMERIC_FIXED if col.typmod >= 0 else _NUMERIC_FREE
-        else:
-            template = _TEMPLATES.get(col.type_oid, _TEXT_FORM)
-        expr = template.format(v=v, s=seed)
+        expr = _typed_hash(cur, col, seed, chain=False)
     if not col.not_null:
         expr = f"coalesce({expr}, {_int8(_seed(col.name, 'null'))})"
     return sql.SQL(expr)
@@ -216,7 +211,7 @@ def checksum_sql(conn: psycopg.Connection, schema: str, table: str, columns: lis
     else:
         row = seed
         for col in chain:
-            row = _chain_step(cur, col, row)
+            row = _typed_hash(cur, col, row, chain=True)
     row_hash = sql.SQL(row)
     query = sql.SQL("SELECT count(*), sum({row}) FROM {table}").format(row=row_hash, table=qualified(schema, table))
     return query, tuple(c.name for c in chosen)
