@@ -84,8 +84,10 @@ def test_failed_run_alerts_through_the_automation(prefect_server, deploy_config,
         time.sleep(0.2)
     assert webhook_receiver["received"], "no alert within 10 s"
     time.sleep(2)  # the successful run had its chance to alert too
-    assert len(webhook_receiver["received"]) == 1, webhook_receiver["received"]
     alert = webhook_receiver["received"][0]
+    # One alert, about the failed run. Prefect runs an automation's action at least once: the
+    # same alert has arrived twice in one CI run on a loaded machine.
+    assert all(a == alert for a in webhook_receiver["received"]), webhook_receiver["received"]
     assert alert["subject"].startswith("[dataops] backup-database failed")
     assert "Environment: broken" in alert["text"] and "cannot connect to PostgreSQL" in alert["text"]
     assert "/runs/flow-run/" in alert["text"]
