@@ -471,27 +471,6 @@ class Bench:
         return "ok" if rc == 0 else f"FAILED ({err.decode(errors='replace')[:200]})"
 
 
-def _zstd_workers(level: int, threads: int) -> int:
-    """How many zstd worker threads tasks.streams.compressor asks for with these settings."""
-    import types
-
-    import tasks.streams
-
-    seen: dict = {}
-
-    def fake(**kwargs):
-        seen.update(kwargs)
-
-    real = tasks.streams.zstandard
-    tasks.streams.zstandard = types.SimpleNamespace(ZstdCompressor=fake, ZstdCompressionParameters=real.ZstdCompressionParameters)
-    try:
-        tasks.streams.compressor(level, threads)
-    finally:
-        tasks.streams.zstandard = real
-    params = seen.get("compression_params")
-    return max(1, params.threads if params is not None else seen.get("threads", 0))
-
-
 def _git_state() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
@@ -767,7 +746,6 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
               f"{ok(x['peak_rss'] < rss_limit)} |")
         floor = flow["shipped"].get("empty_flow_s")
         if floor:
-            over = flow["shipped"]["flow_runs"][-1]["call_s"] - s3["wall"]
             a("")
             a(f"- Prefect's floor here: a flow that does nothing, run right after in the same process against the same "
               f"server, took {' / '.join(f'{t:.2f} s' for t in floor)}. That constant (creating, starting and "
@@ -801,11 +779,12 @@ def main() -> None:
         b.start()
         b.build_database()
         from dataops.settings import BackupSettings, StorageSettings
+        from tasks.streams import zstd_workers
 
         ctx = {"repeat": args.repeat, "level": BackupSettings().compression_level,
                "threads": BackupSettings().compression_threads,
                "threads_doc": BackupSettings.model_fields["compression_threads"].description or "",
-               "workers": _zstd_workers(BackupSettings().compression_level, BackupSettings().compression_threads),
+               "workers": zstd_workers(BackupSettings().compression_threads),
                "git": _git_state(),
                "chunk_mb": StorageSettings.model_fields["multipart_chunk_mb"].default,
                "concurrency": StorageSettings.model_fields["max_concurrency"].default}

@@ -23,7 +23,6 @@ aggregate over a sequential scan is what these queries want anyway).
 
 from __future__ import annotations
 
-
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation

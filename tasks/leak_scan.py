@@ -81,9 +81,7 @@ class Collector:
     def flush(self, final: bool = False) -> None:
         if not self.pending or (not final and self.pending < FLUSH_BYTES):
             return
-        for kind, bufs in (("src", self.src), ("out", self.out), ("outc", self.out_col)):
-            suffix = ".c" if kind == "outc" else ".d"
-            name = "out" if kind == "outc" else kind
+        for name, suffix, bufs in (("src", ".d", self.src), ("out", ".d", self.out), ("out", ".c", self.out_col)):
             for p, buf in enumerate(bufs):
                 if buf:
                     with open(os.path.join(self.dir, f"{name}-{p}-{self.job}{suffix}"), "ab") as f:

@@ -350,8 +350,7 @@ def source_checksums(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot
     the snapshot: what the copy must hold. Runs beside the copy, on its own connection."""
     out = {}
     tgt = settings.env(plan.target).database_url.with_database(pg.MAINTENANCE_DB)
-    binary = binary_checksums(snap.conn.info.server_version // 10000,
-                              pg.server_version(tgt, settings.postgres.connect_timeout)[0])
+    binary = binary_checksums(plan.source_major, pg.server_version(tgt, settings.postgres.connect_timeout)[0])
     with pg.connect(snap.env.database_url, autocommit=True, application_name="dataops-refresh-check") as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snap.id)))

@@ -80,10 +80,11 @@ JOB_SIZE = 4 * CHUNK
 # Levels 3 and 4 (zstd's "dfast") keep two match tables: a large one for long matches and a
 # small one for short ones. A dump's useful repeats (a row's shape, a column's values) lie
 # far apart, so the defaults are tuned the wrong way round for it: measured on the sample
-# application's -Z0 dump (bench/RESULTS.md), level 3 with a larger long table (2^18, level
-# 4's) and a smaller short one (2^10 instead of 2^16) came out 3.5% smaller than pg_dump's
-# gzip and took ~20% less CPU than level 3 as shipped by zstd; short matches found through
-# the big table were mostly worse than the literals they replaced.
+# application's -Z0 dump (bench/RESULTS.md, "The codec alone"), level 3 with a larger long
+# table (2^18, level 4's) and a smaller short one (2^10 instead of 2^16) came out 3% smaller
+# than pg_dump's gzip (zstd's own level 3: 0.3% larger) for the same CPU, and took less CPU
+# than the larger long table alone: short matches found through the big short table were
+# mostly worse than the literals they replaced.
 HASH_LOG = 18
 SHORT_TABLE_LOG = 10
 _DFAST = zstandard.STRATEGY_DFAST
@@ -107,8 +108,12 @@ def compressor(level: int, threads: int) -> zstandard.ZstdCompressor:
     draining pg_dump's pipe while the worker compresses. Jobs of 4 MiB keep the worker's
     buffers small (+15 MiB against inline; 16 MiB jobs cost +67 MiB for 0.4% in size).
     See HASH_LOG for the match tables changed from the level's own."""
-    workers = threads or max(1, (os.cpu_count() or 1) - 1)
-    return zstandard.ZstdCompressor(compression_params=compression_params(level, workers))
+    return zstandard.ZstdCompressor(compression_params=compression_params(level, zstd_workers(threads)))
+
+
+def zstd_workers(threads: int) -> int:
+    """`compression_threads` as zstd worker threads: 0 means one per core but one."""
+    return threads or max(1, (os.cpu_count() or 1) - 1)
 
 
 def compress_reader(source: BinaryIO, level: int, threads: int) -> BinaryIO:

@@ -152,6 +152,18 @@ def write_config(tmp_path, s3_endpoint):
     return write
 
 
+def stop_process(proc, timeout: float) -> None:
+    """Ask a child to stop, then kill it if it has not within `timeout` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeout: int = 240):
     """Run the real `dataops` command in a subprocess; returns CompletedProcess (text)."""
     import subprocess
@@ -193,11 +205,7 @@ def prefect_server(tmp_path_factory):
             raise RuntimeError(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
     yield {"url": url, "home": str(home), "ui": f"http://127.0.0.1:{port}"}
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    stop_process(proc, 15)
     log.close()
 
 
@@ -242,10 +250,5 @@ def deployed(prefect_server):
         yield {"stack": stack, "config": cfg, "server": prefect_server}
     finally:
         if worker:
-            worker.terminate()
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-                worker.wait()
+            stop_process(worker, 20)
         dev_down(root)
