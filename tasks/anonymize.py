@@ -30,7 +30,7 @@ from dataops.errors import OperationFailed, SafetyRefusal
 from dataops.settings import Environment, Settings
 from tasks import pg
 from tasks.anonymize_rules import MaskingPlan, TableMasking, plan_masking, read_tables
-from tasks.leak_scan import Collector, LeakReport, Workspace, build_report
+from tasks.leak_scan import Collector, LeakReport, Workspace, build_report, match_digests
 from tasks.masking import NULL, unescape
 from tasks.schema import STABLE_OUTPUT
 
@@ -106,7 +106,7 @@ def anonymize(settings: Settings, env_name: str, *, vacuum: bool = True,
                         names.append((label, col))
                         sql_checked[f"{label}.{col}"] = _sql_check(conn, tm, col)
                 say(f"masked {len(tm.maskers)} columns of {label} in {rows:,} rows")
-            report.leaks = build_report(plan, names, unchanged, values, ws, sql_checked)
+            report.leaks = build_report(plan, names, unchanged, values, match_digests(plan, names, ws), sql_checked)
         if not report.leaks.ok:
             conn.rollback()
             raise OperationFailed(f"anonymize {env.name} rolled back: {report.leaks.summary()}")

@@ -333,8 +333,10 @@ def check_casts(conn: psycopg.Connection, plan: dict[str, TableMasking]) -> None
     cur = conn.cursor(row_factory=tuple_row)
     for label, tm in plan.items():
         for col, m in tm.maskers.items():
+            if m.column.base in TEXT_TYPES:  # any text is valid input (lengths are checked by the rule)
+                continue
             samples = m.pool[:20] if m.pool else ([m.constant] if m.constant is not None else [])
-            if not samples or m.column.base in TEXT_TYPES:
+            if not samples:
                 continue
             for value in samples:
                 try:

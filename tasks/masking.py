@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import threading
 import uuid as uuidlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,6 +156,10 @@ def _render(value: object) -> str:
     return str(value)
 
 
+_POOLS: dict[tuple, list[str]] = {}
+_POOL_LOCK = threading.RLock()  # one Faker instance per locale, reseeded per pool: one user at a time
+
+
 @lru_cache(maxsize=32)
 def _faker(locale: str):
     from faker import Faker
@@ -167,6 +172,11 @@ def _faker(locale: str):
 
 def check_provider(provider: str, locale: str) -> None:
     """An unknown provider or locale is bad input, found before anything is copied."""
+    with _POOL_LOCK:  # calling the provider moves the shared instance's random state
+        _check_provider(provider, locale)
+
+
+def _check_provider(provider: str, locale: str) -> None:
     import difflib
 
     fake = _faker(locale)
@@ -185,9 +195,6 @@ def check_provider(provider: str, locale: str) -> None:
         raise BadInput(f'Faker provider "{provider}" needs arguments; use one that takes none') from None
 
 
-_POOLS: dict[tuple, list[str]] = {}
-
-
 def faker_pool(keyed: Keyed, provider: str, locale: str, size: int) -> list[str]:
     """`size` values of one provider, the same for the same salt, provider, locale and size.
 
@@ -195,17 +202,18 @@ def faker_pool(keyed: Keyed, provider: str, locale: str, size: int) -> list[str]
     staging identical from night to night.
     """
     key = (keyed.fingerprint, provider, locale, size)
-    pool = _POOLS.get(key)
-    if pool is None:
-        check_provider(provider, locale)
-        fake = _faker(locale)
-        fake.seed_instance(keyed.seed("pool", provider, locale, str(size)))
-        fn = getattr(fake, provider)
-        pool = [_render(fn()) for _ in range(size)]
-        if len(_POOLS) > 64:
-            _POOLS.clear()
-        _POOLS[key] = pool
-    return pool
+    with _POOL_LOCK:
+        pool = _POOLS.get(key)
+        if pool is None:
+            check_provider(provider, locale)
+            fake = _faker(locale)
+            fake.seed_instance(keyed.seed("pool", provider, locale, str(size)))
+            fn = getattr(fake, provider)
+            pool = [_render(fn()) for _ in range(size)]
+            if len(_POOLS) > 64:
+                _POOLS.clear()
+            _POOLS[key] = pool
+        return pool
 
 
 # -- partial masks and date shifts -----------------------------------------------------------
@@ -267,6 +275,8 @@ class Masker:
     other columns). `in_sql` rules (null, constant) are applied in the source SELECT
     instead, so a table that needs nothing else streams through without being parsed.
     Maskers pickle (for worker processes): the Python function is rebuilt on first use.
+    A Faker pool is built on first use too (~0.5 s each): a refresh builds its pools while
+    the tables that need none are already copying (fill_pools).
     """
 
     column: Column
@@ -274,15 +284,23 @@ class Masker:
     kind: str
     unique: bool
     keyed: Keyed
-    pool: list[str] | None = None
+    pool_spec: tuple[str, str, int] | None = None  # Faker (provider, locale, size)
     in_sql: bool = False
     constant: str | None = None
     locale: str | None = None
     refs: dict[str, int] = field(default_factory=dict)  # template column -> field index
     _py: Callable[[bytes, bytes, list[bytes]], str] | None = field(default=None, repr=False, compare=False)
+    _pool: list[str] | None = field(default=None, repr=False, compare=False)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_py": None}
+
+    @property
+    def pool(self) -> list[str] | None:
+        """The Faker pool of a faker rule (None for other rules), built on first use."""
+        if self._pool is None and self.pool_spec is not None:
+            self._pool = faker_pool(self.keyed, *self.pool_spec)
+        return self._pool
 
     @property
     def py(self) -> Callable[[bytes, bytes, list[bytes]], str]:
@@ -447,15 +465,22 @@ def compile_rule(rule: ColumnRule, column: Column, *, keyed: Keyed, locale: str,
     elif kind == "faker":
         loc = rule.locale or locale
         try:
-            m.pool = faker_pool(keyed, rule.faker, loc, pool_size)
+            check_provider(rule.faker, loc)
         except BadInput as exc:
             raise bad(exc.message) from None
+        m.pool_spec = (rule.faker, loc, pool_size)
         m.locale = loc if rule.locale else None
-        if column.max_length:
+        if column.max_length:  # then the pool is needed now, to check its values fit
             longest = max(len(p) for p in m.pool) + (SUFFIX_BYTES * 2 + 1 if unique else 0)
             if longest > column.max_length:
                 raise bad(f"Faker {rule.faker} values reach {longest} characters, more than {column.type} holds")
     return m
+
+
+def fill_pools(maskers) -> None:
+    """Build every Faker pool these maskers use (a refresh runs this beside its first copies)."""
+    for m in maskers:
+        m.pool  # noqa: B018 - built on first use
 
 
 def _python_function(m: Masker) -> Callable[[bytes, bytes, list[bytes]], str]:

@@ -46,7 +46,8 @@ from dataops.settings import Environment, Settings
 from tasks import pg
 from tasks.anonymize_rules import regclass, split_label
 from tasks.checks import DeclaredForeignKeys
-from tasks.leak_scan import LeakReport, Workspace, build_report
+from tasks.leak_scan import LeakReport, Matches, Workspace, build_report, match_digests
+from tasks.masking import fill_pools
 from tasks.refresh_copy import CopyJob, CopyResult, run_jobs
 from tasks.refresh_plan import RefreshPlan, TablePlan, parts_for, plan_refresh, resolve_environments
 from tasks.schema import STABLE_OUTPUT, pinned_settings
@@ -338,8 +339,12 @@ def copy_data(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace: 
     def done(r: CopyResult) -> None:
         log.info("copied %s: %d rows in %.1f s", r.id, r.rows, r.finished - r.started)
 
+    maskers = [m for tm in plan.masking.tables.values() for m in tm.maskers.values()]
     try:
-        return run_jobs(jobs, plan.jobs, on_done=done)
+        # The Faker pools (~0.5 s each) are built while the jobs that need none start.
+        with ThreadPoolExecutor(1, thread_name_prefix="dataops-pools") as filler:
+            pools = filler.submit(fill_pools, maskers)
+            return run_jobs(jobs, plan.jobs, on_done=done, before_masking=pools.result)
     except psycopg.Error as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise OperationFailed(f"copying the data failed: {first}") from None
@@ -486,10 +491,11 @@ def target_checksums(plan: RefreshPlan, new: NewCopy) -> dict[str, tuple]:
 
 
 def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], expected: dict[str, tuple[int, str]],
-                  actual: dict[str, tuple], workspace: Workspace,
+                  actual: dict[str, tuple], matches: Matches,
                   column_ids: ColumnIds) -> tuple[list[str], list[str], LeakReport]:
     """(problems, checks done, leak report) of the new copy against the source snapshot:
-    `expected` from source_checksums, `actual` from target_checksums."""
+    `expected` from source_checksums, `actual` from target_checksums, `matches` from
+    match_leaks."""
     problems, checks = [], []
     streamed: dict[str, int] = {}
     for r in results:
@@ -522,13 +528,19 @@ def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], ex
                   f"PostgreSQL as they were added after the load, {recounted} NOT VALID checked for orphaned rows; "
                   "sequences past their columns)")
 
-    leaks = leak_scan(plan, results, workspace, column_ids, sql_checked)
+    leaks = leak_scan(plan, results, matches, column_ids, sql_checked)
     if not leaks.ok:
         problems.append(leaks.summary())
     return problems, checks, leaks
 
 
-def leak_scan(plan: RefreshPlan, results: list[CopyResult], workspace: Workspace, column_ids: ColumnIds,
+def match_leaks(plan: RefreshPlan, workspace: Workspace, column_ids: ColumnIds) -> Matches:
+    """The digests the copy wrote, matched. Needs only the files, not the new copy: it runs
+    beside the index builds (~3 CPU-s at 12M rows, which would otherwise wait for them)."""
+    return match_digests(plan.masking, column_ids.names(), workspace)
+
+
+def leak_scan(plan: RefreshPlan, results: list[CopyResult], matches: Matches, column_ids: ColumnIds,
               sql_checked: dict[str, tuple[int, int]]) -> LeakReport:
     unchanged: dict[int, int] = {}
     values: dict[int, int] = {}
@@ -537,7 +549,7 @@ def leak_scan(plan: RefreshPlan, results: list[CopyResult], workspace: Workspace
             unchanged[cid] = unchanged.get(cid, 0) + n
         for cid, n in r.values.items():
             values[cid] = values.get(cid, 0) + n
-    return build_report(plan.masking, column_ids.names(), unchanged, values, workspace, sql_checked)
+    return build_report(plan.masking, column_ids.names(), unchanged, values, matches, sql_checked)
 
 
 # -- 5. the switch -------------------------------------------------------------------------------
@@ -602,6 +614,10 @@ class PlainSteps:
     def target_checksums(pool: ThreadPoolExecutor, plan: RefreshPlan, new: NewCopy):
         return pool.submit(target_checksums, plan, new)
 
+    @staticmethod
+    def match_leaks(pool: ThreadPoolExecutor, plan: RefreshPlan, workspace: Workspace, column_ids: ColumnIds):
+        return pool.submit(match_leaks, plan, workspace, column_ids)
+
 
 def _plan_and_guard(settings: Settings, snap: SourceSnapshot, source: Environment, target: Environment) -> RefreshPlan:
     plan = make_plan(settings, snap, source, target)
@@ -632,19 +648,20 @@ def refresh(settings: Settings, source: str | None = None, target: str | None = 
             report.phases["schema"] = time.monotonic() - phase
             say(f"building the new copy in database {new.name}")
             try:
-                with Workspace(expected_masked_values(plan)) as ws, ThreadPoolExecutor(2) as side:
+                with Workspace(expected_masked_values(plan)) as ws, ThreadPoolExecutor(3) as side:
                     ids = ColumnIds()
                     phase = time.monotonic()
                     expected = steps.source_checksums(side, settings, plan, snap)
                     results = steps.copy_data(plan, snap, new, ws, ids, settings)
                     report.phases["copy"] = time.monotonic() - phase
                     phase = time.monotonic()
-                    actual = steps.target_checksums(side, plan, new)  # beside the index builds
+                    actual = steps.target_checksums(side, plan, new)  # these two beside the index builds
+                    matches = steps.match_leaks(side, plan, ws, ids)
                     steps.finish_copy(settings, plan, new)
                     report.phases["indexes and constraints"] = time.monotonic() - phase
                     phase = time.monotonic()
                     problems, checks, leaks = steps.validate(plan, new, results, expected.result(), actual.result(),
-                                                             ws, ids)
+                                                             matches.result(), ids)
                     report.phases["validation"] = time.monotonic() - phase
                 fill_tables(report, plan, results)
                 report.checks, report.leaks = checks, leaks
@@ -717,8 +734,13 @@ def finish_copy_task(settings: Settings, plan: RefreshPlan, new: NewCopy) -> Non
 
 @task(name="validate-copy", cache_policy=NO_CACHE)
 def validate_copy_task(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], expected: dict, actual: dict,
-                       workspace: Workspace, column_ids: ColumnIds) -> tuple[list[str], list[str], LeakReport]:
-    return validate_copy(plan, new, results, expected, actual, workspace, column_ids)
+                       matches: Matches, column_ids: ColumnIds) -> tuple[list[str], list[str], LeakReport]:
+    return validate_copy(plan, new, results, expected, actual, matches, column_ids)
+
+
+@task(name="match-leak-digests", cache_policy=NO_CACHE)
+def match_leaks_task(plan: RefreshPlan, workspace: Workspace, column_ids: ColumnIds) -> Matches:
+    return match_leaks(plan, workspace, column_ids)
 
 
 @task(name="target-checksums", cache_policy=NO_CACHE)
@@ -755,3 +777,7 @@ class PrefectSteps(PlainSteps):
     @staticmethod
     def target_checksums(pool: ThreadPoolExecutor, plan: RefreshPlan, new: NewCopy):
         return target_checksums_task.submit(plan, new)
+
+    @staticmethod
+    def match_leaks(pool: ThreadPoolExecutor, plan: RefreshPlan, workspace: Workspace, column_ids: ColumnIds):
+        return match_leaks_task.submit(plan, workspace, column_ids)

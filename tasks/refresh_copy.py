@@ -236,13 +236,14 @@ def _die_with_parent() -> None:
         pass
 
 
-def run_jobs(jobs: list[CopyJob], workers: int, on_done=None) -> list[CopyResult]:
+def run_jobs(jobs: list[CopyJob], workers: int, on_done=None, before_masking=None) -> list[CopyResult]:
     """Run copy jobs, `workers` at a time, largest first.
 
     Each job runs in a thread; a job that masks in Python hands itself to a worker process
     when the masked rows are many (pure-psql jobs never need one), so at most `workers`
     processes exist and they only hold what masking needs. Any failure cancels what has
-    not started and re-raises; the caller drops the copy.
+    not started and re-raises; the caller drops the copy. `before_masking()` is called
+    (and waited for) before each job that masks in Python: the Faker pools being built.
     """
     jobs = sorted(jobs, key=lambda j: j.est_rows, reverse=True)
     masked_rows = sum(j.est_rows for j in jobs if j.maskers)
@@ -252,6 +253,8 @@ def run_jobs(jobs: list[CopyJob], workers: int, on_done=None) -> list[CopyResult
                                        initializer=_die_with_parent, mp_context=multiprocessing.get_context("spawn"))
 
     def run(job: CopyJob) -> CopyResult:
+        if job.maskers and before_masking is not None:
+            before_masking()
         if procs is not None and job.maskers:
             return procs.submit(run_copy_job, job).result()
         return run_copy_job(job)
