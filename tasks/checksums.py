@@ -193,9 +193,10 @@ def _column_hash(cur: psycopg.Cursor, col: _Column) -> sql.Composable:
     return sql.SQL(expr)
 
 
-def checksum_sql(conn: psycopg.Connection, schema: str, table: str, columns: list[str] | None = None,
-                 exclude: list[str] | None = None) -> tuple[sql.Composed, tuple[str, ...]]:
-    """The query that checksums a table, and the columns it hashes (for EXPLAIN and benchmarks)."""
+def row_hash_sql(conn: psycopg.Connection, schema: str, table: str, columns: list[str] | None = None,
+                 exclude: list[str] | None = None) -> tuple[str, tuple[str, ...]]:
+    """The expression that hashes one row of the table (its columns unqualified), and the
+    columns it hashes: for callers that sum it over their own FROM (a subset, a CTE)."""
     cur = conn.cursor(row_factory=tuple_row)
     _, all_columns = _read_columns(cur, schema, table)
     names = [c.name for c in all_columns]
@@ -212,9 +213,20 @@ def checksum_sql(conn: psycopg.Connection, schema: str, table: str, columns: lis
         row = seed
         for col in chain:
             row = _typed_hash(cur, col, row, chain=True)
-    row_hash = sql.SQL(row)
-    query = sql.SQL("SELECT count(*), sum({row}) FROM {table}").format(row=row_hash, table=qualified(schema, table))
-    return query, tuple(c.name for c in chosen)
+    return row, tuple(c.name for c in chosen)
+
+
+def checksum_sql(conn: psycopg.Connection, schema: str, table: str, columns: list[str] | None = None,
+                 exclude: list[str] | None = None) -> tuple[sql.Composed, tuple[str, ...]]:
+    """The query that checksums a table, and the columns it hashes (for EXPLAIN and benchmarks)."""
+    row, chosen = row_hash_sql(conn, schema, table, columns, exclude)
+    query = sql.SQL("SELECT count(*), sum({row}) FROM {table}").format(row=sql.SQL(row), table=qualified(schema, table))
+    return query, chosen
+
+
+def checksum_text(rows: int, total) -> str:
+    """The checksum string of `rows` rows whose row hashes sum to `total` (numeric, any width)."""
+    return f"{rows}:{int(total or 0) % _TWO_64:016x}"
 
 
 def table_checksum(conn: psycopg.Connection, schema: str, table: str, columns: list[str] | None = None,
@@ -228,8 +240,8 @@ def table_checksum(conn: psycopg.Connection, schema: str, table: str, columns: l
     cur = conn.cursor(row_factory=tuple_row)
     with pinned_settings(conn, STABLE_OUTPUT):
         rows, total = cur.execute(query).fetchone()
-    digest = int(total or 0) % _TWO_64  # the sum is numeric: it cannot overflow, and mod 2^64 fixes its width
-    return TableChecksum(table=table_label(schema, table), rows=rows, checksum=f"{rows}:{digest:016x}",
+    # the sum is numeric: it cannot overflow, and mod 2^64 fixes its width
+    return TableChecksum(table=table_label(schema, table), rows=rows, checksum=checksum_text(rows, total),
                          columns=chosen)
 
 

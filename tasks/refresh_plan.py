@@ -102,7 +102,6 @@ class RefreshPlan:
     masking: MaskingPlan
     sequences: list[SequencePlan]
     jobs: int
-    source_major: int = 0  # the source server's major version (0: unknown)
 
     @property
     def copied(self) -> list[TablePlan]:
@@ -147,8 +146,7 @@ def plan_refresh(settings: Settings, conn: psycopg.Connection, source: str, targ
         plans[label] = tp
     _read_blocks(conn, plans)
     jobs = cfg.jobs or os.cpu_count() or 2
-    return RefreshPlan(source, target, plans, fks, masking, _read_sequences(conn, tables, modes), jobs,
-                       source_major=conn.info.server_version // 10000)
+    return RefreshPlan(source, target, plans, fks, masking, _read_sequences(conn, tables, modes), jobs)
 
 
 def _check_dependencies(conn: psycopg.Connection, tables: dict[str, TableInfo], fks: list[ForeignKey],

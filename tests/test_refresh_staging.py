@@ -263,6 +263,36 @@ def test_excluded_and_truncated_tables(stack):
     assert {t.table: t.mode for t in report.tables}["audit_logs"] == "truncate"
 
 
+@pytest.mark.parametrize("damage,problem", [
+    ("UPDATE orders SET amount = amount + 0.01 WHERE id = (SELECT min(id) FROM orders)",
+     "table orders: checksum of the unmasked columns differs from the source"),
+    ("DELETE FROM user_profiles WHERE user_id = (SELECT min(user_id) FROM user_profiles)",
+     "table user_profiles: 2"),
+])
+def test_a_copy_that_differs_from_the_source_is_never_switched_in(stack, pg_server_dsn, damage, problem):
+    """The checks compare the copy with the source snapshot: damage done to the copy after
+    the load (a changed unmasked value, a lost row) fails the run, and staging stays."""
+    from dataops.errors import OperationFailed
+    from tasks.refresh import PlainSteps, copy_data
+
+    prod, stg, config = stack
+    before = checksums(stg)
+
+    class Damaging(PlainSteps):
+        @staticmethod
+        def copy_data(plan, snap, new, *args):
+            results = copy_data(plan, snap, new, *args)
+            with pg.connect(new.dsn) as conn:
+                assert conn.execute(damage).rowcount == 1
+                conn.commit()
+            return results
+
+    with pytest.raises(OperationFailed) as err:
+        refresh(load_settings(config()), steps=Damaging)
+    assert problem in err.value.message and "'staging' was left unchanged" in err.value.message
+    assert checksums(stg) == before and scratch_databases(pg_server_dsn) == []
+
+
 def test_guards_refuse_before_anything_is_written(stack, make_db, pg_server_dsn):
     prod, stg, config = stack
     before = checksums(stg)
