@@ -501,8 +501,8 @@ def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], ex
 
 
 def match_leaks(plan: RefreshPlan, workspace: Workspace, column_ids: ColumnIds) -> Matches:
-    """The digests the copy wrote, matched. Needs only the files, not the new copy: it runs
-    beside the index builds (~3 CPU-s at 12M rows, which would otherwise wait for them)."""
+    """The digests the copy wrote, matched. Needs only the files, not the new copy, so it
+    runs beside the index builds instead of after them (~1 CPU-s at 12M rows)."""
     return match_digests(plan.masking, column_ids.names(), workspace)
 
 

@@ -47,7 +47,8 @@ def test_seed_counts_are_exact_and_plausible(seeded):
     assert all(n > 0 for n in counts.values()), counts
     assert counts["users"] == 500
     assert counts["categories"] == 50
-    assert 1.6 * 500 < counts["user_emails"] < 2.3 * 500
+    # 1 primary + 0.75 * 1.2 extra + 0.02 repeats = 1.92 per user; 500 users put 3 sd at about +-0.09
+    assert 1.8 * 500 < counts["user_emails"] < 2.05 * 500
     assert 2.4 * 500 < counts["orders"] < 3.6 * 500
     assert 4.2 * 500 < counts["audit_logs"] < 5.8 * 500
     assert 0.7 * 500 < counts["user_profiles"] < 0.9 * 500
@@ -136,3 +137,18 @@ def test_seed_refuses_a_database_that_already_has_rows(seeded):
 def test_seed_needs_the_schema(db):
     with pytest.raises(BadInput, match='table "categories" does not exist.*create_schema'):
         seed(db, users=10)
+
+
+def test_the_same_seed_gives_the_same_rows_and_another_seed_other_rows(db, make_db):
+    """Benchmarks and the demo compare runs on seeded data: the seed must fix every row."""
+    from tasks.checksums import table_checksums
+
+    def seeded_sums(dsn, seed_value):
+        create_schema(dsn)
+        seed(dsn, users=200, seed=seed_value)
+        with pg.connect(dsn) as conn:
+            return {t: c.checksum for t, c in table_checksums(conn).items()}
+
+    first, again, other = seeded_sums(db, 3), seeded_sums(make_db("seed_again"), 3), seeded_sums(make_db("seed_other"), 4)
+    assert first == again
+    assert first["users"] != other["users"] and first["user_emails"] != other["user_emails"]
