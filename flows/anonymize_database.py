@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import load_settings
 from tasks.anonymize import AnonymizeReport, anonymize_task, guard_environment
 from tasks.reporting import markdown_table, publish_markdown

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import load_settings
 from tasks.backup import dump_task, preflight_task, write_manifest_task
 from tasks.catalog import Manifest

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import DataopsError, OperationFailed, SafetyRefusal
 from dataops.settings import load_settings
 from tasks import migrate

@@ -23,6 +23,7 @@ from prefect.input import RunInput
 from prefect.states import Cancelled
 from pydantic import Field
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import BadInput, DataopsError, OperationFailed
 from dataops.settings import Settings, load_settings
 from flows.rollback_migration import start_rollback

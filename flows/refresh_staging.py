@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import load_settings
 from tasks.refresh import PrefectSteps, RefreshReport, check_task, refresh
 from tasks.refresh_plan import resolve_environments

@@ -13,6 +13,7 @@ import time
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import load_settings
 from flows.run_transform import PROGRESS_EVERY_S, _gather
 from tasks.transform_batches import Options

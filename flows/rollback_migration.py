@@ -26,6 +26,7 @@ import time
 
 from prefect import flow, get_run_logger
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import BadInput, DataopsError, OperationFailed
 from dataops.settings import Settings, load_settings
 from tasks import migrate

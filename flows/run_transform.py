@@ -26,6 +26,7 @@ from prefect import flow, get_run_logger
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import OperationFailed, is_transient
 from dataops.settings import load_settings
 from tasks.transform_batches import Options

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import BadInput
 from dataops.settings import load_settings
 from tasks.reporting import publish_table

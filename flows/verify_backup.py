@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import DataopsError, OperationFailed
 from dataops.settings import Settings, load_settings
 from tasks.catalog import Manifest, Verification, get_backup, mark_verified
