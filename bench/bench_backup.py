@@ -730,29 +730,32 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
         a("")
         a("`flows.backup_database.backup_database('production', config=...)` in a child process against a Prefect "
           f"server of its own (`prefect server start --no-services --no-ui`, {flow['server_s']:.1f} s to start, not "
-          "counted), into moto S3, two runs in one process per configuration. The flow's process is the backup "
+          f"counted), into moto S3, two runs in each of {len(flow['shipped']['children'])} fresh processes. The flow's process is the backup "
           "process of `dataops backup`, so its peak RSS is the one the 200 MB target applies to in production.")
         a("")
-        a("| configuration | flow call, run 1 / run 2 | dump task | Prefect overhead vs plain `backup()` median "
-          "| RSS after imports | peak RSS | < 200 MB |")
+        a("| configuration | flow call: first run in its process (median; each) | second run (median; each) "
+          "| dump task, first runs | RSS after imports | peak RSS | < 200 MB |")
         a("| --- | --- | --- | --- | --- | --- | --- |")
-        for key, plain in (("shipped", s3),):
-            x = flow[key]
-            runs = x["flow_runs"]
-            a(f"| {key} | " + " / ".join(f"{r['call_s']:.2f} s" for r in runs) + " | "
-              + " / ".join(f"{r['dump_s']:.2f} s" for r in runs) + " | "
-              + " / ".join(f"{r['call_s'] - plain['wall']:+.2f} s" for r in runs)
-              + f" | {mib(x['rss_after_import'])} | {mib(x['peak_rss'])} ({x['peak_rss'] / 1e6:.0f} MB) | "
-              f"{ok(x['peak_rss'] < rss_limit)} |")
-        floor = flow["shipped"].get("empty_flow_s")
+        x = flow["shipped"]
+        firsts = [c["flow_runs"][0] for c in x["children"]]
+        seconds = [c["flow_runs"][-1] for c in x["children"]]
+
+        def each(rs: list, k: str = "call_s") -> str:
+            return f"{med([r[k] for r in rs]):.2f} s ({', '.join(f'{r[k]:.2f}' for r in rs)})"
+
+        a(f"| shipped | {each(firsts)} | {each(seconds)} | {each(firsts, 'dump_s')} | {mib(x['rss_after_import'])} | "
+          f"{mib(x['peak_rss'])} ({x['peak_rss'] / 1e6:.0f} MB) | {ok(x['peak_rss'] < rss_limit)} |")
+        first, second = med([r["call_s"] for r in firsts]), med([r["call_s"] for r in seconds])
+        a("")
+        a(f"- **The backup flow's wall time against `-Z0`** (the issue's target, <= 1.5): first run in a fresh process, "
+          f"as `dataops backup` runs it (boto3 imported and its client made inside the run), "
+          f"**{first / z0:.2f}x** {ok(first / z0 <= 1.5)}; a second run in the same process {second / z0:.2f}x "
+          f"{ok(second / z0 <= 1.5)}. Plain `backup()` into moto S3 (median above): {s3['wall'] / z0:.2f}x.")
+        floor = x.get("empty_flow_s")
         if floor:
-            a("")
             a(f"- Prefect's floor here: a flow that does nothing, run right after in the same process against the same "
-              f"server, took {' / '.join(f'{t:.2f} s' for t in floor)}. That constant (creating, starting and "
-              f"finishing a flow run through the API) is what the flow adds to `backup()`; the dump task itself "
-              f"took what `backup()` takes. A larger database amortizes it: the dump scales with the data, the floor "
-              f"does not. The flow's second run against `-Z0`: "
-              f"{flow['shipped']['flow_runs'][-1]['call_s'] / z0:.2f}x.")
+              f"server, took {' / '.join(f'{t:.2f} s' for t in floor)} (1.08 s before flows/engine.py stopped Prefect "
+              "waiting on its heartbeat thread at the end of every run).")
     a("")
     a(f"Whole benchmark run: {ctx['total_s']:.0f} s (database build {b.seed_s:.0f} s).")
     return "\n".join(L) + "\n"
@@ -819,9 +822,15 @@ def main() -> None:
             for key, how in (("shipped", {}),):
                 cfg = b.tmp / f"dataops-{key}.yaml"
                 cfg.write_text(yaml.safe_dump(b.settings_dict("s3", how.get("backups")), sort_keys=False))
-                flow[key] = b.run_child({"kind": "flow", "config": str(cfg), "runs": 2},
-                                        env={"PREFECT_API_URL": url})
-                print(f"flow {key}: " + ", ".join(f"{x['call_s']:.2f} s" for x in flow[key]["flow_runs"]), flush=True)
+                children = []
+                for _ in range(args.repeat):  # a fresh process each time: its first run is `dataops backup`'s
+                    children.append(b.run_child({"kind": "flow", "config": str(cfg), "runs": 2},
+                                                env={"PREFECT_API_URL": url}))
+                    print(f"flow {key}: " + ", ".join(f"{x['call_s']:.2f} s" for x in children[-1]["flow_runs"]),
+                          flush=True)
+                flow[key] = {"children": children, "peak_rss": max(c["peak_rss"] for c in children),
+                             "rss_after_import": max(c["rss_after_import"] for c in children),
+                             "empty_flow_s": children[-1].get("empty_flow_s")}
 
         ctx.update(total_s=time.monotonic() - started, load0=load0, loads=loads,
                    load1=" / ".join(f"{x:.2f}" for x in os.getloadavg()),
