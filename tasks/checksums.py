@@ -31,7 +31,8 @@ used only where equal means identical, and is corrected where it is not:
 - text and varchar by their bytes (`COLLATE "C"`, so a case-insensitive collation does
   not hide a change).
 - enums by their label, never by OID (OIDs differ in a restored copy): the labels' hashes
-  are looked up once and the column is mapped with a CASE on the enum.
+  are looked up once and the column is mapped with a CASE on the enum, its most common
+  labels first.
 - everything else (float4/8, jsonb, json, arrays, composites, bytea, interval, money,
   char(n), ...) by its text form, with the output settings pinned (floats print the
   shortest exact form, so -0 and 0 differ).
@@ -170,7 +171,18 @@ def _typed_hash(cur: psycopg.Cursor, col: _Column, seed: str, chain: bool) -> st
     return template.format(v=v, s=seed)
 
 
-def _column_hash(cur: psycopg.Cursor, col: _Column) -> sql.Composable:
+def _by_frequency(cur: psycopg.Cursor, schema: str, table: str, column: str,
+                  labels: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The labels with the column's most common values first (pg_stats, when ANALYZE has
+    run): a CASE stops at its first match, so on skewed data (most orders 'delivered')
+    most rows take one comparison. The order changes the speed, never the result."""
+    row = cur.execute("SELECT most_common_vals::text::text[] FROM pg_catalog.pg_stats "
+                      "WHERE schemaname = %s AND tablename = %s AND attname = %s", (schema, table, column)).fetchone()
+    common = {label: i for i, label in enumerate(row[0] if row and row[0] else [])}
+    return sorted(labels, key=lambda lh: common.get(lh[0], len(common)))
+
+
+def _column_hash(cur: psycopg.Cursor, col: _Column, schema: str, table: str) -> sql.Composable:
     v = sql.Identifier(col.name).as_string(cur)
     seed = _int8(_seed(col.name, "value"))
     if col.is_enum and not col.is_domain:
@@ -182,6 +194,7 @@ def _column_hash(cur: psycopg.Cursor, col: _Column) -> sql.Composable:
             # Comparing enums compares OIDs: far cheaper than printing each label. The
             # ELSE (NULL, or a label added after this query was built) gives the same
             # hash the labels' constants were computed with.
+            labels = _by_frequency(cur, schema, table, col.name, labels)
             whens = " ".join(f"WHEN {sql.Literal(label).as_string(cur)} THEN {_int8(h)}" for label, h in labels)
             expr = f"CASE {v} {whens} ELSE {fallback} END"
         else:
@@ -205,7 +218,7 @@ def row_hash_sql(conn: psycopg.Connection, schema: str, table: str, columns: lis
             raise BadInput(f'column "{given}" does not exist in table "{schema}.{table}"')
     chosen = [c for c in all_columns if (columns is None or c.name in columns) and c.name not in (exclude or [])]
     start = _int8(_seed("\x1f".join(sorted(c.name for c in chosen)), "chain"))
-    seed = " # ".join([start] + [_column_hash(cur, c).as_string(cur) for c in chosen if not _chained(c)])
+    seed = " # ".join([start] + [_column_hash(cur, c, schema, table).as_string(cur) for c in chosen if not _chained(c)])
     chain = sorted((c for c in chosen if _chained(c)), key=lambda c: c.name)
     if not chain:
         row = f"pg_catalog.hashint8extended(0, {seed})"

@@ -182,3 +182,27 @@ def test_pg_dump_restore_copy_has_the_same_checksums(data, make_db):
         enum_oid = "SELECT oid FROM pg_enum WHERE enumlabel = 'ok'"
         assert a.execute(enum_oid).fetchone() != b.execute(enum_oid).fetchone()
         assert table_checksums(a) == table_checksums(b)
+
+
+def test_an_enum_is_matched_most_common_label_first_with_the_same_checksum(make_db):
+    """The CASE that maps an enum's labels tries the column's most common values first
+    (after ANALYZE); only the speed changes, never the checksum."""
+    from tasks.checksums import checksum_sql
+
+    db = make_db("enumfreq")
+    with pg.connect(db, autocommit=True) as conn:
+        conn.execute("CREATE TYPE mood AS ENUM ('happy', 'ok', 'sad'); CREATE TABLE t (id int, m mood);"
+                     "INSERT INTO t SELECT g, CASE WHEN g % 10 = 0 THEN 'ok' WHEN g % 33 = 0 THEN NULL "
+                     "ELSE 'sad' END::mood FROM generate_series(1, 400) g")
+
+        def whens() -> list[str]:
+            text = checksum_sql(conn, "public", "t")[0].as_string(conn)
+            return sorted(("happy", "ok", "sad"), key=lambda w: text.index(f"WHEN '{w}'"))
+
+        before = table_checksum(conn, "public", "t")
+        assert whens() == ["happy", "ok", "sad"]  # no statistics yet: the enum's own order
+        conn.execute("ANALYZE t")
+        assert whens() == ["sad", "ok", "happy"]
+        assert table_checksum(conn, "public", "t") == before
+        conn.execute("UPDATE t SET m = 'happy' WHERE id = 7")  # and a change still shows
+        assert table_checksum(conn, "public", "t") != before
