@@ -22,6 +22,11 @@ def seeded(pg_server_dsn):
     pg.drop_database(pg_server_dsn, name)
 
 
+def rows_of(dsn, query):
+    with pg.connect(dsn) as conn:
+        return conn.execute(query).fetchall()
+
+
 def scalar(dsn, query, *params):
     with pg.connect(dsn) as conn:
         return conn.execute(query, params or None).fetchone()[0]
@@ -47,8 +52,14 @@ def test_seed_counts_are_exact_and_plausible(seeded):
     assert all(n > 0 for n in counts.values()), counts
     assert counts["users"] == 500
     assert counts["categories"] == 50
-    # 1 primary + 0.75 * 1.2 extra + 0.02 repeats = 1.92 per user; 500 users put 3 sd at about +-0.09
-    assert 1.8 * 500 < counts["user_emails"] < 2.05 * 500
+    # Per user: the primary, 0, 1 or 2 extra addresses (each number for some users), and at
+    # most one repeat of one of them (equal after lower(trim())).
+    per_user = rows_of(dsn, """SELECT count(DISTINCT lower(trim(email))), count(*) FROM user_emails
+                                   GROUP BY user_id""")
+    assert len(per_user) == 500
+    assert {addresses for addresses, _ in per_user} == {1, 2, 3}
+    assert all(0 <= rows - addresses <= 1 for addresses, rows in per_user)
+    assert sum(rows for _, rows in per_user) == counts["user_emails"]
     assert 2.4 * 500 < counts["orders"] < 3.6 * 500
     assert 4.2 * 500 < counts["audit_logs"] < 5.8 * 500
     assert 0.7 * 500 < counts["user_profiles"] < 0.9 * 500
