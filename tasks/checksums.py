@@ -238,7 +238,8 @@ def checksum_sql(conn: psycopg.Connection, schema: str, table: str, columns: lis
 
 
 def checksum_text(rows: int, total) -> str:
-    """The checksum string of `rows` rows whose row hashes sum to `total` (numeric, any width)."""
+    """The checksum string of `rows` rows whose row hashes sum to `total`. The sum is
+    numeric, so it cannot overflow; mod 2^64 fixes its width."""
     return f"{rows}:{int(total or 0) % _TWO_64:016x}"
 
 
@@ -253,7 +254,6 @@ def table_checksum(conn: psycopg.Connection, schema: str, table: str, columns: l
     cur = conn.cursor(row_factory=tuple_row)
     with pinned_settings(conn, STABLE_OUTPUT):
         rows, total = cur.execute(query).fetchone()
-    # the sum is numeric: it cannot overflow, and mod 2^64 fixes its width
     return TableChecksum(table=table_label(schema, table), rows=rows, checksum=checksum_text(rows, total),
                          columns=chosen)
 

@@ -46,6 +46,7 @@ from dataops.settings import Environment, Settings
 from tasks import pg
 from tasks.anonymize_rules import regclass, split_label
 from tasks.checks import DeclaredForeignKeys
+from tasks.checksums import checksum_text, row_hash_sql
 from tasks.leak_scan import LeakReport, Matches, Workspace, build_report, match_digests
 from tasks.masking import fill_pools
 from tasks.refresh_copy import CopyJob, CopyResult, run_jobs
@@ -373,8 +374,6 @@ def _checksum(conn: psycopg.Connection, tp: TablePlan, columns: list[str], keep=
               extra: list[sql.Composable] = ()) -> tuple:
     """count(*) and the checksum of `columns` (tasks.checksums' row hash, the one validate
     uses) over the rows `keep` selects, plus extras."""
-    from tasks.checksums import checksum_text, row_hash_sql
-
     schema, table = split_label(tp.label)
     row, _ = row_hash_sql(conn, schema, table, columns) if columns else ("0", ())
     with_ = sql.SQL("WITH RECURSIVE {} ").format(sql.SQL(", ").join(ctes)) if ctes else sql.SQL("")
