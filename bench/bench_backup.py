@@ -364,6 +364,23 @@ class Bench:
                "python": c1["self"] - c0["self"], "moto": 0.0}
         return {"call_s": wall, "size": total, "pg_dump_rss": sampler.peak_of("pg_dump"), "cpu": cpu}
 
+    def row_counts(self) -> list[tuple[int, float, float]]:
+        """The manifest's row counts (`pg.row_counts`, count(*) per table) with and without
+        parallel workers, on an idle machine: (workers, wall s, PostgreSQL CPU s), best of 3."""
+        from tasks import pg
+
+        out = []
+        with pg.connect(self.dsn, autocommit=True) as conn:
+            for workers in (2, 0):
+                conn.execute(f"SET max_parallel_workers_per_gather = {workers}")
+                best = (float("inf"), 0.0)
+                for _ in range(3):
+                    c0, t0 = self.cpu_now()["postgres"], time.monotonic()
+                    pg.row_counts(conn)
+                    best = min(best, (time.monotonic() - t0, self.cpu_now()["postgres"] - c0))
+                out.append((workers, *best))
+        return out
+
     def codecs(self) -> list[tuple[str, float, int]]:
         """zstd alone on the -Z0 archive (in memory, one thread): CPU seconds (best of 3) and size
         for the shipped parameters against zstd's own level 3 and the previous tuning."""
@@ -713,6 +730,19 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
         a("| --- | --- | --- | --- |")
         for label, cpu, size in ctx["codecs"]:
             a(f"| {label} | {cpu:.2f} | {mib(size)} | {size / gzip_size:.3f} |")
+    if ctx.get("counts"):
+        a("")
+        a("### Row counts for the manifest")
+        a("")
+        a("`pg.row_counts` (an exact count(*) per table) on the same database with nothing else running, best of 3. "
+          "The backup counts in pg_dump's snapshot while the dump runs, so every CPU-second it takes is one the dump "
+          "does not get; it counts without parallel workers.")
+        a("")
+        a("| parallel workers | wall time | PostgreSQL CPU s |")
+        a("| --- | --- | --- |")
+        for workers, wall, cpu in ctx["counts"]:
+            shipped = " (the backup's setting)" if workers == 0 else " (the server's default)"
+            a(f"| {workers}{shipped} | {wall:.2f} s | {cpu:.2f} |")
     if variants:
         a("")
         a("### Other settings (one run each, into moto S3; single runs, so noisy)")
@@ -811,6 +841,7 @@ def main() -> None:
             f[k]["paired"] = med([x["call_s"] / z["call_s"] for x, z in zip(runs[k], runs["z0"])])
 
         codecs = b.codecs()
+        counts = b.row_counts()
         variants = []
         if not args.no_variants:
             for label, how in VARIANTS:
@@ -841,6 +872,7 @@ def main() -> None:
                    load1=" / ".join(f"{x:.2f}" for x in os.getloadavg()),
                    date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
         ctx["codecs"] = codecs
+        ctx["counts"] = counts
         section = report(b, f, variants, flow, ctx)
     finally:
         b.stop()

@@ -670,6 +670,17 @@ def render(setup: dict, micro_r: dict, copies: list[dict], refreshes: list[dict]
                        unit=" MB"))
     out += ["", f"CPU seconds, refresh / copy (median): {cpu_ratio:.2f}; on 2 cores the refresh's work runs in "
             "parallel, the copy's is a pipeline of mostly one core at a time."]
+    cores = os.cpu_count() or 1
+    refresh_cpu = _median([r["cpu"]["server"] + r["cpu"]["client"] for r in refreshes])
+    for name, r in tools.items():
+        if "cpu" in r and r["seconds"] < wall:
+            tool_cpu = r["cpu"]["server"] + r["cpu"]["client"]
+            out += ["", f"Against {name}: no schedule gets a run below its CPU seconds / {cores} cores. The refresh "
+                    f"takes {refresh_cpu:.0f} CPU-s (median), so at least {refresh_cpu / cores:.1f} s here even with "
+                    f"every core busy all the time, against {name}'s {r['seconds']:.1f} s ({tool_cpu:.0f} CPU-s). "
+                    f"To finish first it would have to use less than {r['seconds'] * cores:.0f} CPU-s and keep "
+                    f"every core busy the whole run; it uses {refresh_cpu - tool_cpu:.0f} CPU-s more than {name} "
+                    "(the keyed masking of each value, the checksums of both sides, the leak scan)."]
     return "\n".join(out) + "\n"
 
 
