@@ -27,7 +27,7 @@ from tasks import pg
 from tasks.catalog import Manifest, dump_key, new_backup_id, write_manifest
 from tasks.schema import catalog_snapshot, fingerprint
 from tasks.storage import Storage, open_storage
-from tasks.streams import HashingReader, Process, compress_reader
+from tasks.streams import HashingReader, Process, compress_reader, return_big_buffers
 
 log = logging.getLogger("dataops.backup")
 
@@ -55,6 +55,7 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
     Any failure (pg_dump error, lost connection, upload error) aborts the multipart
     upload, so no object is left under the dump's key.
     """
+    return_big_buffers()
     storage = storage or open_storage(settings.storage)
     backup_id = backup_id or new_backup_id()
     cfg = settings.backups
