@@ -181,7 +181,6 @@ def widen_pipe(fd: int) -> None:
         pass
 
 
-BIG_BUFFER = CHUNK
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 
 
@@ -199,7 +198,7 @@ def return_big_buffers() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, BIG_BUFFER)
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, CHUNK)  # the pipe reads' size
     except (OSError, AttributeError):
         pass
 
