@@ -6,12 +6,12 @@ What it does, in one run:
 
 1. Starts an embedded PostgreSQL (pgserver) in a temporary folder and a moto S3 server on
    127.0.0.1, as the tests do.
-2. Builds the sample application's database (tasks.sample_app: Faker-pooled names,
+2. Builds the sample application's database (dataops.dev.sample_app: Faker-pooled names,
    addresses, emails, jsonb, inet, timestamps, numerics) sized so that its two big tables,
    orders and audit_logs, hold at least --rows rows together; then VACUUM ANALYZE.
 3. Measures, interleaved round by round, --repeat times each (median reported):
    - `pg_dump -Fc` (default gzip) and `pg_dump -Fc -Z0`, stdout read and discarded;
-   - the product's backup, `tasks.backup.backup(settings, 'production')`, in a separate
+   - the product's backup, `dataops.tasks.backup.dump.backup(settings, 'production')`, in a separate
      child process (so its peak RSS is its own), into the moto S3 bucket and into a
      file:// folder;
    - the same dump_to_storage pipeline into a storage that discards the bytes, which
@@ -19,7 +19,7 @@ What it does, in one run:
    - the same backups with `compression_threads: 2` (two zstd workers instead of the
      shipped one-per-core-beside-the-backend, which is one on 2 cores).
 4. Optionally: a few compression/transfer settings once each, and the Prefect flow
-   (flows.backup_database) against a Prefect server of its own whose start is not timed.
+   (dataops.flows.backup_database) against a Prefect server of its own whose start is not timed.
 5. Writes the section "## Backup (issue 2)" of bench/RESULTS.md (other sections are kept).
 
 The backup's time is measured inside the child around the backup() call (imports and
@@ -91,15 +91,15 @@ def child_main(spec_path: str) -> None:
         return
     t_import = time.monotonic()
     if spec["kind"] == "flow":
-        from flows.backup_database import backup_database  # noqa: F401 - imported before the timer
+        from dataops.flows.backup_database import backup_database  # noqa: F401 - imported before the timer
     from dataops.settings import parse_settings
-    from tasks.backup import backup, dump_to_storage, preflight
-    from tasks.storage import Storage
+    from dataops.tasks.backup.dump import backup, dump_to_storage, preflight
+    from dataops.tasks.backup.storage import Storage
 
     out: dict = {"import_s": round(time.monotonic() - t_import, 3), "rss_after_import": _proc_status("VmRSS")}
 
     if spec["kind"] == "flow":
-        from flows.backup_database import backup_database
+        from dataops.flows.backup_database import backup_database
 
         runs = []
         for _ in range(spec.get("runs", 2)):
@@ -222,7 +222,7 @@ class Bench:
         from moto.server import ThreadedMotoServer
 
         from dataops.dsn import Dsn
-        from tasks import pg
+        from dataops.tasks import pg
 
         # pgserver needs a short path: the unix socket path is limited to ~100 bytes.
         self.pgdata = Path(tempfile.mkdtemp(prefix="dopg-"))
@@ -289,7 +289,8 @@ class Bench:
         shutil.rmtree(getattr(self, "pgdata", self.tmp), ignore_errors=True)
 
     def build_database(self) -> None:
-        from tasks import pg, sample_app
+        from dataops.dev import sample_app
+        from dataops.tasks import pg
 
         # orders ~3 and audit_logs ~5 rows per user: size the users so the two reach --rows.
         users = max(1000, int(self.args.rows / 8 * 1.02) + 1)
@@ -367,7 +368,7 @@ class Bench:
     def row_counts(self) -> list[tuple[int, float, float]]:
         """The manifest's row counts (`pg.row_counts`, count(*) per table) with and without
         parallel workers, on an idle machine: (workers, wall s, PostgreSQL CPU s), best of 3."""
-        from tasks import pg
+        from dataops.tasks import pg
 
         out = []
         with pg.connect(self.dsn, autocommit=True) as conn:
@@ -386,7 +387,7 @@ class Bench:
         for the shipped parameters against zstd's own level 3 and the previous tuning."""
         import zstandard
 
-        from tasks.streams import HASH_LOG, compression_params
+        from dataops.tasks.backup.streams import HASH_LOG, compression_params
 
         archive = self.tmp / "z0.dump"
         conninfo, secret_env = self.dsn.libpq_args()
@@ -618,7 +619,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a = L.append
     a(SECTION)
     a("")
-    a("`bench/bench_backup.py` (`make bench`): the product's backup, `tasks.backup.backup(settings, 'production')` "
+    a("`bench/bench_backup.py` (`make bench`): the product's backup, `dataops.tasks.backup.dump.backup(settings, 'production')` "
       "(pg_dump `-Z0` piped through SHA-256 and multi-threaded zstd into storage, then the manifest), against "
       "`pg_dump -Fc` with its default compression and with `-Z0`, both read from a pipe and thrown away. "
       f"Every figure in the first table is the median of {ctx['repeat']} runs, interleaved round by round "
@@ -641,7 +642,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a(f"| storage | moto {moto.__version__} `ThreadedMotoServer` on 127.0.0.1 (in the benchmark's own process) via "
       f"boto3 {boto3.__version__}, multipart {ctx['chunk_mb']} MiB x {ctx['concurrency']}; and a `file://` folder "
       "on the local disk (written, fsync'd, renamed) |")
-    a(f"| data | `tasks.sample_app.create_schema` + `seed(users={c['users']:,})`: **{c['orders'] + c['audit_logs']:,} rows "
+    a(f"| data | `dataops.dev.sample_app.create_schema` + `seed(users={c['users']:,})`: **{c['orders'] + c['audit_logs']:,} rows "
       f"in its two big tables**: orders {c['orders']:,} (bigint ids, numeric amounts, status text, timestamptz) and "
       f"audit_logs {c['audit_logs']:,} (inet, user-agent text, jsonb details, timestamptz); {sum(c.values()):,} rows "
       f"over all 9 tables (users {c['users']:,} with Faker-pooled names, addresses, phones; user_emails "
@@ -675,7 +676,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
       f"included) added, took {s3['proc']:.2f} s (S3) / {fl['proc']:.2f} s (file).")
     a(f"- Peak RSS (Python): VmHWM of that child, exact (`ru_maxrss` is not used: it carries the parent's size over "
       f"the exec). The imports alone bring it to {mib(s3['import_rss'])} before any work (`import prefect` alone: "
-      f"+{mib(ctx['prefect_rss'])}; `tasks.backup` imports it at module level for its task wrappers). "
+      f"+{mib(ctx['prefect_rss'])}; `dataops.tasks.backup.dump` imports it at module level for its task wrappers). "
       f"pg_dump's RSS is sampled every 100 ms; Python + pg_dump sampled together peaked at {mib(s3['tree'])}.")
     a(f"- The last backup of each kind was read back, decompressed and fed to `pg_restore -f /dev/null`: "
       f"S3 {s3['restorable']}, file {fl['restorable']}; every stored object's size was checked against its manifest.")
@@ -758,7 +759,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
         a("")
         a("### Prefect flow (what `dataops backup` runs)")
         a("")
-        a("`flows.backup_database.backup_database('production', config=...)` in a child process against a Prefect "
+        a("`dataops.flows.backup_database.backup_database('production', config=...)` in a child process against a Prefect "
           f"server of its own (`prefect server start --no-services --no-ui`, {flow['server_s']:.1f} s to start, not "
           f"counted), into moto S3 and into a folder, two runs in each of {len(flow['s3']['children'])} fresh processes. The flow's process is the backup "
           "process of `dataops backup`, so its peak RSS is the one the 200 MB target applies to in production.")
@@ -817,7 +818,7 @@ def main() -> None:
         b.start()
         b.build_database()
         from dataops.settings import BackupSettings, StorageSettings
-        from tasks.streams import zstd_workers
+        from dataops.tasks.backup.streams import zstd_workers
 
         ctx = {"repeat": args.repeat, "level": BackupSettings().compression_level,
                "threads": BackupSettings().compression_threads,

@@ -5,13 +5,13 @@
 What it does, in one run:
 
 1. Starts an embedded PostgreSQL (pgserver) in a temporary folder, builds the sample
-   application's database (tasks.sample_app, --users users) at revision 0002, VACUUM ANALYZE.
+   application's database (dataops.dev.sample_app, --users users) at revision 0002, VACUUM ANALYZE.
 2. "Application" writers: --writers threads, each on its own connection in autocommit,
    looping over three statements (UPDATE an order, UPDATE a user, INSERT a user) on random
    rows and recording every statement's latency.
 3. Scenarios, each on a fresh copy of the database (CREATE DATABASE ... TEMPLATE), the
    writers running from 1 s before to 1 s after the migration:
-   - safe: the example revisions 0003..0008 through tasks.migrate.upgrade (advisory lock,
+   - safe: the example revisions 0003..0008 through dataops.tasks.migration.migrate.upgrade (advisory lock,
      one transaction per revision, SET LOCAL timeouts, CREATE INDEX CONCURRENTLY, batched
      backfill, NOT VALID + VALIDATE, SET NOT NULL using the validated check);
    - naive: the same end schema in one transaction the way it is often written (plain
@@ -126,7 +126,7 @@ class Writers:
 def copy_db(server, src: str, name: str):
     from psycopg import sql
 
-    from tasks import pg
+    from dataops.tasks import pg
 
     pg.drop_database(server, name)
     with pg.connect(server, autocommit=True, dbname="postgres") as conn:
@@ -148,9 +148,9 @@ def with_writers(dsn, args, counts, fn) -> dict:
 
 
 def scenario_safe(server, args, counts) -> dict:
-    from tasks.migrate import MigrationTarget, upgrade
-    from tasks.schema import schema_fingerprint
-    from tasks import pg
+    from dataops.tasks import pg
+    from dataops.tasks.migration.migrate import MigrationTarget, upgrade
+    from dataops.tasks.schema import schema_fingerprint
 
     dsn = copy_db(server, "bench_src", "bench_safe")
     result = with_writers(dsn, args, counts, lambda: upgrade(MigrationTarget(dsn, MIGRATIONS), "0008"))
@@ -160,8 +160,8 @@ def scenario_safe(server, args, counts) -> dict:
 
 
 def scenario_naive(server, args, counts) -> dict:
-    from tasks import pg
-    from tasks.schema import schema_fingerprint
+    from dataops.tasks import pg
+    from dataops.tasks.schema import schema_fingerprint
 
     dsn = copy_db(server, "bench_src", "bench_naive")
 
@@ -180,7 +180,7 @@ def scenario_lock_queue(server, args, counts, lock_timeout: str) -> dict:
     import psycopg
 
     from dataops.settings import MigrationSettings
-    from tasks.migrate import MigrationTarget, upgrade
+    from dataops.tasks.migration.migrate import MigrationTarget, upgrade
 
     dsn = copy_db(server, "bench_src", f"bench_queue_{lock_timeout.replace(' ', '')}")
     opts = MigrationSettings(lock_timeout=lock_timeout, lock_retries=10, lock_retry_delay_s=0.5)
@@ -200,11 +200,11 @@ def scenario_lock_queue(server, args, counts, lock_timeout: str) -> dict:
 
 def time_preflight(server, counts) -> dict:
     from dataops.settings import parse_settings
-    from tasks.migrate import MigrationTarget, plan, round_trip
-    from tasks.migration_lint import lint
-    from tasks.migration_preflight import preflight
-    from tasks.restore import scratch_name
-    from tasks import pg
+    from dataops.tasks import pg
+    from dataops.tasks.backup.restore import scratch_name
+    from dataops.tasks.migration.lint import lint
+    from dataops.tasks.migration.migrate import MigrationTarget, plan, round_trip
+    from dataops.tasks.migration.preflight import preflight
 
     dsn = server.with_database("bench_src")
     settings = parse_settings({"environments": {"bench": {"role": "staging", "database_url": dsn.secret()}},
@@ -256,7 +256,7 @@ def render(args, counts, load0, load1, seed_s, results, pre) -> str:
     lines = [
         SECTION, "",
         "`bench/bench_migrations.py`: what the application's writers feel while a migration runs, the safe way "
-        "(`tasks.migrate.upgrade`, the example revisions) against the same change written naively, and the lock "
+        "(`dataops.tasks.migration.migrate.upgrade`, the example revisions) against the same change written naively, and the lock "
         "queue that `lock_timeout` prevents. One run of each scenario (latencies of every writer statement).", "",
         "### Setup", "", "| | |", "| --- | --- |",
         f"| date | {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC |",
@@ -309,10 +309,10 @@ def main() -> None:
     _prepare_environ()
     import pgserver
 
+    from dataops.dev.sample_app import create_schema, seed
     from dataops.dsn import Dsn
-    from tasks import pg
-    from tasks.migrate import MigrationTarget, stamp
-    from tasks.sample_app import create_schema, seed
+    from dataops.tasks import pg
+    from dataops.tasks.migration.migrate import MigrationTarget, stamp
 
     load0 = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     pgdata = Path(tempfile.mkdtemp(prefix="dobm-"))
@@ -330,7 +330,7 @@ def main() -> None:
             conn.execute("VACUUM ANALYZE")
         print(f"seeded {counts} in {seed_s:.1f} s", flush=True)
         results = []
-        for label, fn in (("safe: `tasks.migrate.upgrade` 0002 -> 0008", lambda: scenario_safe(server, args, counts)),
+        for label, fn in (("safe: `dataops.tasks.migration.migrate.upgrade` 0002 -> 0008", lambda: scenario_safe(server, args, counts)),
                           ("naive: one transaction, plain index, one UPDATE", lambda: scenario_naive(server, args, counts)),
                           ("lock queue, revision 0003, lock_timeout 200ms (retried)",
                            lambda: scenario_lock_queue(server, args, counts, "200ms")),

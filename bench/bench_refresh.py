@@ -9,13 +9,13 @@ The tools' virtualenv (default .venv-bench-tools, git-ignored):
 
 What it does, in one run, on one embedded PostgreSQL 16 (pgserver) holding every database:
 
-1. Seeds `bench_prod` with the sample application (tasks.sample_app, --users users; kept
+1. Seeds `bench_prod` with the sample application (dataops.dev.sample_app, --users users; kept
    under --root and reused by the next run when the user count matches), VACUUM ANALYZE.
 2. Micro-measures the masking itself in Python: one Faker call; four columns masked by a
    Faker call per value; the same four columns masked by the product (pools + HMAC, the
-   real row loop of tasks.refresh_copy); the same rows streamed without masking.
+   real row loop of dataops.tasks.refresh.table_copy); the same rows streamed without masking.
 3. `pg_dump -Fc -Z0 bench_prod | pg_restore` into a new database: the limit for a copy.
-4. The product: `tasks.refresh.refresh(settings)` in a child process (plan, copy with the
+4. The product: `dataops.tasks.refresh.steps.refresh(settings)` in a child process (plan, copy with the
    masking in the stream, indexes and constraints, validation with the leak scan, switch),
    with the sample app's rules (dataops dev up's) minus the row deletion, so that every tool
    copies the same rows. Peak memory: RSS of the child and of its children (copy workers,
@@ -287,8 +287,8 @@ def start_server(pgdata: Path):
 
 
 def ensure_seeded(base, users: int) -> dict[str, int]:
-    from tasks import pg
-    from tasks.sample_app import create_schema, seed
+    from dataops.dev.sample_app import create_schema, seed
+    from dataops.tasks import pg
 
     prod = base.with_database("bench_prod")
     if pg.database_exists(base, "bench_prod"):
@@ -313,7 +313,7 @@ def ensure_seeded(base, users: int) -> dict[str, int]:
 
 
 def fresh_db(base, name: str) -> None:
-    from tasks import pg
+    from dataops.tasks import pg
 
     pg.drop_database(base, name)
     pg.create_database(base, name)
@@ -332,13 +332,13 @@ def micro(base) -> dict:
     import psycopg
     from faker import Faker
 
+    from dataops.dev.sample_app import create_schema
     from dataops.settings import ColumnRule
-    from tasks import pg
-    from tasks.anonymize_rules import read_tables
-    from tasks.leak_scan import Workspace
-    from tasks.masking import Keyed, compile_rule
-    from tasks.refresh_copy import CopyJob, run_copy_job
-    from tasks.sample_app import create_schema
+    from dataops.tasks import pg
+    from dataops.tasks.anonymize.leak_scan import Workspace
+    from dataops.tasks.anonymize.masking import Keyed, compile_rule
+    from dataops.tasks.anonymize.rules import read_tables
+    from dataops.tasks.refresh.table_copy import CopyJob, run_copy_job
 
     fake = Faker("en_US")
     fake.seed_instance(1)
@@ -411,7 +411,7 @@ def write_config(path: Path, base) -> None:
 def child(config: str, out: str) -> None:
     """Runs in the child process: the refresh, timed around the call (imports excluded)."""
     from dataops.settings import load_settings
-    from tasks.refresh import refresh
+    from dataops.tasks.refresh.steps import refresh
 
     t0 = time.monotonic()
     r = refresh(load_settings(config))
@@ -423,7 +423,7 @@ def child(config: str, out: str) -> None:
 
 
 def run_refresh(base, workdir: Path) -> dict:
-    from tasks import pg
+    from dataops.tasks import pg
 
     if not pg.database_exists(base, "bench_stg"):
         pg.create_database(base, "bench_stg")
@@ -522,7 +522,7 @@ def verify_copy(base, name: str) -> str:
     bench_prod's in every table; in the first VERIFY_SAMPLE rows by id of users and
     user_emails, the share of non-NULL values of each masked column that differ from the
     source's; values left in the nulled inet columns."""
-    from tasks import pg
+    from dataops.tasks import pg
 
     prod = base.with_database("bench_prod")
     with pg.connect(prod) as src, pg.connect(base.with_database(name)) as dst:
@@ -590,7 +590,7 @@ def render(setup: dict, micro_r: dict, copies: list[dict], refreshes: list[dict]
     last = refreshes[-1]
     runs = "one run" if n == 1 else f"{n} runs each, alternating (copy, refresh, copy, refresh...); medians"
     out = [SECTION, "",
-           "`bench/bench_refresh.py`: `tasks.refresh.refresh()` (what `dataops refresh-staging` and the "
+           "`bench/bench_refresh.py`: `dataops.tasks.refresh.steps.refresh()` (what `dataops refresh-staging` and the "
            "refresh-staging flow run) against `pg_dump -Fc -Z0 | pg_restore` of the same database and against "
            f"pg_anon and pganonymize masking the same columns. The copy and the refresh: {runs}; each tool: one "
            "run. All on one embedded PostgreSQL holding every database, in one invocation of the script.",
@@ -713,8 +713,9 @@ def main() -> None:
         child(*args.child)
         return
 
-    from dataops.dsn import Dsn
     from pgserver._commands import POSTGRES_BIN_PATH
+
+    from dataops.dsn import Dsn
 
     started = time.monotonic()
     load_start = _load()
@@ -789,7 +790,7 @@ def main() -> None:
         old = kept.get("tools", {}) if kept.get("users") == args.users else {}
         saved.write_text(json.dumps({"users": args.users, "tools": {**old, **fresh}}))
     setup["load_end"] = _load()
-    from tasks import pg
+    from dataops.tasks import pg
 
     for name in ("bench_copy", "bench_pg_anon", "bench_pganonymize", "bench_stream"):
         pg.drop_database(base, name)

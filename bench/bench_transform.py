@@ -6,7 +6,7 @@ What it does, in one run:
 
 1. Starts an embedded PostgreSQL (pgserver) in a temporary folder and builds a template
    database: the sample application's schema with --users users (the seeder's own rows,
-   through tasks.sample_app's user generator; the other tables stay empty because the
+   through dataops.dev.sample_app's user generator; the other tables stay empty because the
    full_name split reads only users), then VACUUM (FREEZE, ANALYZE) and a CHECKPOINT.
 2. Every measurement runs on a fresh copy (CREATE DATABASE ... TEMPLATE), after a CHECKPOINT:
    - one set-based UPDATE of the whole table (the full_name split in SQL);
@@ -14,7 +14,7 @@ What it does, in one run:
      loop a careful engineer would write;
    - the seed-style loop: one UPDATE per row, committed every 100 rows (on the first
      50,000 rows only: the whole table would take minutes);
-   - the product, `tasks.transform_engine` in-process: the SQL variant of the split (SET),
+   - the product, `dataops.tasks.transform.engine` in-process: the SQL variant of the split (SET),
      the pandas variant (change(df)), both without a snapshot so that they do the same work
      as the baselines, and the shipped module (pandas, with its snapshot). Phases are
      timed apart: prepare (lock, ranges, validation baseline, snapshot), batches, checks.
@@ -83,8 +83,8 @@ def _vm(field: str) -> int:
 # -- the database ---------------------------------------------------------------------------------
 
 def build_template(base, name: str, users: int) -> None:
-    from tasks import pg
-    from tasks.sample_app import _copy_users, _Pools, create_schema
+    from dataops.dev.sample_app import _copy_users, _Pools, create_schema
+    from dataops.tasks import pg
 
     pg.create_database(base, name)
     dsn = base.with_database(name)
@@ -105,7 +105,7 @@ class Copies:
     def fresh(self):
         from psycopg import sql
 
-        from tasks import pg
+        from dataops.tasks import pg
 
         self.n += 1
         name = f"{self.template}_c{self.n}"
@@ -117,13 +117,13 @@ class Copies:
         return self.base.with_database(name)
 
     def drop(self, dsn) -> None:
-        from tasks import pg
+        from dataops.tasks import pg
 
         pg.drop_database(self.base, dsn.database)
 
 
 def table_rows(dsn) -> int:
-    from tasks import pg
+    from dataops.tasks import pg
 
     with pg.connect(dsn) as conn:
         return conn.execute("SELECT count(*) FROM users").fetchone()[0]
@@ -131,7 +131,7 @@ def table_rows(dsn) -> int:
 
 def split_is_right(dsn) -> int:
     """Rows split wrongly (must be 0): checks every variant did the same work."""
-    from tasks import pg
+    from dataops.tasks import pg
 
     with pg.connect(dsn) as conn:
         return conn.execute(f"SELECT count(*) FROM users WHERE ({VALID}) AND (first_name IS NULL OR "
@@ -147,7 +147,7 @@ def _set_sql() -> str:
 def single_update(dsn, bare: bool = False) -> dict:
     """`bare`: the table without its unique email index and updated_at trigger, to show what
     they cost (every row gets a new version, and a non-HOT one enters every index)."""
-    from tasks import pg
+    from dataops.tasks import pg
 
     with pg.connect(dsn) as conn:
         if bare:
@@ -163,7 +163,7 @@ def single_update(dsn, bare: bool = False) -> dict:
 
 
 def keyset_loop(dsn, batch: int = 10_000) -> dict:
-    from tasks import pg
+    from dataops.tasks import pg
 
     update = f"UPDATE users SET {_set_sql()} WHERE id > %s AND id <= %s AND {WHERE} AND {VALID.replace('%', '%%')}"
     with pg.connect(dsn, autocommit=True) as conn:
@@ -183,7 +183,7 @@ def keyset_loop(dsn, batch: int = 10_000) -> dict:
 
 
 def seed_style_loop(dsn, rows: int, per_commit: int = 100) -> dict:
-    from tasks import pg
+    from dataops.tasks import pg
 
     with pg.connect(dsn) as conn:
         t0, last, done, longest = time.monotonic(), 0, 0, 0.0
@@ -224,10 +224,10 @@ def settings_for(tmp: Path, dsn, folder: Path, **transforms):
 
 def engine_run(settings, name: str) -> dict:
     """transform(), phase by phase."""
-    from tasks.transform_batches import Options
-    from tasks.transform_engine import _run_ranges, finish_run, prepare_run
-    from tasks.transform_progress import summarize
-    from tasks.transform_state import transform_lock
+    from dataops.tasks.transform.batches import Options
+    from dataops.tasks.transform.engine import _run_ranges, finish_run, prepare_run
+    from dataops.tasks.transform.progress import summarize
+    from dataops.tasks.transform.state import transform_lock
 
     opts = Options.from_settings(settings.transforms)
     t0 = time.monotonic()
@@ -246,7 +246,7 @@ def engine_run(settings, name: str) -> dict:
 
 
 def flow_run(settings, name: str) -> dict:
-    from flows.run_transform import run_transform
+    from dataops.flows.run_transform import run_transform
 
     t0 = time.monotonic()
     s = run_transform(ENV, name, config=settings.source)
@@ -261,7 +261,7 @@ from pathlib import Path
 def vm(f):
     return int(re.search(rf"^{f}:\\s+(\\d+) kB", Path("/proc/self/status").read_text(), re.M).group(1)) * 1024
 from dataops.settings import load_settings
-from tasks.transform_engine import transform
+from dataops.tasks.transform.engine import transform
 import pandas, psycopg
 rss0 = vm("VmRSS")
 t0 = time.monotonic()

@@ -16,9 +16,9 @@ What it does, in one run:
 3. Checks that the product's checksums of A and B are equal, and differ after one value
    of B changes.
 4. Measures, interleaved round by round, --repeat times each (median reported), on A:
-   `SELECT count(*)`, the product's `tasks.checksums.table_checksum` (typed hashes), and
+   `SELECT count(*)`, the product's `dataops.tasks.checksums.table_checksum` (typed hashes), and
    the previous method (one hashtextextended of ROW(...)::text per row).
-5. Compares A.orders with B.orders: the product (`tasks.validation.compare_environments`,
+5. Compares A.orders with B.orders: the product (`dataops.tasks.validation.validate.compare_environments`,
    schema snapshots of both sides included, and the bare pair of checksums) against
    reladiff's hashdiff (the pip package, segment checksums + bisection) with every column
    compared; equal tables, then one changed value.
@@ -114,7 +114,7 @@ class Bench:
         import pgserver
 
         from dataops.dsn import Dsn
-        from tasks import pg
+        from dataops.tasks import pg
 
         self.pg = pg
         self.dir = Path(tempfile.mkdtemp(prefix="dobv-"))
@@ -144,8 +144,8 @@ def run(args) -> dict:
     import psycopg
 
     from dataops.settings import Environment
-    from tasks.checksums import checksum_sql, table_checksum
-    from tasks.validation import compare_environments
+    from dataops.tasks.checksums import checksum_sql, table_checksum
+    from dataops.tasks.validation.validate import compare_environments
 
     b = Bench(args.rows)
     out: dict = {"rows": args.rows}
@@ -281,7 +281,7 @@ def report(out: dict, started: str, load_before: tuple, load_after: tuple) -> st
     t = out["timings"]
     lines = [SECTION, ""]
     a = lines.append
-    a("`bench/bench_validation.py`: the product's table checksum (`tasks.checksums.table_checksum`, one scan inside "
+    a("`bench/bench_validation.py`: the product's table checksum (`dataops.tasks.checksums.table_checksum`, one scan inside "
       "PostgreSQL, typed per-column hashes) against `SELECT count(*)` on the same table, and the product's environment "
       f"comparison against reladiff {out['reladiff_version']} (hashdiff) on the same two tables. Medians of "
       f"{len(t['orders|count(*)'])} interleaved runs (checksums) and {len(next(iter(out['compare'].values())))} runs "
@@ -322,7 +322,7 @@ def report(out: dict, started: str, load_before: tuple, load_after: tuple) -> st
         p = out["plans"][table]
         a(f"- `{table}`: the checksum query ran with {p['launched']} parallel workers launched ({p['planned']} "
           f"planned), `count(*)` with {p['count_launched']} ({p['count_scan']}).")
-    a(f"- All runs: " + "; ".join(
+    a("- All runs: " + "; ".join(
         f"{k.replace('|', ' ')}: " + ", ".join(f"{x * 1000:.0f}" for x in v) + " ms" for k, v in t.items()))
     a("")
     a("### What the hash calls alone cost")

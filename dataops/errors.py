@@ -66,6 +66,14 @@ class SafetyRefusal(DataopsError):
     kind = Kind.BAD_INPUT
 
 
+def first_line(exc: BaseException) -> str:
+    """What an error says in one line, secrets masked: for reports that list many failures."""
+    from dataops.redact import redact
+
+    text = redact(str(exc)).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def is_transient(exc: BaseException) -> bool:
     """Whether a retry can help. Unknown exceptions are not retried: failing fast is safer."""
     if isinstance(exc, DataopsError):
@@ -81,8 +89,8 @@ def is_transient(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         pass
     try:
-        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
-        from botocore.exceptions import EndpointConnectionError, ReadTimeoutError
+        from botocore.exceptions import ClientError, EndpointConnectionError, ReadTimeoutError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
 
         if isinstance(exc, (BotoConnectionError, EndpointConnectionError, ReadTimeoutError)):
             return True

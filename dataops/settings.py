@@ -384,6 +384,22 @@ class Settings(Strict):
             known = ", ".join(sorted(self.environments)) or "none"
             raise BadInput(f"unknown environment '{name}' (known: {known}); add it under environments: in {self.source or DEFAULT_CONFIG_NAME}") from None
 
+    def path_of(self, configured: Path) -> Path:
+        """A folder named in the config: relative to the config file's folder unless absolute."""
+        path = Path(configured).expanduser()
+        if not path.is_absolute():
+            base = Path(self.source).resolve().parent if self.source else Path.cwd()
+            path = base / path
+        return path
+
+    @property
+    def migrations_dir(self) -> Path:
+        return self.path_of(self.migrations.path)
+
+    @property
+    def transforms_dir(self) -> Path:
+        return self.path_of(self.transforms.path)
+
     def by_role(self, role: Role) -> list[Environment]:
         return [e for e in self.environments.values() if e.role is role]
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import load_settings
-from tasks.anonymize import AnonymizeReport, anonymize_task, guard_environment
-from tasks.reporting import markdown_table, publish_markdown
+from dataops.tasks.anonymize.in_place import AnonymizeReport, anonymize_task, guard_environment
+from dataops.tasks.reporting import markdown_table, publish_markdown
 
 
 @flow(name="anonymize-database")

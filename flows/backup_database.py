@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import load_settings
-from tasks.backup import dump_task, preflight_task, write_manifest_task
-from tasks.catalog import Manifest
-from tasks.reporting import markdown_table, publish_markdown
+from dataops.tasks.backup.catalog import Manifest
+from dataops.tasks.backup.dump import dump_task, preflight_task, write_manifest_task
+from dataops.tasks.reporting import markdown_table, publish_markdown
 
 
 @flow(name="backup-database", log_prints=False)

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import DataopsError, OperationFailed, SafetyRefusal
 from dataops.settings import load_settings
-from tasks import migrate
-from tasks.migration_audit import AuditRecord, save
-from tasks.migration_preflight import check_task
-from tasks.reporting import markdown_table, publish_markdown
+from dataops.tasks.migration import migrate
+from dataops.tasks.migration.audit import AuditRecord, save
+from dataops.tasks.migration.preflight import check_task
+from dataops.tasks.reporting import markdown_table, publish_markdown
 
 
 def guard(environment, confirm: str | None) -> None:
@@ -48,7 +48,7 @@ def downgrade_database(env: str, to: str | None = None, steps: int | None = None
             record.finish("nothing-to-do", f"{env} is already at {status.current or 'base'}", "done")
             save(dsn, record)
             return {"outcome": record.outcome, "revision": status.current, "undone": []}
-        from flows.backup_database import backup_database
+        from dataops.flows.backup_database import backup_database
 
         record.phase = "backup"
         record.backup_id = backup_database(env, config=config)["id"]

@@ -23,15 +23,15 @@ from prefect.input import RunInput
 from prefect.states import Cancelled
 from pydantic import Field
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import BadInput, DataopsError, OperationFailed
+from dataops.flows.rollback_migration import start_rollback
 from dataops.settings import Settings, load_settings
-from flows.rollback_migration import start_rollback
-from tasks import migrate
-from tasks.migration_audit import AuditRecord, save
-from tasks.migration_lint import Finding
-from tasks.migration_preflight import Preflight, check_task, preflight_task
-from tasks.reporting import markdown_table, publish_markdown
+from dataops.tasks.migration import migrate
+from dataops.tasks.migration.audit import AuditRecord, save
+from dataops.tasks.migration.lint import Finding
+from dataops.tasks.migration.preflight import Preflight, check_task, preflight_task
+from dataops.tasks.reporting import markdown_table, publish_markdown
 
 APPROVAL_KEY = "approve-migration"
 
@@ -83,7 +83,7 @@ def migrate_database(env: str, target: str = "head", dry_run: bool = False, auto
             return _result(record, [])
 
         audit(phase="backup")
-        from flows.backup_database import backup_database
+        from dataops.flows.backup_database import backup_database
 
         manifest = backup_database(env, config=config)
         audit(backup_id=manifest["id"])

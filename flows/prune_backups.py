@@ -5,11 +5,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import Settings, load_settings
-from tasks.catalog import Manifest, delete_backup, list_backups, retention_plan
-from tasks.reporting import markdown_table, publish_markdown
-from tasks.storage import open_storage
+from dataops.tasks.backup.catalog import Manifest, delete_backup, list_backups, retention_plan
+from dataops.tasks.backup.storage import open_storage
+from dataops.tasks.reporting import markdown_table, publish_markdown
 
 
 @task(name="delete-backup", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)

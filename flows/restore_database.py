@@ -5,12 +5,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import Settings, load_settings
-from tasks.catalog import Manifest, get_backup
-from tasks.reporting import markdown_table, publish_markdown
-from tasks.restore import RestoreResult, guard_target, restore, verify_checksum
-from tasks.storage import open_storage
+from dataops.tasks.backup.catalog import Manifest, get_backup
+from dataops.tasks.backup.restore import RestoreResult, guard_target, restore, verify_checksum
+from dataops.tasks.backup.storage import open_storage
+from dataops.tasks.reporting import markdown_table, publish_markdown
 
 
 @task(name="verify-checksum", cache_policy=NO_CACHE)

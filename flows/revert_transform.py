@@ -13,18 +13,17 @@ import time
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import load_settings
-from flows.run_transform import PROGRESS_EVERY_S, _gather
-from tasks.transform_batches import Options
-from tasks.transform_engine import (
+from dataops.tasks.transform.batches import Options
+from dataops.tasks.transform.engine import (
     finish_revert_task,
     prepare_revert_task,
     run_range_task,
 )
-from tasks.transform_progress import ProgressMonitor, Session, summarize
-from tasks.transform_report import ProgressArtifact, publish_summary
-from tasks.transform_state import CHECKS_FAILED, RUNNING, latest_run, transform_lock
+from dataops.tasks.transform.progress import PROGRESS_EVERY_S, ProgressMonitor, Session, gather_ranges, summarize
+from dataops.tasks.transform.report import ProgressArtifact, publish_summary
+from dataops.tasks.transform.state import CHECKS_FAILED, RUNNING, latest_run, transform_lock
 
 
 @flow(name="revert-transform", task_runner=ThreadPoolTaskRunner(max_workers=64))
@@ -60,7 +59,7 @@ def revert_transform(env: str, name: str, batch_size: int | None = None, max_bat
         with ProgressMonitor(settings, env, rev, report, PROGRESS_EVERY_S):
             futures = [run_range_task.with_options(task_run_name=f"{name}-revert-range-{r.range_no}").submit(
                 settings, env, name, rev.id, r.range_no, opts) for r in rev.pending]
-            longest, error = _gather(futures)
+            longest, error = gather_ranges(futures)
         if error is not None:
             raise error
         rev = finish_revert_task(settings, env, name, rev.id)

@@ -26,15 +26,15 @@ import time
 
 from prefect import flow, get_run_logger
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import BadInput, DataopsError, OperationFailed
 from dataops.settings import Settings, load_settings
-from tasks import migrate
-from tasks.alerts import send_alert
-from tasks.migration_audit import PHASES, AuditRecord, load, save
-from tasks.migration_checks import DatabaseState
-from tasks.migration_preflight import check_task
-from tasks.reporting import markdown_table, publish_markdown
+from dataops.tasks.alerts import send_alert
+from dataops.tasks.migration import migrate
+from dataops.tasks.migration.audit import PHASES, AuditRecord, load, save
+from dataops.tasks.migration.checks import DatabaseState
+from dataops.tasks.migration.preflight import check_task
+from dataops.tasks.reporting import markdown_table, publish_markdown
 
 LOCK_WAIT_S = 60.0  # a run still letting go of the lock; past this, a person must look
 
@@ -93,7 +93,7 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
     if not parent.backup_id:
         return _critical(settings, env, run_id, parent, me, steps, finish, "downgrade failed and the run has no backup")
     try:
-        from flows.restore_database import restore_database
+        from dataops.flows.restore_database import restore_database
 
         logger.warning("restoring backup %s into %s: the downgrade did not give back the schema", parent.backup_id, env)
         restore_database(env, parent.backup_id, env, confirm=env, config=config)

@@ -23,20 +23,17 @@ from __future__ import annotations
 import time
 
 from prefect import flow, get_run_logger
-from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import OperationFailed, is_transient
 from dataops.settings import load_settings
-from tasks.transform_batches import Options
-from tasks.transform_engine import finish_task, prepare_task, run_range_task
-from tasks.transform_plan import plan_task
-from tasks.transform_progress import ProgressMonitor, Session, summarize
-from tasks.transform_report import ProgressArtifact, publish_plan, publish_summary
-from tasks.transform_state import transform_lock
-
-PROGRESS_EVERY_S = 5.0
+from dataops.tasks.transform.batches import Options
+from dataops.tasks.transform.engine import finish_task, prepare_task, run_range_task
+from dataops.tasks.transform.plan import plan_task
+from dataops.tasks.transform.progress import PROGRESS_EVERY_S, ProgressMonitor, Session, gather_ranges, summarize
+from dataops.tasks.transform.report import ProgressArtifact, publish_plan, publish_summary
+from dataops.tasks.transform.state import transform_lock
 
 
 def start_revert(flow, flow_run, state) -> None:
@@ -50,8 +47,8 @@ def start_revert(flow, flow_run, state) -> None:
     if params.get("dry_run"):
         return
     try:
-        from tasks import pg
-        from tasks.transform_state import CHECKS_FAILED, latest_run
+        from dataops.tasks import pg
+        from dataops.tasks.transform.state import CHECKS_FAILED, latest_run
 
         settings = load_settings(config)
         with pg.connect(settings.env(env).database_url, timeout=settings.postgres.connect_timeout) as conn:
@@ -65,7 +62,7 @@ def start_revert(flow, flow_run, state) -> None:
         return
     logger.warning("checks failed after run %d of %s on %s; starting revert-transform", last.id, name, env)
     try:
-        from flows.revert_transform import revert_transform
+        from dataops.flows.revert_transform import revert_transform
 
         revert_transform(env=env, name=name, only_if_checks_failed=True, config=config)
     except Exception as exc:  # noqa: BLE001 - the revert run records its own failure
@@ -102,7 +99,7 @@ def run_transform(env: str, name: str, batch_size: int | None = None, max_batch_
         with ProgressMonitor(settings, env, run, report, PROGRESS_EVERY_S):
             futures = [run_range_task.with_options(task_run_name=f"{name}-range-{r.range_no}").submit(
                 settings, env, name, run.id, r.range_no, opts) for r in run.pending]
-            longest, error = _gather(futures)
+            longest, error = gather_ranges(futures)
         if error is not None:
             raise error
         run, problems = finish_task(settings, env, name, run.id)
@@ -114,18 +111,6 @@ def run_transform(env: str, name: str, batch_size: int | None = None, max_batch_
     if problems:
         raise OperationFailed(f"checks after {name} on {env} failed: {'; '.join(problems)}; reverting it")
     return summary
-
-
-def _gather(futures) -> tuple[float, BaseException | None]:
-    """Wait for every range; keep the first error (the failed worker already asked the
-    others to stop after their current batch)."""
-    longest, error = 0.0, None
-    for f in as_completed(futures):
-        try:
-            longest = max(longest, f.result().longest_tx_s)
-        except BaseException as exc:  # noqa: BLE001 - re-raised once every worker has stopped
-            error = error or exc
-    return longest, error
 
 
 if __name__ == "__main__":

@@ -13,11 +13,17 @@ from datetime import datetime, timezone
 
 from prefect import flow, get_run_logger
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import BadInput
 from dataops.settings import load_settings
-from tasks.reporting import publish_table
-from tasks.validation import ValidationFailed, artifact_rows, build_report, compare_environments_task, run_checks_task
+from dataops.tasks.reporting import publish_table
+from dataops.tasks.validation.validate import (
+    ValidationFailed,
+    artifact_rows,
+    build_report,
+    compare_environments_task,
+    run_checks_task,
+)
 
 
 @flow(name="validate-database")

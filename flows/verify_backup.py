@@ -7,13 +7,13 @@ from datetime import datetime, timezone
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-import flows.engine  # noqa: F401  (runs end without a second's wait: see there)
+import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import DataopsError, OperationFailed
 from dataops.settings import Settings, load_settings
-from tasks.catalog import Manifest, Verification, get_backup, mark_verified
-from tasks.reporting import publish_markdown
-from tasks.restore import verify
-from tasks.storage import open_storage
+from dataops.tasks.backup.catalog import Manifest, Verification, get_backup, mark_verified
+from dataops.tasks.backup.restore import verify
+from dataops.tasks.backup.storage import open_storage
+from dataops.tasks.reporting import publish_markdown
 
 
 @task(name="restore-into-scratch", cache_policy=NO_CACHE)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 
+from dataops.errors import BadInput
 from dataops.redact import redact
 from dataops.settings import Settings
 
@@ -59,7 +60,6 @@ def send_alert(settings: Settings, severity: str, subject: str, body: str, **fie
 
 def _send_email(cfg, severity: str, subject: str, body: str) -> bool:
     """E-mail goes through Prefect's SendgridEmail block, the same one the failure automation uses."""
-    from dataops.deploy import build_notification_block
 
     try:
         build_notification_block(cfg).notify(body, f"[{severity.upper()}] {subject}")
@@ -67,3 +67,23 @@ def _send_email(cfg, severity: str, subject: str, body: str) -> bool:
         log.critical("could not deliver the %s alert by e-mail: %s", severity, redact(str(exc)))
         return False
     return True
+
+
+def build_notification_block(alerts):
+    """The Prefect block for the configured channel, or None when alerts are not configured."""
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock, SendgridEmail, SlackWebhook
+
+    if alerts is None or not alerts.configured:
+        return None
+    secret = lambda v: v.get_secret_value() if hasattr(v, "get_secret_value") else v  # noqa: E731
+    if alerts.kind == "slack":
+        return SlackWebhook(url=secret(alerts.webhook_url))
+    if alerts.kind == "webhook":
+        return CustomWebhookNotificationBlock(
+            name="dataops", url=secret(alerts.webhook_url), method="POST",
+            json_data={"subject": "{{subject}}", "text": "{{body}}", "source": "dataops"},
+            allow_private_urls=True)
+    if alerts.kind == "email":
+        return SendgridEmail(api_key=secret(alerts.sendgrid_api_key), sender_email=alerts.email_from,
+                             to_emails=list(alerts.email_to))
+    raise BadInput(f"alerts.kind {alerts.kind!r} is not supported; use slack, webhook or email")

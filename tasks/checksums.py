@@ -58,8 +58,8 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.errors import BadInput
-from tasks.pg import qualified, table_label, user_tables
-from tasks.schema import STABLE_OUTPUT, pinned_settings
+from dataops.tasks.pg import qualified, table_label, user_tables
+from dataops.tasks.schema import STABLE_OUTPUT, pinned_settings
 
 # Recorded next to stored checksums, so a verifier can tell a changed method from changed data.
 METHOD = "sum64(chain of typed hashes over NOT NULL columns by name, seeded by the xor of the others) v3"

@@ -42,3 +42,11 @@ def markdown_table(rows: list[dict]) -> str:
     cols = list(rows[0])
     head = "| " + " | ".join(cols) + " |\n| " + " | ".join("---" for _ in cols) + " |\n"
     return head + "".join("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |\n" for r in rows)
+
+
+def text_table(rows: list[dict]) -> str:
+    """Rows as aligned plain-text columns, for the terminal (the artifacts use markdown_table)."""
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    line = lambda r: "  ".join(str(r[c]).ljust(widths[c]) for c in cols).rstrip()  # noqa: E731
+    return "\n".join([line({c: c for c in cols}), *(line(r) for r in rows)])

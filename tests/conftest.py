@@ -22,7 +22,7 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 from dataops.dsn import Dsn  # noqa: E402
-from tasks import pg  # noqa: E402
+from dataops.tasks import pg  # noqa: E402
 
 
 def free_port() -> int:
@@ -119,8 +119,8 @@ def s3_client(s3_endpoint):
 @pytest.fixture(scope="session")
 def prefect_api():
     """One temporary Prefect server for the whole session; yields its API URL."""
-    from prefect.testing.utilities import prefect_test_harness
     from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
         yield PREFECT_API_URL.value()
@@ -212,7 +212,7 @@ def prefect_server(tmp_path_factory):
 @pytest.fixture
 def webhook_receiver():
     """An HTTP endpoint on 127.0.0.1 that records every JSON body it gets (the demo's receiver)."""
-    from dataops.alert_receiver import AlertReceiver
+    from dataops.dev.alert_receiver import AlertReceiver
 
     with AlertReceiver() as rx:
         yield {"url": rx.url, "received": rx.received, "receiver": rx}
@@ -229,7 +229,7 @@ def deployed(prefect_server):
 
     import yaml
 
-    from dataops.devstack import dev_down, dev_up
+    from dataops.dev.stack import dev_down, dev_up
 
     root = Path(tempfile.mkdtemp(prefix="dodep-"))
     cfg = root / "dataops.yaml"

@@ -6,16 +6,16 @@ import json
 
 import pytest
 
+from dataops.dev.sample_app import create_schema, seed
 from dataops.errors import BadInput, OperationFailed, SafetyRefusal
+from dataops.flows.backup_database import backup_database
+from dataops.flows.restore_database import restore_database
+from dataops.flows.verify_backup import verify_backup
 from dataops.settings import load_settings
-from flows.backup_database import backup_database
-from flows.restore_database import restore_database
-from flows.verify_backup import verify_backup
-from tasks import pg
-from tasks.catalog import list_backups
-from tasks.checksums import table_checksums
-from tasks.sample_app import create_schema, seed
-from tasks.storage import open_storage
+from dataops.tasks import pg
+from dataops.tasks.backup.catalog import list_backups
+from dataops.tasks.backup.storage import open_storage
+from dataops.tasks.checksums import table_checksums
 
 
 def checksums(dsn):
@@ -60,7 +60,7 @@ def test_round_trip_restores_identical_rows(prefect_api, seeded, make_db, s3_buc
 
 
 def test_server_side_encryption_is_requested(seeded, s3_bucket, s3_client, write_config, s3_endpoint):
-    from tasks.backup import backup
+    from dataops.tasks.backup.dump import backup
 
     cfg = write_config({"production": ("production", seeded)},
                        storage={"url": f"s3://{s3_bucket}/enc", "endpoint_url": s3_endpoint, "region": "us-east-1",
@@ -142,8 +142,8 @@ class _CutAfter:
 
 
 def test_interrupted_upload_leaves_nothing(seeded, s3_bucket, s3_client, write_config):
-    from tasks.backup import dump_to_storage, preflight
-    from tasks.storage import S3Storage
+    from dataops.tasks.backup.dump import dump_to_storage, preflight
+    from dataops.tasks.backup.storage import S3Storage
 
     with pg.connect(seeded) as conn:  # ~20 MiB after compression: a multipart upload
         conn.execute("CREATE TABLE blob AS SELECT g AS id, md5(random()::text) || md5(random()::text) || "
@@ -167,7 +167,7 @@ def test_interrupted_upload_leaves_nothing(seeded, s3_bucket, s3_client, write_c
 
 
 def test_dump_without_manifest_is_not_a_backup(seeded, s3_bucket, s3_client, write_config):
-    from tasks.backup import dump_to_storage, preflight
+    from dataops.tasks.backup.dump import dump_to_storage, preflight
 
     cfg = write_config({"production": ("production", seeded)}, bucket=s3_bucket)
     settings = load_settings(cfg)
@@ -176,7 +176,7 @@ def test_dump_without_manifest_is_not_a_backup(seeded, s3_bucket, s3_client, wri
     assert s3_client.list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 1
     assert list_backups(open_storage(settings.storage), "production") == []
     with pytest.raises(BadInput):
-        from tasks.catalog import get_backup
+        from dataops.tasks.backup.catalog import get_backup
 
         get_backup(open_storage(settings.storage), "production", m.id)
 

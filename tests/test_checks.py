@@ -12,15 +12,32 @@ import uuid
 
 import pytest
 
+from dataops.dev.sample_app import create_schema, seed
 from dataops.errors import BadInput
-from dataops.validation_settings import (CustomCheck, RowCountBounds, TableRef, ValidationSettings, parse_column,
-                                         parse_columns, parse_foreign_key)
-from tasks import pg
-from tasks.checks import (CustomSqlCheck, DeclaredForeignKeys, DeclaredUniqueKeys, InvalidIndexes,
-                          LogicalForeignKeyCheck, NotNullCheck, NotValidConstraints, RowCountCheck, SequencesBehind,
-                          UniqueSetCheck, all_checks)
-from tasks.sample_app import create_schema, seed
-from tasks.validation import _run_in
+from dataops.tasks import pg
+from dataops.tasks.validation.checks import (
+    CustomSqlCheck,
+    DeclaredForeignKeys,
+    DeclaredUniqueKeys,
+    InvalidIndexes,
+    LogicalForeignKeyCheck,
+    NotNullCheck,
+    NotValidConstraints,
+    RowCountCheck,
+    SequencesBehind,
+    UniqueSetCheck,
+    all_checks,
+)
+from dataops.tasks.validation.validate import _run_in
+from dataops.validation_settings import (
+    CustomCheck,
+    RowCountBounds,
+    TableRef,
+    ValidationSettings,
+    parse_column,
+    parse_columns,
+    parse_foreign_key,
+)
 
 
 @pytest.fixture(scope="module")

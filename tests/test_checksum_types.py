@@ -9,8 +9,8 @@ import uuid
 
 import pytest
 
-from tasks import pg
-from tasks.checksums import checksum_sql, table_checksum
+from dataops.tasks import pg
+from dataops.tasks.checksums import checksum_sql, table_checksum
 
 TYPES_SQL = """
 CREATE TYPE mood AS ENUM ('happy', 'ok', 'sad');

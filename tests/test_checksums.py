@@ -12,8 +12,8 @@ import uuid
 import pytest
 
 from dataops.errors import BadInput
-from tasks import pg
-from tasks.checksums import TableChecksum, table_checksum, table_checksums
+from dataops.tasks import pg
+from dataops.tasks.checksums import TableChecksum, table_checksum, table_checksums
 
 DATA_SQL = """
 CREATE TYPE mood AS ENUM ('happy', 'ok', 'sad');
@@ -187,7 +187,7 @@ def test_pg_dump_restore_copy_has_the_same_checksums(data, make_db):
 def test_an_enum_is_matched_most_common_label_first_with_the_same_checksum(make_db):
     """The CASE that maps an enum's labels tries the column's most common values first
     (after ANALYZE); only the speed changes, never the checksum."""
-    from tasks.checksums import checksum_sql
+    from dataops.tasks.checksums import checksum_sql
 
     db = make_db("enumfreq")
     with pg.connect(db, autocommit=True) as conn:

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 from conftest import run_cli
-from tasks import pg
-from tasks.sample_app import create_schema, seed
+
+from dataops.dev.sample_app import create_schema, seed
+from dataops.tasks import pg
 
 
 def test_backup_list_verify_restore_through_the_cli(prefect_api, db, make_db, s3_bucket, write_config):

@@ -9,12 +9,13 @@ import uuid
 from pathlib import Path
 
 from conftest import free_port, run_cli
-from dataops.demo import STEPS, where_to_look
-from dataops.devstack import dev_down
+
+from dataops.dev.demo import STEPS, where_to_look
+from dataops.dev.stack import dev_down
 from dataops.settings import load_settings
-from tasks import pg
-from tasks.migrate import read_current, resolve
-from tasks.migration_audit import history
+from dataops.tasks import pg
+from dataops.tasks.migration.audit import history
+from dataops.tasks.migration.migrate import read_current, resolve
 
 
 def flow_run_state(run_id: str) -> str:

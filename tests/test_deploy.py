@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from conftest import free_port, run_cli
 
 
@@ -28,7 +27,7 @@ def test_deploy_registers_everything_idempotently(prefect_server, deploy_config)
     r = run_cli("--config", str(deploy_config), "deploy", env=env, timeout=400)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "deployment: refresh-staging/nightly-staging-refresh" in r.stdout
-    assert f"automation: dataops: alert on failed or crashed runs" in r.stdout
+    assert "automation: dataops: alert on failed or crashed runs" in r.stdout
 
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
@@ -120,7 +119,7 @@ def test_a_run_whose_heartbeats_stop_is_marked_crashed(prefect_server):
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.states import Running
 
-    from dataops.deploy import zombie_automation
+    from dataops.deployments.register import zombie_automation
 
     url = prefect_server["url"]
 

@@ -10,8 +10,6 @@ import signal
 import time
 from pathlib import Path
 
-
-
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -28,7 +26,7 @@ def wait_for_state(client, run_id, names: set[str], timeout: float):
 
 
 def migration_revision(dsn) -> str:
-    from tasks import pg
+    from dataops.tasks import pg
 
     with pg.connect(dsn) as conn:
         return conn.execute("SELECT version_num FROM dataops_migrations.alembic_version").fetchone()[0]
@@ -40,7 +38,7 @@ def test_refresh_and_approved_migration_run_on_a_worker(deployed):
     from prefect.flow_runs import resume_flow_run
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks import pg
+    from dataops.tasks import pg
 
     stack = deployed["stack"]
     with temporary_settings({PREFECT_API_URL: deployed["server"]["url"]}), get_client(sync_client=True) as client:
@@ -74,7 +72,7 @@ def test_refresh_and_approved_migration_run_on_a_worker(deployed):
 
 
 def audit(dsn, run_id):
-    from tasks.migration_audit import load
+    from dataops.tasks.migration.audit import load
 
     record = load(dsn, str(run_id))
     assert record is not None, f"no audit row for run {run_id}"
@@ -100,7 +98,7 @@ def test_a_deployment_run_of_every_data_flow(deployed):
     from prefect.deployments import run_deployment
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks import pg
+    from dataops.tasks import pg
 
     stack = deployed["stack"]
     with pg.connect(stack.pg_dsn_production) as conn:

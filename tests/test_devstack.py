@@ -9,12 +9,12 @@ from pathlib import Path
 
 import boto3
 import pytest
-
 from conftest import free_port
-from dataops.devstack import BUCKET, dev_down, dev_up, describe
+
+from dataops.dev.stack import BUCKET, describe, dev_down, dev_up
 from dataops.errors import BadInput, TransientError
 from dataops.settings import Role, load_settings
-from tasks import pg
+from dataops.tasks import pg
 
 
 @pytest.fixture

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-
 from conftest import free_port
+
 from dataops.dsn import Dsn
 from dataops.errors import BadInput, OperationFailed, TransientError, is_transient
-from tasks import pg
+from dataops.tasks import pg
 
 
 def test_unreachable_server_is_transient_and_names_the_fix():
@@ -43,7 +43,7 @@ def test_lock_timeout_is_transient_and_unknown_errors_are_not(db):
 
 def test_unreachable_s3_is_transient():
     from dataops.settings import StorageSettings
-    from tasks.storage import S3Storage
+    from dataops.tasks.backup.storage import S3Storage
 
     storage = S3Storage(StorageSettings(url="s3://b/p", endpoint_url=f"http://127.0.0.1:{free_port()}",
                                         region="us-east-1", access_key_id="x", secret_access_key="y"))

@@ -5,7 +5,7 @@ import hashlib
 
 import numpy as np
 
-from tasks.leak_scan import Workspace, partition_bits
+from dataops.tasks.anonymize.leak_scan import Workspace, partition_bits
 
 
 def _d(value: str) -> bytes:

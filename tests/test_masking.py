@@ -9,10 +9,10 @@ from psycopg import sql
 
 from dataops.errors import BadInput, ConfigError
 from dataops.settings import ColumnRule, parse_settings
-from tasks import pg
-from tasks.anonymize_rules import name_reason
-from tasks.masking import Column, Keyed, compile_rule, escape, faker_pool, partial_mask, unescape
-from tasks.schema import STABLE_OUTPUT
+from dataops.tasks import pg
+from dataops.tasks.anonymize.masking import Column, Keyed, compile_rule, escape, faker_pool, partial_mask, unescape
+from dataops.tasks.anonymize.rules import name_reason
+from dataops.tasks.schema import STABLE_OUTPUT
 
 KEYED = Keyed("test-salt-0123456789abcdef")
 TEXTS = ["john@example.com", "Jöhn Smïth", "+1 (555) 123-4567", "ab", "---", "tab\there\\back\nline", "", "x" * 40]

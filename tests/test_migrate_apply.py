@@ -8,13 +8,13 @@ import time
 
 import psycopg
 import pytest
+from test_migrations_examples import REPO_MIGRATIONS, migrations_copy
 
+from dataops.dev.sample_app import create_schema
 from dataops.errors import OperationFailed
 from dataops.settings import MigrationSettings
-from tasks import pg
-from tasks.migrate import LOCK_KEY, MigrationTarget, read_current, stamp, upgrade
-from tasks.sample_app import create_schema
-from test_migrations_examples import REPO_MIGRATIONS, migrations_copy
+from dataops.tasks import pg
+from dataops.tasks.migration.migrate import LOCK_KEY, MigrationTarget, read_current, stamp, upgrade
 
 FAST_RETRIES = MigrationSettings(lock_timeout="200ms", lock_retries=2, lock_retry_delay_s=0.2)
 

@@ -10,33 +10,20 @@ import time
 import uuid
 
 import pytest
-
-from dataops.alert_receiver import AlertReceiver
-from dataops.errors import BadInput, OperationFailed
-from flows.migrate_database import migrate_database
-from flows.rollback_migration import rollback_migration
-from tasks import pg
-from tasks.catalog import list_backups
-from tasks.migrate import MigrationTarget, read_current, stamp, upgrade
-from tasks.migration_audit import AuditRecord, history, load, save
-from tasks.migration_checks import inspect_database
-from tasks.sample_app import create_schema, seed
-from tasks.storage import open_storage
+from conftest import run_cli
 from test_migrations_examples import REPO_MIGRATIONS, migrations_copy
 
-def run_cli(*args: str, env: dict | None = None, timeout: int = 240):
-    """The real `dataops` command in a subprocess, started the way the console script starts it.
-
-    Not conftest's `python -m dataops.cli`: run as __main__, cli.py builds a second `app`, and
-    the commands that modules like cli_migrate register on `dataops.cli.app` are missing there.
-    """
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-c", "from dataops.cli import main; main()", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
-
+from dataops.dev.alert_receiver import AlertReceiver
+from dataops.dev.sample_app import create_schema, seed
+from dataops.errors import BadInput, OperationFailed
+from dataops.flows.migrate_database import migrate_database
+from dataops.flows.rollback_migration import rollback_migration
+from dataops.tasks import pg
+from dataops.tasks.backup.catalog import list_backups
+from dataops.tasks.backup.storage import open_storage
+from dataops.tasks.migration.audit import AuditRecord, history, load, save
+from dataops.tasks.migration.checks import inspect_database
+from dataops.tasks.migration.migrate import MigrationTarget, read_current, stamp, upgrade
 
 EXAMPLES = ["0003", "0004", "0005", "0006", "0007", "0008"]
 

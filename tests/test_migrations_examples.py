@@ -8,13 +8,24 @@ from pathlib import Path
 
 import pytest
 
+from dataops.dev.sample_app import SCHEMA_REVISION, create_schema, seed
 from dataops.errors import BadInput, OperationFailed
-from tasks import pg
-from tasks.migrate import (MigrationTarget, downgrade, new_revision, plan, plan_text, read_current, revisions,
-                           round_trip, stamp, status, upgrade)
-from tasks.migration_lint import lint
-from tasks.sample_app import SCHEMA_REVISION, create_schema, seed
-from tasks.schema import catalog_snapshot, diff_snapshots, fingerprint
+from dataops.tasks import pg
+from dataops.tasks.migration.lint import lint
+from dataops.tasks.migration.migrate import (
+    MigrationTarget,
+    downgrade,
+    new_revision,
+    plan,
+    plan_text,
+    read_current,
+    revisions,
+    round_trip,
+    stamp,
+    status,
+    upgrade,
+)
+from dataops.tasks.schema import catalog_snapshot, diff_snapshots, fingerprint
 
 REPO_MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -75,7 +86,7 @@ def test_examples_on_seeded_data_keep_every_row(make_db):
     seed(dsn, users=150, seed=3)
     mt = MigrationTarget(dsn, REPO_MIGRATIONS)
     stamp(mt, SCHEMA_REVISION)
-    from tasks.migration_checks import inspect_database
+    from dataops.tasks.migration.checks import inspect_database
 
     before = inspect_database(dsn)
     result = upgrade(mt)
@@ -232,7 +243,7 @@ def test_lint_passes_safe_statements(tmp_path, sql):
 def test_lint_allow_comment_and_usage_of_a_dropped_column(db, tmp_path):
     create_schema(db)
     path = _one_statement_revision(tmp_path, "ALTER TABLE public.users DROP COLUMN email", "# dataops: allow=drop-column")
-    from tasks.migration_lint import usage_lookup
+    from dataops.tasks.migration.lint import usage_lookup
 
     with pg.connect(db, autocommit=True) as conn:
         findings = lint(plan(MigrationTarget(db, path), current="0008"), dependents=usage_lookup(conn))
@@ -243,15 +254,14 @@ def test_lint_allow_comment_and_usage_of_a_dropped_column(db, tmp_path):
 def test_dev_up_leaves_both_databases_at_0002_and_configures_migrations(tmp_path):
     import tempfile
 
-    from dataops.devstack import dev_down, dev_up
+    from dataops.dev.stack import dev_down, dev_up
     from dataops.settings import load_settings
-    from tasks.migrate import migrations_dir
 
     root = Path(tempfile.mkdtemp(prefix="domig-"))  # short: the unix socket path must stay under ~100 bytes
     try:
         stack = dev_up(root, users=20, store="file", config_path=root / "dataops.yaml")
         settings = load_settings(stack.config_path)
-        assert migrations_dir(settings) == REPO_MIGRATIONS and settings.migrations.allow_auto_approve
+        assert settings.migrations_dir == REPO_MIGRATIONS and settings.migrations.allow_auto_approve
         assert read_current(stack.pg_dsn_production) == read_current(stack.pg_dsn_staging) == "0002"
         assert [r.revision for r in status(MigrationTarget(stack.pg_dsn_production, REPO_MIGRATIONS)).pending] \
             == ["0003", "0004", "0005", "0006", "0007", "0008"]
@@ -263,13 +273,12 @@ def test_dev_up_leaves_both_databases_at_0002_and_configures_migrations(tmp_path
 def test_migration_and_alert_settings_are_checked_when_read(tmp_path):
     from dataops.errors import ConfigError
     from dataops.settings import parse_settings
-    from tasks.migrate import migrations_dir
 
     base = {"environments": {"production": {"role": "production", "database_url": "postgresql://u@h/app"}},
             "storage": {"url": "file:///tmp/x"}}
     s = parse_settings(base, source=str(tmp_path / "dataops.yaml"), env={})
     assert (s.migrations.lock_timeout, s.migrations.lock_retries, s.migrations.allow_auto_approve) == ("5s", 3, False)
-    assert migrations_dir(s) == tmp_path / "migrations"  # relative to the config file
+    assert s.migrations_dir == tmp_path / "migrations"  # relative to the config file
     with pytest.raises(ConfigError, match=r"migrations.lock_timeout: '5 seconds' is not a PostgreSQL duration"):
         parse_settings({**base, "migrations": {"lock_timeout": "5 seconds"}}, env={})
     with pytest.raises(ConfigError, match=r"migrations.lock_timout: unknown key; did you mean 'lock_timeout'\?"):

@@ -9,13 +9,14 @@ import subprocess
 import sys
 import time
 
-from dataops.settings import load_settings
-from tasks import pg
-from tasks.refresh import SCRATCH_TAG, refresh
-from tasks.sample_app import create_schema, seed
 from test_refresh_staging import ANON, checksums, rows, scratch_databases
 
-RUN = "from dataops.settings import load_settings; from tasks.refresh import refresh; refresh(load_settings({!r}))"
+from dataops.dev.sample_app import create_schema, seed
+from dataops.settings import load_settings
+from dataops.tasks import pg
+from dataops.tasks.refresh.steps import SCRATCH_TAG, refresh
+
+RUN = "from dataops.settings import load_settings; from dataops.tasks.refresh.steps import refresh; refresh(load_settings({!r}))"
 
 
 def test_kill_mid_copy_leaves_staging_intact_and_next_run_cleans_up(make_db, write_config, pg_server_dsn):

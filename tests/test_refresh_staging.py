@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import run_cli
 
+from dataops.dev.sample_app import create_schema, seed
 from dataops.errors import BadInput, SafetyRefusal
 from dataops.settings import load_settings
-from tasks import pg
-from tasks.checksums import table_checksums
-from tasks.refresh import SCRATCH_TAG, check_refresh, refresh
-from tasks.sample_app import create_schema, seed
+from dataops.tasks import pg
+from dataops.tasks.checksums import table_checksums
+from dataops.tasks.refresh.steps import SCRATCH_TAG, check_refresh, refresh
 
 SALT = "refresh-test-salt-0123456789"
 ANON = {
@@ -30,17 +31,6 @@ ANON = {
 }
 MASKED_TEXT = ("email", "full_name", "phone", "address")
 
-
-def run_cli(*args: str, env: dict | None = None, timeout: int = 240):
-    """The real `dataops` command, started as the console script starts it (conftest's
-    `python -m dataops.cli` runs cli.py as __main__, whose `app` lacks the commands that
-    area modules such as cli_refresh register on `dataops.cli.app`)."""
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-c", "from dataops.cli import main; main()", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=timeout)
 
 
 def rows(dsn, query, *args):
@@ -128,11 +118,11 @@ def _with_config(prod, stg, write_config):
 
 
 def test_refresh_flow_masks_validates_and_switches(prefect_api, stack, pg_server_dsn, s3_bucket):
-    from flows.refresh_staging import refresh_staging
     from prefect.client.orchestration import get_client
 
-    from tasks.catalog import list_backups
-    from tasks.storage import open_storage
+    from dataops.flows.refresh_staging import refresh_staging
+    from dataops.tasks.backup.catalog import list_backups
+    from dataops.tasks.backup.storage import open_storage
 
     prod, stg, config = stack
     cfg = config(refresh_cfg={"backup_target_first": True}, bucket=s3_bucket)
@@ -208,7 +198,7 @@ def test_two_runs_give_identical_values_and_in_place_matches(stack, make_db, wri
     assert first.leaks.ok and second.leaks.ok and second.checks == first.checks
 
     # `anonymize dev` on a plain copy of production gives the very same values, by SQL
-    from tasks.anonymize import anonymize
+    from dataops.tasks.anonymize.in_place import anonymize
 
     dev = make_db("dev")
     with pg.connect(pg.Dsn(prod.secret()).with_database("postgres"), autocommit=True) as conn:
@@ -273,7 +263,7 @@ def test_a_copy_that_differs_from_the_source_is_never_switched_in(stack, pg_serv
     """The checks compare the copy with the source snapshot: damage done to the copy after
     the load (a changed unmasked value, a lost row) fails the run, and staging stays."""
     from dataops.errors import OperationFailed
-    from tasks.refresh import PlainSteps, copy_data
+    from dataops.tasks.refresh.steps import PlainSteps, copy_data
 
     prod, stg, config = stack
     before = checksums(stg)

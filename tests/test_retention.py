@@ -5,11 +5,12 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from conftest import run_cli
+
+from dataops.flows.backup_database import backup_database
+from dataops.flows.prune_backups import prune_backups
 from dataops.settings import load_settings
-from flows.backup_database import backup_database
-from flows.prune_backups import prune_backups
-from tasks.catalog import Manifest, Verification, list_backups, mark_verified, retention_plan
-from tasks.storage import open_storage
+from dataops.tasks.backup.catalog import Manifest, Verification, list_backups, mark_verified, retention_plan
+from dataops.tasks.backup.storage import open_storage
 
 NOW = datetime(2026, 11, 24, 12, tzinfo=timezone.utc)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from dataops.dev.sample_app import TABLES, create_schema, seed
 from dataops.errors import BadInput
-from tasks import pg
-from tasks.sample_app import TABLES, create_schema, seed
+from dataops.tasks import pg
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +152,7 @@ def test_seed_needs_the_schema(db):
 
 def test_the_same_seed_gives_the_same_rows_and_another_seed_other_rows(db, make_db):
     """Benchmarks and the demo compare runs on seeded data: the seed must fix every row."""
-    from tasks.checksums import table_checksums
+    from dataops.tasks.checksums import table_checksums
 
     def seeded_sums(dsn, seed_value):
         create_schema(dsn)

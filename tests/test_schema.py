@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import psycopg
 import pytest
 
-from tasks import pg
-from tasks.schema import Difference, catalog_snapshot, diff_snapshots, fingerprint, schema_fingerprint
+from dataops.tasks import pg
+from dataops.tasks.schema import Difference, catalog_snapshot, diff_snapshots, fingerprint, schema_fingerprint
 
 SCHEMA_SQL = """
 CREATE SCHEMA app;

@@ -9,7 +9,7 @@ S3_SECRET = "S3-Secret-Key-99120"
 
 
 def test_no_secret_in_any_output(prefect_api, db, make_db, s3_bucket, s3_client, write_config, tmp_path):
-    from tasks.sample_app import create_schema, seed
+    from dataops.dev.sample_app import create_schema, seed
 
     create_schema(db)
     seed(db, users=50)

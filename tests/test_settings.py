@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import run_cli
+
 from dataops.errors import ConfigError
 from dataops.settings import Role, load_settings, parse_settings
 

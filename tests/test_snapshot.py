@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from dataops.dev.sample_app import create_schema, seed
 from dataops.errors import BadInput
-from tasks import pg
-from tasks.checksums import table_checksum
-from tasks.sample_app import create_schema, seed
-from tasks.snapshot import drop_snapshot, restore_snapshot, take_snapshot
+from dataops.tasks import pg
+from dataops.tasks.checksums import table_checksum
+from dataops.tasks.transform.snapshot import drop_snapshot, restore_snapshot, take_snapshot
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import yaml
 
-from tasks import pg
-from tasks.checksums import table_checksum
-from tasks.sample_app import create_schema, seed
+from dataops.dev.sample_app import create_schema, seed
+from dataops.tasks import pg
+from dataops.tasks.checksums import table_checksum
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSFORM = "users_split_full_name"  # the pandas example: a change() that runs in the worker
@@ -53,7 +53,7 @@ def test_run_transform_on_a_dask_cluster_of_processes_matches_the_thread_runner(
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, TaskRunFilter, TaskRunFilterName
     from prefect_dask import DaskTaskRunner
 
-    from flows.run_transform import run_transform
+    from dataops.flows.run_transform import run_transform
 
     by_threads, by_dask = app(make_db), app(make_db)
     original = users_checksum(by_dask)

@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dataops.dev.sample_app import create_schema, seed
 from dataops.errors import BadInput, OperationFailed
 from dataops.settings import load_settings
-from tasks import pg
-from tasks.checksums import table_checksum
-from tasks.sample_app import create_schema, seed
-from tasks.transform_batches import Options, next_batch_size
-from tasks.transform_engine import revert, status, transform
-from tasks.transform_plan import plan
+from dataops.tasks import pg
+from dataops.tasks.checksums import table_checksum
+from dataops.tasks.transform.batches import Options, next_batch_size
+from dataops.tasks.transform.engine import revert, status, transform
+from dataops.tasks.transform.plan import plan
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "transforms"
@@ -204,7 +204,7 @@ def test_kill_9_in_the_middle_then_resume_matches_an_uninterrupted_run(make_db, 
     settings = write_settings(tmp_path, killed_db, folder, batch_size=25, throttle_ms=40)
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys; from dataops.settings import load_settings; "
-         "from tasks.transform_engine import transform; "
+         "from dataops.tasks.transform.engine import transform; "
          "transform(load_settings(sys.argv[1]), 'dev', 'bump_amount', workers=2)", settings.source],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:

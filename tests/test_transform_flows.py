@@ -6,26 +6,17 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import run_cli
 
+from dataops.dev.sample_app import create_schema, seed
 from dataops.errors import OperationFailed
 from dataops.settings import load_settings
-from tasks import pg
-from tasks.checksums import table_checksum
-from tasks.sample_app import create_schema, seed
-from tasks.transform_engine import status, transform
+from dataops.tasks import pg
+from dataops.tasks.checksums import table_checksum
+from dataops.tasks.transform.engine import status, transform
 
 ROOT = Path(__file__).resolve().parent.parent
 
-
-def run_cli(*args: str, env: dict | None = None, timeout: int = 240):
-    """The real `dataops` command, started the way the console script starts it (conftest's
-    `python -m dataops.cli` runs cli.py as __main__, whose `app` lacks the area commands)."""
-    import os
-    import subprocess
-    import sys
-
-    return subprocess.run([sys.executable, "-c", "from dataops.cli import main; main()", *args], capture_output=True,
-                          text=True, env={**os.environ, **(env or {})}, timeout=timeout, cwd=ROOT)
 
 
 def config(tmp_path: Path, dsn, transforms: Path = ROOT / "transforms", extra: dict | None = None) -> str:
@@ -60,7 +51,7 @@ def latest_artifacts() -> dict:
 
 
 def test_run_transform_flow_completes_with_progress_and_counts(prefect_api, app, tmp_path):
-    from flows.run_transform import run_transform
+    from dataops.flows.run_transform import run_transform
 
     cfg = config(tmp_path, app)
     state = run_transform("dev", "users_split_full_name", workers=2, config=cfg, return_state=True)
@@ -74,7 +65,7 @@ def test_run_transform_flow_completes_with_progress_and_counts(prefect_api, app,
     assert f"longest transaction {s['longest_tx_s']:.3f} s (bound 1 s)" in art["transform-users-split-full-name-dev-details"].data
 
     # what a server-side automation on every failed run would start: it leaves a good run alone
-    from flows.revert_transform import revert_transform
+    from dataops.flows.revert_transform import revert_transform
 
     after = checksum(app, "users")
     assert revert_transform("dev", "users_split_full_name", only_if_checks_failed=True, config=cfg)["status"] == \
@@ -84,7 +75,7 @@ def test_run_transform_flow_completes_with_progress_and_counts(prefect_api, app,
 
 def test_failed_checks_revert_the_run_through_the_failure_hook(prefect_api, app, tmp_path):
     """A transform that breaks a validation check passes every batch, then is undone."""
-    from flows.run_transform import run_transform
+    from dataops.flows.run_transform import run_transform
 
     folder = tmp_path / "transforms"
     folder.mkdir()
@@ -118,7 +109,7 @@ def test_verify_failure_marks_the_run_and_blocks_a_new_one_until_reverted(app, t
     with pytest.raises(OperationFailed, match=r"VERIFY of shout returned rows, e\.g\. \d+"):
         transform(settings, "dev", "shout")
     from dataops.errors import BadInput
-    from tasks.transform_engine import revert
+    from dataops.tasks.transform.engine import revert
 
     with pytest.raises(BadInput, match="failed its checks and is not reverted; revert it first"):
         transform(settings, "dev", "shout")

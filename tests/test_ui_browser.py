@@ -63,7 +63,7 @@ def next_revision(current: str | None) -> str:
 
 
 def production_revision(dsn) -> str | None:
-    from tasks import pg
+    from dataops.tasks import pg
 
     with pg.connect(dsn) as conn:
         row = conn.execute("SELECT version_num FROM dataops_migrations.alembic_version").fetchone()
@@ -73,7 +73,7 @@ def production_revision(dsn) -> str | None:
 def audit_row(dsn, run_id: str) -> dict | None:
     from psycopg.rows import dict_row
 
-    from tasks import pg
+    from dataops.tasks import pg
 
     with pg.connect(dsn) as conn:
         return conn.cursor(row_factory=dict_row).execute(

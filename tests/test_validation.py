@@ -14,17 +14,26 @@ import uuid
 
 import psycopg
 import pytest
+from conftest import run_cli
 from psycopg import sql
 
-from conftest import run_cli
+from dataops.dev.sample_app import create_schema, seed
 from dataops.errors import BadInput, ConfigError
 from dataops.settings import Environment, parse_settings
+from dataops.tasks import pg
+from dataops.tasks.checksums import TableChecksum
+from dataops.tasks.validation.validate import (
+    ValidationFailed,
+    compare_environments,
+    compare_with_expected,
+    database_state,
+    diff_schemas,
+    format_report,
+    run_checks,
+    schema_fingerprint,
+    table_checksums,
+)
 from dataops.validation_settings import ValidationSettings
-from tasks import pg
-from tasks.checksums import TableChecksum
-from tasks.sample_app import create_schema, seed
-from tasks.validation import (ValidationFailed, compare_environments, compare_with_expected, database_state,
-                              diff_schemas, format_report, run_checks, schema_fingerprint, table_checksums)
 
 CLEAN_CONFIG = {
     "not_null": ["users.email", "orders.amount"],
@@ -235,7 +244,7 @@ def test_restore_comparison_against_expected_counts_and_fingerprint(template):
 # -- the flow and the command --------------------------------------------------------------------------
 
 def test_flow_fails_with_the_report_when_a_check_fails(prefect_api, copies, write_config, s3_bucket):
-    from flows.validate_database import validate_database
+    from dataops.flows.validate_database import validate_database
 
     db = copies()
     cfg = write_config({"production": ("production", db)}, bucket=s3_bucket,

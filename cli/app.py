@@ -1,0 +1,57 @@
+"""The `dataops` command's shared ground: the Typer app, the global options, and how a result
+is printed. Each command group lives in its own module beside this one and registers on `app`;
+`dataops.cli.main` imports them all and is the entry point.
+
+Contract that scripts and CI steps rely on: results go to stdout, logs to stderr; an
+error is one line `error: ...` that says what to fix; exit 2 for bad input, 1 for a
+failed operation. Each operation runs as a Prefect flow (a temporary local API unless
+`prefect.api_url` or PREFECT_API_URL names a server) and fails when the run fails.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from dataops.redact import redact
+from dataops.runtime import prepare_prefect
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Safe backups, restores and data operations for PostgreSQL, run as Prefect flows.")
+
+CONFIG_HELP = "dataops.yaml to use (default: $DATAOPS_CONFIG, else ./dataops.yaml)"
+
+
+class State:
+    config: Optional[str] = None
+    verbose: bool = False
+
+
+state = State()
+
+
+@app.callback()
+def _main(config: Optional[Path] = typer.Option(None, "--config", "-c", help=CONFIG_HELP, show_default=False),
+          verbose: bool = typer.Option(False, "--verbose", "-v", help="show Prefect's run logs on stderr")):
+    state.config = str(config) if config else None
+    state.verbose = verbose
+
+
+def load_cli_settings():
+    from dataops.settings import config_path, load_settings
+
+    settings = load_settings(state.config)
+    state.config = str(config_path(state.config).resolve())
+    prepare_prefect(settings.prefect.api_url, state.verbose)
+    return settings
+
+
+def env_arg(help_text: str = "environment name from dataops.yaml"):
+    return typer.Argument(..., help=help_text, show_default=False)
+
+
+def echo(text: str = "") -> None:
+    typer.echo(redact(text))
+

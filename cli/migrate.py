@@ -1,0 +1,202 @@
+"""`dataops migrate ENV ...`: schema migrations from the command line (the CI/CD steps).
+
+status, plan, lint, new and test only read (test works on a scratch database); up and down
+run the migrate-database and downgrade-database flows, with their backup, approval, lock,
+checks and audit. Exit codes follow the CLI contract: 2 bad input, 1 failed (lint errors,
+a failed round trip, a failed or rejected migration).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from dataops.cli.app import app, echo, load_cli_settings
+from dataops.cli.app import state as cli_state
+from dataops.errors import BadInput, DataopsError, OperationFailed
+
+migrate_app = typer.Typer(no_args_is_help=True, help="Schema migrations: Alembic revisions in migrations.path, "
+                                                     "planned, linted, approved and applied under a lock.")
+app.add_typer(migrate_app, name="migrate")
+
+
+class _Selected:
+    env: str = ""
+
+
+selected = _Selected()
+
+
+@migrate_app.callback()
+def _select(env: str = typer.Argument(..., help="environment name from dataops.yaml", metavar="ENV", show_default=False)):
+    selected.env = env
+
+
+def _settings():
+    settings = load_cli_settings()
+    settings.env(selected.env)
+    return settings
+
+
+def _to_option(help_text: str = "target revision (default: head)"):
+    return typer.Option("head", "--to", help=help_text)
+
+
+@migrate_app.command("status")
+def status_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON")):
+    """Where ENV is: current revision, head, applied and pending revisions."""
+    from dataops.tasks.migration import migrate
+
+    st = migrate.status(migrate.target_for(_settings(), selected.env))
+    if as_json:
+        echo(json.dumps({"environment": selected.env, "current": st.current, "head": st.head,
+                         "heads": [st.head], "applied": [r.revision for r in st.applied],
+                         "pending": [r.revision for r in st.pending]}, indent=2))
+        return
+    echo(f"{selected.env}: at {st.current or 'base (no revision applied)'}, head {st.head}, "
+         f"{len(st.pending)} pending")
+    for title, revs in (("applied", st.applied), ("pending", st.pending)):
+        if revs:
+            echo(f"{title}:")
+            for r in revs:
+                echo(f"  {r.revision}  {r.message}{'' if r.transactional else '  [not transactional]'}")
+
+
+@migrate_app.command("plan")
+def plan_cmd(to: str = _to_option()):
+    """Print the SQL that `up` would run, rendered offline: the database is only read for its revision."""
+    from dataops.tasks.migration import migrate
+
+    echo(migrate.plan_text(migrate.plan(migrate.target_for(_settings(), selected.env), to)))
+
+
+@migrate_app.command("lint")
+def lint_cmd(to: str = _to_option(), as_json: bool = typer.Option(False, "--json", help="print JSON findings")):
+    """Check the pending revisions for locking and breaking changes; exit 1 on errors."""
+    from dataops.tasks import pg
+    from dataops.tasks.migration import migrate
+    from dataops.tasks.migration.lint import lint, lint_text, usage_lookup
+
+    settings = _settings()
+    mt = migrate.target_for(settings, selected.env)
+    plans = migrate.plan(mt, to)
+    with pg.connect(mt.dsn, autocommit=True, timeout=mt.connect_timeout) as conn:
+        findings = lint(plans, dependents=usage_lookup(conn))
+    echo(json.dumps([f.as_dict() for f in findings], indent=2) if as_json else
+         (f"{len(plans)} pending revision(s)\n" + lint_text(findings)))
+    errors = [f for f in findings if f.blocks]
+    if errors:
+        raise OperationFailed(f"lint found {len(errors)} error(s) in revision(s) "
+                              f"{', '.join(sorted({f.revision for f in errors}))}; fix them, or allow a checked one "
+                              "with `# dataops: allow=<rule>` in the revision file")
+
+
+@migrate_app.command("up")
+def up_cmd(to: str = _to_option(),
+           dry_run: bool = typer.Option(False, "--dry-run", help="preflight and publish the plan, change nothing"),
+           auto_approve: bool = typer.Option(False, "--auto-approve",
+                                             help="skip the approval pause (only with migrations.allow_auto_approve)")):
+    """Run the migrate-database flow: preflight, backup, approval (production), apply, checks, audit."""
+    settings = _settings()
+    environment = settings.env(selected.env)
+    if environment.is_production and not dry_run and not auto_approve:
+        typer.echo(f"{selected.env} has role production: the run pauses for approval (Resume it in the Prefect UI) "
+                   f"for up to {settings.migrations.approval_timeout_s} s", err=True)
+    from dataops.flows.migrate_database import migrate_database
+
+    final = migrate_database(selected.env, target=to, dry_run=dry_run, auto_approve=auto_approve,
+                             config=cli_state.config, return_state=True)
+    run_id = str(final.state_details.flow_run_id)
+    if final.is_cancelled():
+        raise OperationFailed(f"migration of {selected.env} not applied: {final.message}")
+    if not final.is_completed():
+        _explain_failure(settings, run_id)
+        final.result()  # raises the run's own error
+        raise OperationFailed(f"migration of {selected.env} ended {final.name}: {final.message}")
+    r = final.result()
+    if r["outcome"] == "succeeded":
+        for s in r["steps"]:
+            echo(f"applied {s['revision']} in {s['seconds']:.2f} s" + (f" ({s['attempts']} attempts)" if s["attempts"] > 1 else ""))
+    echo(f"{selected.env}: {r['outcome']}: {r['detail']} (now at {r['to_revision'] if r['outcome'] == 'succeeded' else r['from_revision'] or 'base'}"
+         + (f", backup {r['backup_id']}" if r.get("backup_id") else "") + ")")
+
+
+def _explain_failure(settings, run_id: str) -> None:
+    """After a failed run: what the rollback did, from the audit table (stderr)."""
+    from dataops.tasks.migration.audit import load
+
+    try:
+        record = load(settings.env(selected.env).database_url, run_id)
+    except DataopsError:
+        return
+    if record is not None and record.outcome in ("rolled-back", "restored", "rollback-failed"):
+        typer.echo(f"rollback: {record.outcome} ({record.detail})", err=True)
+
+
+@migrate_app.command("down")
+def down_cmd(to: Optional[str] = typer.Option(None, "--to", help="revision to go down to (or base)", show_default=False),
+             steps: Optional[int] = typer.Option(None, "--steps", help="how many revisions to undo", show_default=False),
+             confirm: Optional[str] = typer.Option(None, "--confirm", help="ENV's name; required when its role is production",
+                                                   show_default=False)):
+    """Undo revisions (after a backup, under the lock): --to REV or --steps N."""
+    settings = _settings()
+    if (to is None) == (steps is None):
+        raise BadInput("say where to go down to: --to REV (or base) or --steps N")
+    from dataops.flows.downgrade_database import downgrade_database, guard
+
+    guard(settings.env(selected.env), confirm)
+    r = downgrade_database(selected.env, to=to, steps=steps, confirm=confirm, config=cli_state.config)
+    echo(f"{selected.env}: {r['outcome']}; undid {', '.join(r['undone']) or 'nothing'}; now at {r['revision'] or 'base'}"
+         + (f" (backup {r['backup_id']})" if r.get("backup_id") else ""))
+
+
+@migrate_app.command("new")
+def new_cmd(message: str = typer.Argument(..., help="what the revision does", show_default=False)):
+    """Write a new revision file (upgrade and downgrade) after the head; prints its path."""
+    from dataops.tasks.migration.migrate import new_revision
+
+    echo(str(new_revision(_settings().migrations_dir, message)))
+
+
+@migrate_app.command("test")
+def test_cmd():
+    """Round trip on a scratch database: each revision up, checked, down (schema must be as before), up."""
+    from dataops.tasks import pg
+    from dataops.tasks.backup.restore import scratch_name
+    from dataops.tasks.migration import migrate
+
+    settings = _settings()
+    env = settings.env(selected.env)
+    server = settings.backups.scratch_database_url or env.database_url
+    name = scratch_name(env.database_url.database, "mtest")
+    pg.create_database(server, name)
+    try:
+        mt = migrate.MigrationTarget(server.with_database(name), settings.migrations_dir, settings.migrations,
+                                     f"scratch database {name}", settings.postgres.connect_timeout)
+        results = migrate.round_trip(mt)
+    finally:
+        pg.drop_database(server, name)
+    for r in results:
+        echo(f"{r.revision}  {'ok' if r.ok else 'FAILED':6}  {r.seconds:5.2f} s  {r.message}")
+        for p in r.problems:
+            echo(f"    {p}")
+    bad = [r for r in results if not r.ok]
+    if bad:
+        raise OperationFailed(f"round trip failed at revision {bad[0].revision}: {bad[0].problems[0]}")
+    echo(f"{len(results)} revision(s): up, check, down, same schema, up again: ok")
+
+
+@migrate_app.command("history")
+def history_cmd(limit: int = typer.Option(20, "--limit", min=1, help="how many runs")):
+    """The audit table: recent migration, downgrade and rollback runs, newest first."""
+    from dataops.tasks.migration.audit import history
+
+    rows = history(_settings().env(selected.env).database_url, limit)
+    if not rows:
+        echo(f"no migration runs recorded in {selected.env} yet")
+        return
+    for r in rows:
+        echo(f"{r.started_at:%Y-%m-%d %H:%M:%S}  {r.action:9}  {r.outcome:14}  {r.from_revision or 'base'} -> "
+             f"{r.to_revision or '-'}  {r.who}{'  approved by ' + r.approver if r.approver else ''}  {r.run_id}")

@@ -1,0 +1,175 @@
+"""The backup catalog: manifests in storage, listing, lookup, verification marks, retention.
+
+Layout under the storage prefix, one folder per backup:
+    <env>/<backup id>/dump.pgc[.zst]   the pg_dump custom-format archive (written first)
+    <env>/<backup id>/manifest.json    written last: its presence is what makes a backup
+    <env>/<backup id>/verified.json    written by verify-backup
+A dump without its manifest is the leftover of a failed run: never listed, restored or pruned.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dataops.errors import BadInput, OperationFailed
+from dataops.tasks.backup.storage import Storage
+
+MANIFEST = "manifest.json"
+VERIFIED = "verified.json"
+
+
+class Verification(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ok: bool
+    verified_at: datetime
+    duration_seconds: float
+    problems: list[str] = []
+    scratch_server: str | None = None
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    format_version: int = 1
+    id: str
+    environment: str
+    database: str
+    role: str
+    server_version: str
+    pg_dump_version: str
+    dump_key: str
+    archive_format: Literal["custom"] = "custom"
+    compression: Literal["zstd", "pg_dump"]
+    size: int
+    raw_size: int
+    sha256: str
+    started_at: datetime
+    finished_at: datetime
+    duration_seconds: float
+    tables: dict[str, int]
+    schema_fingerprint: str
+    tool_version: str
+    verification: Verification | None = None
+
+    @property
+    def verified(self) -> bool:
+        return bool(self.verification and self.verification.ok)
+
+    def summary(self) -> dict:
+        """The fields a person wants in a list or an artifact."""
+        return {
+            "id": self.id,
+            "database": self.database,
+            "size_mib": round(self.size / 1048576, 2),
+            "rows": sum(self.tables.values()),
+            "tables": len(self.tables),
+            "finished_at": self.finished_at.isoformat(timespec="seconds"),
+            "verified": "yes" if self.verified else ("FAILED" if self.verification else "no"),
+        }
+
+
+def new_backup_id(now: datetime | None = None) -> str:
+    """Sortable by time, unique even for two backups in the same second."""
+    now = now or datetime.now(timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def backup_folder(env: str, backup_id: str) -> str:
+    return f"{env}/{backup_id}"
+
+
+def dump_key(env: str, backup_id: str, compression: str) -> str:
+    return f"{backup_folder(env, backup_id)}/dump.pgc" + (".zst" if compression == "zstd" else "")
+
+
+def write_manifest(storage: Storage, manifest: Manifest) -> None:
+    body = manifest.model_dump(mode="json", exclude={"verification"})
+    storage.put_bytes(f"{backup_folder(manifest.environment, manifest.id)}/{MANIFEST}",
+                      json.dumps(body, indent=2, sort_keys=True).encode())
+
+
+def _read_json(storage: Storage, key: str) -> dict:
+    try:
+        return json.loads(storage.get_bytes(key))
+    except json.JSONDecodeError:
+        raise OperationFailed(f"{key} in {storage.description} is not valid JSON; the backup catalog is damaged") from None
+
+
+def list_backups(storage: Storage, env: str) -> list[Manifest]:
+    """Complete backups of one environment, oldest first (newest last)."""
+    objects = storage.list(f"{env}/")
+    keys = {o.key for o in objects}
+    out = []
+    for key in sorted(keys):
+        parts = key.split("/")
+        if len(parts) != 3 or parts[2] != MANIFEST:
+            continue
+        try:
+            manifest = Manifest.model_validate(_read_json(storage, key))
+        except ValidationError:
+            continue  # a manifest we cannot read is not a backup we can use
+        if manifest.dump_key not in keys:
+            continue
+        vkey = f"{parts[0]}/{parts[1]}/{VERIFIED}"
+        if vkey in keys:
+            manifest.verification = Verification.model_validate(_read_json(storage, vkey))
+        out.append(manifest)
+    return sorted(out, key=lambda m: (m.finished_at, m.id))
+
+
+def get_backup(storage: Storage, env: str, backup_id: str) -> Manifest:
+    if backup_id in ("latest", "newest"):
+        found = list_backups(storage, env)
+        if not found:
+            raise BadInput(f"environment '{env}' has no backups in {storage.description}; run `dataops backup {env}` first")
+        return found[-1]
+    for m in list_backups(storage, env):
+        if m.id == backup_id:
+            return m
+    raise BadInput(f"backup '{backup_id}' not found for environment '{env}'; run `dataops backups {env}` to list them")
+
+
+def mark_verified(storage: Storage, manifest: Manifest, verification: Verification) -> None:
+    key = f"{backup_folder(manifest.environment, manifest.id)}/{VERIFIED}"
+    storage.put_bytes(key, json.dumps(verification.model_dump(mode="json"), indent=2).encode())
+    manifest.verification = verification
+
+
+def delete_backup(storage: Storage, manifest: Manifest) -> None:
+    """Manifest first: if we stop halfway, what remains is no longer listed as a backup."""
+    folder = backup_folder(manifest.environment, manifest.id)
+    storage.delete([f"{folder}/{MANIFEST}"])
+    rest = [o.key for o in storage.list(f"{folder}/")]
+    if rest:
+        storage.delete(rest)
+
+
+def retention_plan(manifests: list[Manifest], keep_last: int, keep_days: int,
+                   now: datetime | None = None) -> tuple[list[Manifest], list[Manifest], dict[str, str]]:
+    """Split backups into (keep, delete) and say why each kept one is kept.
+
+    Kept: the `keep_last` newest, every one younger than `keep_days`, and always the
+    newest verified one, because a backup that was proven to restore is the last line of
+    defence and must never be pruned by a run of unverified ones.
+    """
+    now = now or datetime.now(timezone.utc)
+    ordered = sorted(manifests, key=lambda m: (m.finished_at, m.id))
+    reasons: dict[str, str] = {}
+    for m in ordered[-keep_last:] if keep_last else []:
+        reasons[m.id] = f"one of the {keep_last} newest"
+    cutoff = now - timedelta(days=keep_days)
+    for m in ordered:
+        if m.id not in reasons and m.finished_at >= cutoff:
+            reasons[m.id] = f"younger than {keep_days} days"
+    verified = [m for m in ordered if m.verified]
+    if verified and verified[-1].id not in reasons:
+        reasons[verified[-1].id] = "newest verified backup"
+    keep = [m for m in ordered if m.id in reasons]
+    delete = [m for m in ordered if m.id not in reasons]
+    return keep, delete, reasons

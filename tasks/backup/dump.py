@@ -1,0 +1,135 @@
+"""Back up one environment: pg_dump streamed into storage, then the manifest.
+
+pg_dump's built-in gzip is single-threaded and is the bottleneck on a large database
+(12.7 s vs 1.8 s uncompressed on 3M rows), so by default the archive is written with
+`-Z0` and compressed in the stream by multi-threaded zstd. Row counts and the schema
+fingerprint are read in the very snapshot pg_dump dumps (`--snapshot`), so the manifest
+describes exactly what is in the archive even while the application keeps writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from prefect import task
+
+import dataops
+from dataops.settings import Environment, Settings
+from dataops.tasks import pg
+from dataops.tasks.backup.catalog import Manifest, dump_key, new_backup_id, write_manifest
+from dataops.tasks.backup.storage import Storage, open_storage
+from dataops.tasks.backup.streams import HashingReader, Process, compress_reader, return_big_buffers
+from dataops.tasks.retries import RETRY_TRANSIENT
+from dataops.tasks.schema import catalog_snapshot, fingerprint
+
+log = logging.getLogger("dataops.backup")
+
+
+@dataclass(frozen=True)
+class Preflight:
+    server_major: int
+    server_version: str
+    pg_dump: str
+    pg_dump_version: str
+
+
+def preflight(settings: Settings, env: Environment) -> Preflight:
+    """Fail before writing anything: the server answers, pg_dump matches it, storage is reachable."""
+    major, full = pg.server_version(env.database_url, settings.postgres.connect_timeout)
+    binary = pg.client_binary("pg_dump", major, settings.postgres.bin_dir)
+    open_storage(settings.storage).check()
+    return Preflight(major, full, binary, pg.client_version(binary))
+
+
+def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storage: Storage | None = None,
+                    backup_id: str | None = None) -> Manifest:
+    """Stream a consistent dump into storage and return its manifest (not yet written).
+
+    Any failure (pg_dump error, lost connection, upload error) aborts the multipart
+    upload, so no object is left under the dump's key.
+    """
+    return_big_buffers()
+    storage = storage or open_storage(settings.storage)
+    backup_id = backup_id or new_backup_id()
+    cfg = settings.backups
+    key = dump_key(env.name, backup_id, cfg.compression)
+    started = datetime.now(timezone.utc)
+    t0 = time.monotonic()
+    conninfo, secret_env = env.database_url.libpq_args()
+
+    with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout,
+                    application_name="dataops-backup") as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        args = [pre.pg_dump, "--format=custom", f"--snapshot={snapshot}", "--no-sync", f"--dbname={conninfo}"]
+        args.append("--compress=0" if cfg.compression == "zstd" else "--compress=6")
+        dump = Process(args, secret_env, stdout=subprocess.PIPE, name="pg_dump")
+        raw = HashingReader(dump.proc.stdout, hash_bytes=False)  # counted only: the stored bytes are hashed
+
+        def finished() -> None:
+            dump.check()  # raises on a non-zero exit, which aborts the upload
+
+        try:
+            stream = compress_reader(raw, cfg.compression_level, cfg.compression_threads) \
+                if cfg.compression == "zstd" else raw
+            stored = HashingReader(stream, on_eof=finished)
+            with ThreadPoolExecutor(1) as pool:
+                # Counting shares the exported snapshot; it runs while the upload streams.
+                stats = pool.submit(_snapshot_stats, conn)
+                storage.upload_stream(key, stored)
+                tables, fp = stats.result()
+            dump.check()
+        finally:
+            dump.close()
+        conn.execute("COMMIT")
+
+    finished_at = datetime.now(timezone.utc)
+    return Manifest(
+        id=backup_id, environment=env.name, database=env.database_url.database, role=env.role.value,
+        server_version=pre.server_version, pg_dump_version=pre.pg_dump_version, dump_key=key,
+        compression=cfg.compression, size=stored.size, raw_size=raw.size, sha256=stored.hexdigest,
+        started_at=started, finished_at=finished_at, duration_seconds=round(time.monotonic() - t0, 3),
+        tables=tables, schema_fingerprint=fp, tool_version=dataops.__version__,
+    )
+
+
+def _snapshot_stats(conn) -> tuple[dict[str, int], str]:
+    # Counting runs beside pg_dump, which keeps the cores busy, so what matters is the CPU it
+    # takes from the dump, not its own wall time: on the 4.5M-row bench database one backend
+    # counts with 0.19 CPU-s, two parallel workers and their leader spend 0.25 (bench/RESULTS.md).
+    conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    return pg.row_counts(conn), fingerprint(catalog_snapshot(conn))
+
+
+def backup(settings: Settings, env_name: str) -> Manifest:
+    """The whole backup as one plain call: preflight, dump, manifest last."""
+    env = settings.env(env_name)
+    pre = preflight(settings, env)
+    storage = open_storage(settings.storage)
+    manifest = dump_to_storage(settings, env, pre, storage)
+    write_manifest(storage, manifest)
+    log.info("backup %s of %s: %d bytes, sha256 %s", manifest.id, env.name, manifest.size, manifest.sha256[:12])
+    return manifest
+
+
+# -- Prefect tasks --------------------------------------------------------------------
+
+@task(name="preflight-backup", **RETRY_TRANSIENT)
+def preflight_task(settings: Settings, env_name: str) -> Preflight:
+    return preflight(settings, settings.env(env_name))
+
+
+@task(name="dump-to-storage", **RETRY_TRANSIENT)
+def dump_task(settings: Settings, env_name: str, pre: Preflight) -> Manifest:
+    return dump_to_storage(settings, settings.env(env_name), pre)
+
+
+@task(name="write-manifest", **RETRY_TRANSIENT)
+def write_manifest_task(settings: Settings, manifest: Manifest) -> Manifest:
+    write_manifest(open_storage(settings.storage), manifest)
+    return manifest

@@ -1,0 +1,146 @@
+"""Restore a backup: check the bytes, load beside the target, prove it, then swap.
+
+The target is never touched until the archive's checksum is verified and the restored
+copy matches its manifest (row counts, schema fingerprint). The copy is built in a scratch
+database on the target's server and put in place by rename, so a failure at any point
+leaves the target as it was. verify-backup runs the same path without the swap.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+from dataops.dsn import Dsn
+from dataops.errors import OperationFailed, SafetyRefusal
+from dataops.settings import Environment, Settings
+from dataops.tasks import pg
+from dataops.tasks.backup.catalog import Manifest, Verification
+from dataops.tasks.backup.storage import Storage
+from dataops.tasks.backup.streams import CHUNK, HashingReader, Process, decompress_reader
+from dataops.tasks.validation.validate import compare_with_expected
+
+log = logging.getLogger("dataops.restore")
+
+
+@dataclass
+class RestoreResult:
+    backup_id: str
+    target: str
+    database: str
+    seconds: float
+    tables: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def guard_target(target: Environment, confirm: str | None) -> None:
+    """A production target needs its own name typed back; refuse before any change."""
+    if target.is_production and confirm != target.name:
+        raise SafetyRefusal(f"environment '{target.name}' has role production; restoring into it replaces its data. "
+                            f"Pass --confirm {target.name} (flow parameter confirm='{target.name}') if you mean it")
+
+
+def verify_checksum(storage: Storage, manifest: Manifest) -> None:
+    """Read the whole object once and compare size and SHA-256 with the manifest."""
+    reader = HashingReader(storage.open_stream(manifest.dump_key))
+    while reader.read(8 * CHUNK):
+        pass
+    if reader.size != manifest.size or reader.hexdigest != manifest.sha256:
+        raise OperationFailed(
+            f"backup {manifest.id} is corrupt: {storage.description}/{manifest.dump_key} has "
+            f"{reader.size} bytes sha256 {reader.hexdigest[:16]}..., the manifest says {manifest.size} bytes "
+            f"sha256 {manifest.sha256[:16]}...; use another backup")
+
+
+def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, dsn: Dsn) -> None:
+    """Stream the archive into pg_restore. The checksum is checked again on this pass, so
+    an object replaced between the check and the restore is still caught (the caller then
+    drops the scratch database)."""
+    major, _ = pg.server_version(dsn, settings.postgres.connect_timeout)
+    binary = pg.client_binary("pg_restore", major, settings.postgres.bin_dir)
+    conninfo, secret_env = dsn.libpq_args()
+    args = [binary, "--format=custom", "--no-owner", "--no-privileges", "--exit-on-error", f"--dbname={conninfo}"]
+    proc = Process(args, secret_env, stdin=subprocess.PIPE, name="pg_restore")
+    source = HashingReader(storage.open_stream(manifest.dump_key))
+    stream = decompress_reader(source) if manifest.compression == "zstd" else source
+    try:
+        try:
+            while data := stream.read(CHUNK):
+                proc.proc.stdin.write(data)
+            proc.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # pg_restore stopped early; its exit status and message say why
+        proc.check()
+    finally:
+        proc.close()
+    if source.hexdigest != manifest.sha256:
+        raise OperationFailed(f"backup {manifest.id} changed while being restored (checksum mismatch); use another backup")
+
+
+def compare_with_manifest(dsn: Dsn, manifest: Manifest) -> tuple[dict[str, int], list[str]]:
+    """Row counts and schema fingerprint of a restored database against the manifest."""
+    return compare_with_expected(dsn, manifest.tables, manifest.schema_fingerprint, source="the manifest")
+
+
+def scratch_name(base: str, purpose: str) -> str:
+    return f"{base[:30]}__dataops_{purpose}_{secrets.token_hex(3)}"
+
+
+def load_and_check(settings: Settings, storage: Storage, manifest: Manifest, server: Dsn, purpose: str) -> tuple[str, RestoreResult]:
+    """Restore into a new scratch database on `server` and compare it with the manifest.
+
+    Returns the scratch database's name; on any failure the scratch database is dropped
+    before the error propagates.
+    """
+    t0 = time.monotonic()
+    name = scratch_name(manifest.database, purpose)
+    pg.create_database(server, name)
+    try:
+        scratch = server.with_database(name)
+        pg_restore_into(settings, storage, manifest, scratch)
+        counts, problems = compare_with_manifest(scratch, manifest)
+    except BaseException:
+        pg.drop_database(server, name)
+        raise
+    result = RestoreResult(manifest.id, purpose, name, round(time.monotonic() - t0, 3), counts, problems)
+    return name, result
+
+
+def restore(settings: Settings, storage: Storage, manifest: Manifest, target_name: str, confirm: str | None = None) -> RestoreResult:
+    target = settings.env(target_name)
+    guard_target(target, confirm)
+    verify_checksum(storage, manifest)
+    dsn = target.database_url
+    name, result = load_and_check(settings, storage, manifest, dsn, "restore")
+    if not result.ok:
+        pg.drop_database(dsn, name)
+        raise OperationFailed(f"restored copy of backup {manifest.id} does not match its manifest: "
+                              f"{'; '.join(result.problems[:3])}; target '{target_name}' was left unchanged")
+    old = pg.swap_database(dsn, name, dsn.database)
+    if old:
+        pg.drop_database(dsn, old)
+    result.target, result.database = target_name, dsn.database
+    log.info("restored backup %s into %s (%s)", manifest.id, target_name, dsn)
+    return result
+
+
+def verify(settings: Settings, storage: Storage, manifest: Manifest) -> Verification:
+    """Prove a backup restores: checksum, full restore into scratch, compare, drop."""
+    from datetime import datetime, timezone
+
+    env = settings.env(manifest.environment)
+    server = settings.backups.scratch_database_url or env.database_url
+    t0 = time.monotonic()
+    verify_checksum(storage, manifest)
+    name, result = load_and_check(settings, storage, manifest, server, "verify")
+    pg.drop_database(server, name)
+    return Verification(ok=result.ok, verified_at=datetime.now(timezone.utc),
+                        duration_seconds=round(time.monotonic() - t0, 3), problems=result.problems,
+                        scratch_server=f"{server.host}:{server.port}")

@@ -1,0 +1,319 @@
+"""Running and reverting transforms: the plain functions behind the flows and the CLI.
+
+A run's life:
+1. Under the transform's lock: resume the interrupted run if there is one (same module
+   source, else refused), or start a new one: split the key range into `workers` disjoint
+   ranges, take the snapshot the transform asks for, record the table's definition. The run
+   row, its ranges and the snapshot are committed together, so a crash leaves either all of
+   them or none.
+2. Each range is worked through in batches (dataops.tasks.transform.batches), by as many workers.
+3. After the last batch: the checks (dataops.tasks.transform.checks); a failure marks the run
+   checks-failed, and the flow's failure hook reverts it.
+
+`transform()` and `revert()` do all of it in-process (threads for the ranges); the flows
+compose the same steps as Prefect tasks, so that ranges become task runs that a Dask task
+runner can spread across machines.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from dataops.errors import BadInput, OperationFailed, is_transient, retry_if_transient
+from dataops.settings import Settings
+from dataops.tasks import pg
+from dataops.tasks.transform.batches import Options, RangeOutcome, process_range, session_limits
+from dataops.tasks.transform.checks import baseline, post_checks
+from dataops.tasks.transform.plan import (
+    batcher_for,
+    compile_check,
+    connect,
+    spec_for,
+    split_ranges,
+)
+from dataops.tasks.transform.progress import ProgressMonitor, Session, summarize
+from dataops.tasks.transform.revert import batcher_for_revert, index_snapshot, snapshot_to_json
+from dataops.tasks.transform.snapshot import take_snapshot
+from dataops.tasks.transform.spec import bind
+from dataops.tasks.transform.state import (
+    CHECKS_FAILED,
+    COMPLETED,
+    LOCK_CLASS,
+    REVERTED,
+    RUNNING,
+    RunState,
+    create_run,
+    ensure_schema,
+    has_schema,
+    latest_run,
+    load_run,
+    lock_key,
+    request_stop,
+    set_status,
+    transform_lock,
+)
+
+log = logging.getLogger("dataops.transform")
+
+
+# -- a run ----------------------------------------------------------------------------------------
+
+def prepare_run(settings: Settings, env: str, name: str, opts: Options, flow_run_id: str | None = None) -> RunState:
+    """Resume the interrupted run, or start a new one. The caller holds the transform's lock."""
+    spec = spec_for(settings, name)
+    with connect(settings, env, f"{name}:prepare", autocommit=True) as conn:
+        ensure_schema(conn)
+        target = bind(conn, spec)
+        compile_check(conn, spec, target)
+        last = latest_run(conn, name)
+        if last is not None and last.status == RUNNING:
+            if last.action == "revert":
+                raise BadInput(f"a revert of {name} on {env} was interrupted; finish it first: "
+                               f"dataops transform {env} revert {name}")
+            if last.definition != spec.definition:
+                raise BadInput(f"{spec.path} changed since run {last.id} of {name} started on {env}, which was "
+                               f"interrupted; put the old version back to finish it, or revert it first "
+                               f"(dataops transform {env} revert {name})")
+            request_stop(conn, last.id, False)
+            set_status(conn, last.id, RUNNING, finished=False, flow_run_id=flow_run_id)
+            done = last.total("scanned")
+            log.info("resuming run %d of %s on %s: %d of %d ranges left, %d rows done", last.id, name, env,
+                     len(last.pending), len(last.ranges), done)
+            return load_run(conn, last.id)
+        if last is not None and last.action == "run" and last.status == CHECKS_FAILED:
+            raise BadInput(f"run {last.id} of {name} on {env} failed its checks and is not reverted; revert it first: "
+                           f"dataops transform {env} revert {name}")
+        ranges = split_ranges(conn, target, opts.workers)
+        if isinstance(spec.snapshot, tuple) and target.update_triggers:
+            log.info("%s has UPDATE trigger(s) %s: SNAPSHOT must list every column they write (it has %s)",
+                     target.label, ", ".join(target.update_triggers), ", ".join(spec.snapshot))
+        before = baseline(settings, env, conn, target)
+        with conn.transaction():
+            snap = None
+            if spec.snapshot is not None:
+                snap = take_snapshot(conn, target.label, columns=None if spec.snapshot == "*" else list(spec.snapshot),
+                                     where=spec.where, key=[target.key],
+                                     label=f"xf_{name}")
+                index_snapshot(conn, snap)
+                log.info("snapshot %s of %s: %d rows, columns %s", snap.name, target.label, snap.rows,
+                         ", ".join(snap.columns))
+            run_id = create_run(conn, transform=name, action="run", definition=spec.definition,
+                                table_name=target.label, key_column=target.key, params=opts.as_dict(),
+                                ranges=ranges, snapshot=snapshot_to_json(snap) if snap else None,
+                                baseline=before, flow_run_id=flow_run_id)
+        log.info("run %d of %s on %s: %s, %d range(s), %d rows", run_id, name, env, target.label, len(ranges),
+                 sum(r[2] for r in ranges))
+        return load_run(conn, run_id)
+
+
+def run_range(settings: Settings, env: str, name: str, run_id: int, range_no: int, opts: Options) -> RangeOutcome:
+    """One worker: its own connection, its range from the checkpoint to the end."""
+    spec = spec_for(settings, name)
+    with connect(settings, env, f"{name}:r{range_no}", autocommit=True) as conn:
+        session_limits(conn, opts)
+        run = load_run(conn, run_id)
+        if run is None:
+            raise OperationFailed(f"run {run_id} of {name} is not in {env}'s dataops_transforms.runs")
+        r = next(x for x in run.ranges if x.range_no == range_no)
+        target = bind(conn, spec)
+        if run.action == "run":
+            batcher = batcher_for(spec, target, run.id)
+        else:
+            batcher = batcher_for_revert(run.params["method"], spec, target, run.snapshot, run.reverts)
+        try:
+            return process_range(conn, batcher, r, opts, label=f"{run.action} {name} on {env}")
+        except Exception as exc:
+            if not is_transient(exc) and not conn.closed and not conn.broken:
+                request_stop(conn, run_id)  # no retry will help: the other ranges stop after their current batch
+            raise
+
+
+def finish_run(settings: Settings, env: str, name: str, run_id: int) -> tuple[RunState, list[str]]:
+    """Checks after the last batch; records completed or checks-failed. Returns (run, problems)."""
+    spec = spec_for(settings, name)
+    with connect(settings, env, f"{name}:checks", autocommit=True) as conn:
+        run = load_run(conn, run_id)
+        if run.pending:
+            raise OperationFailed(f"run {run_id} of {name} has {len(run.pending)} unfinished range(s); "
+                                  f"run it again to resume: dataops transform {env} run {name}")
+        target = bind(conn, spec)
+        problems = post_checks(settings, env, conn, spec, target, run.baseline)
+        set_status(conn, run_id, CHECKS_FAILED if problems else COMPLETED, "; ".join(problems) or None)
+        return load_run(conn, run_id), problems
+
+
+# -- a revert -------------------------------------------------------------------------------------
+
+def prepare_revert(settings: Settings, env: str, name: str, opts: Options, flow_run_id: str | None = None) -> RunState:
+    """Resume an interrupted revert, or start reverting the newest run not yet reverted.
+    The caller holds the transform's lock."""
+    spec = spec_for(settings, name)
+    with connect(settings, env, f"{name}:prepare-revert", autocommit=True) as conn:
+        ensure_schema(conn)
+        target = bind(conn, spec)
+        last = latest_run(conn, name)
+        if last is not None and last.action == "revert" and last.status == RUNNING:
+            request_stop(conn, last.id, False)
+            set_status(conn, last.id, RUNNING, finished=False, flow_run_id=flow_run_id)
+            log.info("resuming revert %d of run %d of %s on %s", last.id, last.reverts, name, env)
+            return load_run(conn, last.id)
+        row = conn.execute("SELECT id FROM dataops_transforms.runs WHERE transform = %s AND action = 'run' "
+                           "AND status <> %s ORDER BY id DESC LIMIT 1", (name, REVERTED)).fetchone()
+        if row is None:
+            raise BadInput(f"nothing to revert: {name} has no run on {env} that is not already reverted")
+        victim = load_run(conn, row[0])
+        if spec.revert:
+            method, keys_table, snapshot = "own", None, None
+            compile_check(conn, spec, target)
+        elif victim.snapshot:
+            from dataops.tasks.transform.snapshot import SCHEMA as SNAPSHOT_SCHEMA
+
+            method, snapshot = "snapshot", victim.snapshot
+            keys_table = pg.qualified(SNAPSHOT_SCHEMA, snapshot["name"])
+            if conn.execute("SELECT to_regclass(%s)", (f"{SNAPSHOT_SCHEMA}.{snapshot['name']}",)).fetchone()[0] is None:
+                raise OperationFailed(f"snapshot {SNAPSHOT_SCHEMA}.{snapshot['name']} of run {victim.id} is gone; "
+                                      "restore the table from a backup instead")
+        else:
+            raise BadInput(f"{spec.path.name} has no REVERT and run {victim.id} took no snapshot (SNAPSHOT); "
+                           "there is nothing to revert it with")
+        ranges = split_ranges(conn, target, opts.workers, keys_table)
+        with conn.transaction():
+            rev_id = create_run(conn, transform=name, action="revert", reverts=victim.id, definition=spec.definition,
+                                table_name=target.label, key_column=target.key,
+                                params={**opts.as_dict(), "method": method}, ranges=ranges, snapshot=snapshot,
+                                flow_run_id=flow_run_id)
+        log.info("revert %d of run %d of %s on %s, from %s: %d range(s)", rev_id, victim.id, name, env,
+                 "its REVERT" if method == "own" else f"snapshot {snapshot['name']}", len(ranges))
+        return load_run(conn, rev_id)
+
+
+def finish_revert(settings: Settings, env: str, name: str, revert_id: int) -> RunState:
+    with connect(settings, env, f"{name}:finish-revert", autocommit=True) as conn:
+        rev = load_run(conn, revert_id)
+        if rev.pending:
+            raise OperationFailed(f"revert {revert_id} of {name} has {len(rev.pending)} unfinished range(s); "
+                                  f"run it again to resume: dataops transform {env} revert {name}")
+        with conn.transaction():
+            set_status(conn, revert_id, COMPLETED)
+            set_status(conn, rev.reverts, REVERTED, f"reverted by run {revert_id}")
+        return load_run(conn, revert_id)
+
+
+# -- everything in-process (tests, benchmarks, scripts) -----------------------------------------------
+
+def _run_ranges(settings: Settings, env: str, name: str, run: RunState, opts: Options) -> Session:
+    t0 = time.monotonic()
+    longest = 0.0
+    pending = run.pending
+    if pending:
+        with ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix=f"xf-{name}") as pool:
+            futures = [pool.submit(run_range, settings, env, name, run.id, r.range_no, opts) for r in pending]
+            errors = []
+            for f in as_completed(futures):
+                try:
+                    longest = max(longest, f.result().longest_tx_s)
+                except Exception as exc:  # noqa: BLE001 - the first error is raised after the others stop
+                    errors.append(exc)
+            if errors:
+                raise errors[0]
+    return Session(time.monotonic() - t0, longest)
+
+
+def transform(settings: Settings, env: str, name: str, *, batch_size: int | None = None,
+              max_batch_seconds: float | None = None, throttle_ms: int | None = None, workers: int | None = None,
+              progress_every_s: float = 5.0) -> dict:
+    """Run (or resume) a transform without Prefect. Raises OperationFailed when the checks
+    fail (the run is then marked checks-failed; `revert()` undoes it)."""
+    opts = Options.from_settings(settings.transforms, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
+                                 throttle_ms=throttle_ms, workers=workers)
+    with transform_lock(settings.env(env).database_url, name, env, timeout=settings.postgres.connect_timeout):
+        t0 = time.monotonic()
+        run = prepare_run(settings, env, name, opts)
+        with ProgressMonitor(settings, env, run, lambda _f, line: log.info("%s", line), progress_every_s):
+            session = _run_ranges(settings, env, name, run, opts)
+        run, problems = finish_run(settings, env, name, run.id)
+        session.seconds = time.monotonic() - t0
+    summary = summarize(run, env, session, problems)
+    if problems:
+        raise OperationFailed(f"checks after {name} on {env} failed: {'; '.join(problems)}; undo it with "
+                              f"dataops transform {env} revert {name}")
+    return summary
+
+
+def revert(settings: Settings, env: str, name: str, *, batch_size: int | None = None,
+           max_batch_seconds: float | None = None, throttle_ms: int | None = None, workers: int | None = None) -> dict:
+    opts = Options.from_settings(settings.transforms, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
+                                 throttle_ms=throttle_ms, workers=workers)
+    with transform_lock(settings.env(env).database_url, name, env, timeout=settings.postgres.connect_timeout):
+        t0 = time.monotonic()
+        rev = prepare_revert(settings, env, name, opts)
+        session = _run_ranges(settings, env, name, rev, opts)
+        rev = finish_revert(settings, env, name, rev.id)
+        session.seconds = time.monotonic() - t0
+    return summarize(rev, env, session)
+
+
+def status(settings: Settings, env: str, name: str, runs: int = 5) -> dict:
+    """The newest runs of a transform on an environment, newest first. Reads only."""
+    spec = spec_for(settings, name)
+    with connect(settings, env, f"{name}:status") as conn:
+        if not has_schema(conn):
+            ids = []
+        else:
+            ids = [r[0] for r in conn.execute("SELECT id FROM dataops_transforms.runs WHERE transform = %s "
+                                              "ORDER BY id DESC LIMIT %s", (name, runs)).fetchall()]
+        listed = [summarize(load_run(conn, i), env) for i in ids]
+        locked = _is_running(conn, name)
+    for s in listed:
+        if s["status"] == RUNNING:
+            s["status"] = RUNNING if locked else "interrupted"
+    return {"transform": name, "environment": env, "description": spec.description, "table": spec.table,
+            "kind": spec.kind, "runs": listed}
+
+
+def _is_running(conn, name: str) -> bool:
+    return conn.execute("SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = %s::oid "
+                        "AND objid = %s::oid AND objsubid = 2 AND granted "
+                        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+                        (LOCK_CLASS & 0xFFFFFFFF, lock_key(name) & 0xFFFFFFFF)).fetchone()[0]
+
+
+# -- Prefect tasks ------------------------------------------------------------------------------------
+
+
+@task(name="prepare-transform", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_if_transient)
+def prepare_task(settings: Settings, env: str, name: str, opts: Options, flow_run_id: str | None = None) -> RunState:
+    """Snapshot (when asked for) and checkpoint rows, or the interrupted run to resume."""
+    return prepare_run(settings, env, name, opts, flow_run_id)
+
+
+@task(name="transform-range", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
+      retry_condition_fn=retry_if_transient)
+def run_range_task(settings: Settings, env: str, name: str, run_id: int, range_no: int, opts: Options) -> RangeOutcome:
+    """A retry resumes from the range's checkpoint, so it never repeats a committed batch."""
+    return run_range(settings, env, name, run_id, range_no, opts)
+
+
+@task(name="check-transform", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_if_transient)
+def finish_task(settings: Settings, env: str, name: str, run_id: int) -> tuple[RunState, list[str]]:
+    return finish_run(settings, env, name, run_id)
+
+
+@task(name="prepare-revert", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_if_transient)
+def prepare_revert_task(settings: Settings, env: str, name: str, opts: Options,
+                        flow_run_id: str | None = None) -> RunState:
+    return prepare_revert(settings, env, name, opts, flow_run_id)
+
+
+@task(name="finish-revert", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_if_transient)
+def finish_revert_task(settings: Settings, env: str, name: str, revert_id: int) -> RunState:
+    return finish_revert(settings, env, name, revert_id)

@@ -1,0 +1,185 @@
+"""Before a run: compile the transform against its table, split the key range, and the dry
+run (rows needing work, invalid rows with examples, a preview of a few changes), all without
+writing anything."""
+
+from __future__ import annotations
+
+import psycopg
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from psycopg import sql
+
+from dataops.errors import BadInput, retry_if_transient
+from dataops.settings import Settings
+from dataops.tasks.transform.batches import Options, PandasBatcher, SqlBatcher, frag, key_range
+from dataops.tasks.transform.checks import still_to_do
+from dataops.tasks.transform.revert import own_revert_spec
+from dataops.tasks.transform.spec import (
+    Target,
+    TransformSpec,
+    bind,
+    load_transform,
+)
+from dataops.tasks.transform.state import latest_run
+
+PREVIEW_ROWS = 5
+
+
+def spec_for(settings: Settings, name: str) -> TransformSpec:
+    return load_transform(settings.transforms_dir, name)
+
+
+def connect(settings: Settings, env: str, purpose: str, **kw):
+    from dataops.tasks import pg
+
+    return pg.connect(settings.env(env).database_url, timeout=settings.postgres.connect_timeout,
+                      application_name=f"dataops-transform:{purpose}"[:63], **kw)
+
+
+def batcher_for(spec: TransformSpec, target: Target, run_id: int = 0):
+    return SqlBatcher(spec, target, run_id) if spec.kind == "sql" else PandasBatcher(spec, target)
+
+
+def compile_check(conn: psycopg.Connection, spec: TransformSpec, target: Target) -> None:
+    """EXPLAIN every statement the transform will run, so a typo in WHERE, SET or VERIFY is a
+    BadInput before the first batch rather than a failure in the middle. Writes nothing."""
+    first = conn.execute(sql.SQL("SELECT min({})::text FROM {}").format(sql.Identifier(target.key),
+                                                                       target.qualified)).fetchone()[0]
+    params = {"lo": first, "hi": first, "run": 0}
+    checks: list[tuple[str, sql.Composable, dict]] = []
+    if spec.kind == "sql":
+        checks.append(("WHERE/VALID/SET/DELETE", SqlBatcher(spec, target).statement(True), params))
+    else:
+        checks.append(("WHERE/VALID", PandasBatcher(spec, target).select(True), params))
+    if spec.revert:
+        checks.append(("REVERT/REVERT_WHERE", SqlBatcher(own_revert_spec(spec), target).statement(True), params))
+    if spec.verify:
+        checks.append(("VERIFY", frag(spec.verify), {}))
+    for label, stmt, p in checks:
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("EXPLAIN {}").format(stmt), p)
+        except psycopg.Error as exc:
+            text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise BadInput(f"{spec.path.name}: {label} does not run on {target.label}: {text}") from None
+
+
+def split_ranges(conn: psycopg.Connection, target: Target, workers: int, keys_table=None) -> list[tuple]:
+    """`workers` disjoint (lo, hi, rows) ranges over the key: lo exclusive, hi inclusive; the
+    first starts at the beginning and the last is open-ended, so rows inserted during the run
+    are covered too."""
+    keys_table = keys_table if keys_table is not None else target.qualified
+    k = sql.Identifier(target.key)
+
+    def count(lo, hi) -> int:
+        return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(keys_table, key_range(target, lo, hi)),
+                            {"lo": lo, "hi": hi}).fetchone()[0]
+
+    if workers == 1:
+        return [(None, None, count(None, None))]
+    if not target.integer_key:
+        raise BadInput(f"workers > 1 needs an integer key; {target.label}.{target.key} is {target.key_type}; "
+                       "run with workers 1")
+    low, high = conn.execute(sql.SQL("SELECT min({k}), max({k}) FROM {t}").format(k=k, t=keys_table)).fetchone()
+    if low is None:
+        return [(None, None, 0)]
+    span = high - low + 1
+    w = max(1, min(workers, span))
+    edges = [low - 1 + span * i // w for i in range(w + 1)]
+    out = []
+    for i in range(w):
+        lo = None if i == 0 else str(edges[i])
+        hi = None if i == w - 1 else str(edges[i + 1])
+        out.append((lo, hi, count(lo, hi)))
+    return out
+
+
+# -- dry run ------------------------------------------------------------------------------------
+
+def plan(settings: Settings, env: str, name: str, opts: Options) -> dict:
+    """What a run would do, read in one READ ONLY transaction: rows needing work, invalid
+    rows (with examples), ranges, the snapshot, and a preview of a few changes."""
+    spec = spec_for(settings, name)
+    with connect(settings, env, f"{name}:plan") as conn:
+        conn.read_only = True
+        target = bind(conn, spec)
+        compile_check(conn, spec, target)
+        t = target.qualified
+        valid = sql.SQL("coalesce({}, false)").format(frag(spec.valid_sql)) if spec.valid_sql else sql.SQL("true")
+        total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t)).fetchone()[0]
+        matched, invalid, examples = conn.execute(sql.SQL(
+            "SELECT count(*), count(*) FILTER (WHERE NOT {v}), "
+            "(array_agg({k}::text ORDER BY {k}) FILTER (WHERE NOT {v}))[1:5] FROM {t} WHERE {w}").format(
+            v=valid, k=sql.Identifier(target.key), t=t, w=frag(spec.where)), {}).fetchone()
+        ranges = split_ranges(conn, target, opts.workers)
+        preview = _preview(conn, spec, target)
+        todo = still_to_do(conn, spec, target) if spec.kind == "sql" else None
+        last = latest_run(conn, name)
+        conn.rollback()
+    return {
+        "transform": name, "environment": env, "description": spec.description, "kind": spec.kind,
+        "table": target.label, "key": target.key, "rows": total, "needing_work": matched,
+        "invalid": invalid or 0, "invalid_examples": list(examples or []), "would_change": todo,
+        "ranges": [{"lo": lo, "hi": hi, "rows": n} for lo, hi, n in ranges],
+        "snapshot": None if spec.snapshot is None else ("*" if spec.snapshot == "*" else list(spec.snapshot)),
+        "revert": "own REVERT" if spec.revert else ("snapshot" if spec.snapshot else "none"),
+        "preview": preview, "options": opts.as_dict(),
+        "last_run": None if last is None else {"id": last.id, "action": last.action, "status": last.status},
+    }
+
+
+def _preview(conn: psycopg.Connection, spec: TransformSpec, target: Target) -> list[dict]:
+    k = sql.Identifier(target.key)
+    valid = sql.SQL("coalesce({}, false)").format(frag(spec.valid_sql)) if spec.valid_sql else sql.SQL("true")
+    if spec.kind == "sql":
+        cols = list(spec.set)
+        delete = sql.SQL("coalesce({}, false)").format(frag(spec.delete)) if spec.delete else sql.SQL("false")
+        differs = sql.SQL("ROW({}) IS DISTINCT FROM ROW({})").format(
+            sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(", ").join(frag(spec.set[c]) for c in cols))
+        rows = conn.execute(sql.SQL(
+            "SELECT {k}::text, {cols}, {exprs}, {d} FROM {t} WHERE {w} AND {v} AND ({differs} OR {d}) "
+            "ORDER BY {k} LIMIT {n}").format(
+            k=k, cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
+            exprs=sql.SQL(", ").join(frag(spec.set[c]) for c in cols), d=delete, t=target.qualified,
+            w=frag(spec.where), v=valid, differs=differs, n=sql.Literal(PREVIEW_ROWS)), {}).fetchall()
+        n = len(cols)
+        return [{"key": r[0], "before": {c: _show(v) for c, v in zip(cols, r[1:1 + n])},
+                 "after": "(deleted)" if r[-1] else {c: _show(v) for c, v in zip(cols, r[1 + n:1 + 2 * n])}}
+                for r in rows]
+    import pandas as pd
+
+    b = PandasBatcher(spec, target)
+    rows = conn.execute(sql.SQL("SELECT {k}, {cols}, {v} FROM {t} WHERE {w} AND {v} ORDER BY {k} LIMIT 50").format(
+        k=k, cols=sql.SQL(", ").join(map(sql.Identifier, b.columns)), v=valid, t=target.qualified,
+        w=frag(spec.where)), {}).fetchall()
+    if not rows:
+        return []
+    df = pd.DataFrame.from_records([r[:-1] for r in rows], columns=[target.key, *b.columns])
+    if spec.valid_fn is not None:
+        df = df[spec.valid_fn(df.copy())]
+    out = b._check_output(spec.change(df.copy()), df)
+    shown = []
+    for idx in out.index:
+        before = {c: _show(df.at[idx, c]) for c in out.columns}
+        after = {c: _show(out.at[idx, c]) for c in out.columns}
+        if before != after:
+            shown.append({"key": str(df.at[idx, target.key]), "before": before, "after": after})
+        if len(shown) == PREVIEW_ROWS:
+            break
+    return shown
+
+
+def _show(v) -> str | None:
+    try:
+        import pandas as pd
+
+        if v is None or (not isinstance(v, (list, dict)) and pd.isna(v)):
+            return None
+    except (TypeError, ValueError):
+        pass
+    return str(v)
+
+
+@task(name="plan-transform", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
+def plan_task(settings: Settings, env: str, name: str, opts: Options) -> dict:
+    return plan(settings, env, name, opts)

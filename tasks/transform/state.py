@@ -1,0 +1,326 @@
+"""The tool's own record of transform runs, in the schema `dataops_transforms`.
+
+Why it lives in the database it describes: the checkpoint of a batch is written in the
+same transaction as the batch's change, so after a crash (even `kill -9`) the record and
+the table agree: a committed batch has its checkpoint, a rolled-back one has not. A resumed
+run starts after the last checkpoint of each key range; no batch is applied twice, none is
+skipped.
+
+    runs     one row per run or revert: status, parameters, snapshot, baseline of the checks
+    ranges   one row per disjoint key range of a run: the checkpoint (last key done) and counts
+    deleted  keys of the rows a run deleted, written with the batch that deleted them
+
+One run of a transform at a time: a session-level advisory lock keyed by the transform's
+name, held by the run's own connection for as long as it runs. A killed process loses its
+connection and with it the lock, so nothing needs cleaning up by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from dataops.dsn import Dsn
+from dataops.errors import OperationFailed
+from dataops.tasks import pg
+
+SCHEMA = "dataops_transforms"
+LOCK_CLASS = 0x7866726D  # 'xfrm': recognisable as classid in pg_locks
+EXAMPLES_KEPT = 10
+
+# statuses of runs
+RUNNING = "running"  # started; if nobody holds the lock, it was interrupted and `run` resumes it
+COMPLETED = "completed"
+CHECKS_FAILED = "checks-failed"  # the post-run checks failed; the revert is due
+REVERTED = "reverted"  # a revert run undid it
+
+_DDL = f"""
+CREATE SCHEMA IF NOT EXISTS {SCHEMA};
+CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
+    id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    transform       text NOT NULL,
+    action          text NOT NULL CHECK (action IN ('run', 'revert')),
+    reverts         bigint,  -- a revert: the run it undoes
+    status          text NOT NULL,
+    definition      text NOT NULL,
+    table_name      text NOT NULL,
+    key_column      text NOT NULL,
+    params          jsonb NOT NULL DEFAULT '{{}}',
+    snapshot        jsonb,
+    baseline        jsonb,
+    flow_run_id     text,
+    stop_requested  boolean NOT NULL DEFAULT false,
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz,
+    detail          text
+);
+CREATE INDEX IF NOT EXISTS runs_transform_idx ON {SCHEMA}.runs (transform, id);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.ranges (
+    run_id          bigint NOT NULL,  -- runs.id; no FOREIGN KEY, so that no tool counts this tool's tables as the app's
+    range_no        integer NOT NULL,
+    lo              text,
+    hi              text,
+    last_key        text,
+    total           bigint NOT NULL DEFAULT 0,
+    scanned         bigint NOT NULL DEFAULT 0,
+    matched         bigint NOT NULL DEFAULT 0,
+    changed         bigint NOT NULL DEFAULT 0,
+    deleted         bigint NOT NULL DEFAULT 0,
+    inserted        bigint NOT NULL DEFAULT 0,
+    invalid         bigint NOT NULL DEFAULT 0,
+    unchanged       bigint NOT NULL DEFAULT 0,
+    batches         integer NOT NULL DEFAULT 0,
+    busy_s          double precision NOT NULL DEFAULT 0,
+    longest_tx_s    double precision NOT NULL DEFAULT 0,
+    invalid_examples text[] NOT NULL DEFAULT '{{}}',
+    finished        boolean NOT NULL DEFAULT false,
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run_id, range_no)
+);
+CREATE TABLE IF NOT EXISTS {SCHEMA}.deleted (
+    run_id          bigint NOT NULL,
+    key             text NOT NULL,  -- rows a run deleted: its revert re-inserts these and no others
+    PRIMARY KEY (run_id, key)
+);
+"""
+
+COUNTERS = ("scanned", "matched", "changed", "deleted", "inserted", "invalid", "unchanged")
+
+
+@dataclass
+class RangeState:
+    run_id: int
+    range_no: int
+    lo: str | None  # exclusive; None: from the first key
+    hi: str | None  # inclusive; None: open-ended (rows inserted during the run are included)
+    last_key: str | None = None  # checkpoint: every key up to here is done
+    total: int = 0
+    scanned: int = 0
+    matched: int = 0
+    changed: int = 0
+    deleted: int = 0
+    inserted: int = 0
+    invalid: int = 0
+    unchanged: int = 0
+    batches: int = 0
+    busy_s: float = 0.0
+    longest_tx_s: float = 0.0
+    invalid_examples: list[str] = field(default_factory=list)
+    finished: bool = False
+    updated_at: datetime | None = None
+
+
+@dataclass
+class RunState:
+    id: int
+    transform: str
+    action: str
+    status: str
+    definition: str
+    table_name: str
+    key_column: str
+    params: dict
+    reverts: int | None = None
+    snapshot: dict | None = None
+    baseline: dict | None = None  # table definition and failing checks before the first batch
+    flow_run_id: str | None = None
+    stop_requested: bool = False
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    detail: str | None = None
+    ranges: list[RangeState] = field(default_factory=list)
+
+    def total(self, counter: str) -> int:
+        return sum(getattr(r, counter) for r in self.ranges)
+
+    @property
+    def longest_tx_s(self) -> float:
+        return max((r.longest_tx_s for r in self.ranges), default=0.0)
+
+    @property
+    def batches(self) -> int:
+        return sum(r.batches for r in self.ranges)
+
+    @property
+    def invalid_examples(self) -> list[str]:
+        return [k for r in self.ranges for k in r.invalid_examples]
+
+    @property
+    def pending(self) -> list[RangeState]:
+        return [r for r in self.ranges if not r.finished]
+
+
+def ensure_schema(conn: psycopg.Connection) -> None:
+    """Create the state tables once; a transaction-level lock keeps two first runs from racing."""
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_CLASS,))
+        if conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.deleted",)).fetchone()[0] is None:  # the newest
+            conn.execute(_DDL)
+
+
+def has_schema(conn: psycopg.Connection) -> bool:
+    return conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.ranges",)).fetchone()[0] is not None
+
+
+# -- the one-run-at-a-time lock --------------------------------------------------------------
+
+def lock_key(name: str) -> int:
+    """A signed int4 from the transform's name, the same on every machine."""
+    value = zlib.crc32(f"dataops-transform:{name}".encode())
+    return value - (1 << 32) if value >= (1 << 31) else value
+
+
+_HOLDER = """
+SELECT a.pid, a.application_name, a.usename, a.client_addr::text,
+       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND l.objid = %s::oid AND l.objsubid = 2
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+LIMIT 1"""
+
+
+@contextlib.contextmanager
+def transform_lock(dsn: Dsn, name: str, env_label: str, *, timeout: int = 10) -> Iterator[psycopg.Connection]:
+    """Hold the transform's lock on a connection of its own for the duration of the block.
+
+    A second run (or a revert) of the same transform on the same database is refused at
+    once with who holds the lock, rather than queueing behind it.
+    """
+    key = lock_key(name)
+    with pg.connect(dsn, autocommit=True, timeout=timeout, application_name=f"dataops-transform:{name}"[:63]) as conn:
+        if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, key)).fetchone()[0]:
+            row = conn.execute(_HOLDER, (LOCK_CLASS & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
+            holder = (f"pid {row[0]}, application_name {row[1] or '-'}, user {row[2]}"
+                      f"{', from ' + row[3] if row[3] else ''}, since {row[4]}") if row else "a session that just let it go"
+            raise OperationFailed(f"transform {name} is already running on {env_label} ({holder}); wait for it to "
+                                  "finish, or end that session if it is stuck")
+        try:
+            yield conn
+        finally:
+            if not conn.closed:
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, key))
+                except psycopg.Error:  # closing the connection releases it anyway
+                    pass
+
+
+# -- reading and writing runs ----------------------------------------------------------------
+
+_RUN_COLS = ("id, transform, action, status, definition, table_name, key_column, params, reverts, snapshot, "
+             "baseline, flow_run_id, stop_requested, started_at, finished_at, detail")
+
+
+def load_run(conn: psycopg.Connection, run_id: int) -> RunState | None:
+    cur = conn.cursor(row_factory=dict_row)
+    row = cur.execute(f"SELECT {_RUN_COLS} FROM {SCHEMA}.runs WHERE id = %s", (run_id,)).fetchone()
+    if row is None:
+        return None
+    run = RunState(**row)
+    run.ranges = [RangeState(**r) for r in cur.execute(
+        f"SELECT * FROM {SCHEMA}.ranges WHERE run_id = %s ORDER BY range_no", (run_id,)).fetchall()]
+    return run
+
+
+def latest_run(conn: psycopg.Connection, name: str, action: str | None = None) -> RunState | None:
+    if not has_schema(conn):
+        return None
+    row = conn.execute(f"SELECT id FROM {SCHEMA}.runs WHERE transform = %s AND (%s::text IS NULL OR action = %s) "
+                       "ORDER BY id DESC LIMIT 1", (name, action, action)).fetchone()
+    return load_run(conn, row[0]) if row else None
+
+
+def create_run(conn: psycopg.Connection, *, transform: str, action: str, definition: str, table_name: str,
+               key_column: str, params: dict, ranges: list[tuple[str | None, str | None, int]],
+               reverts: int | None = None, snapshot: dict | None = None, baseline: dict | None = None,
+               flow_run_id: str | None = None) -> int:
+    """Insert a run and its ranges ((lo, hi, total) each) in the caller's transaction."""
+    run_id = conn.execute(
+        f"""INSERT INTO {SCHEMA}.runs (transform, action, reverts, status, definition, table_name, key_column, params,
+                                       snapshot, baseline, flow_run_id)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
+        (transform, action, reverts, RUNNING, definition, table_name, key_column, json.dumps(params),
+         json.dumps(snapshot) if snapshot else None, json.dumps(baseline) if baseline else None,
+         flow_run_id)).fetchone()[0]
+    with conn.cursor() as cur:
+        cur.executemany(f"INSERT INTO {SCHEMA}.ranges (run_id, range_no, lo, hi, total) VALUES (%s, %s, %s, %s, %s)",
+                        [(run_id, i, lo, hi, total) for i, (lo, hi, total) in enumerate(ranges)])
+    return run_id
+
+
+def set_status(conn: psycopg.Connection, run_id: int, status: str, detail: str | None = None, *,
+               finished: bool = True, flow_run_id: str | None = None) -> None:
+    conn.execute(f"""UPDATE {SCHEMA}.runs SET status = %s, detail = coalesce(%s, detail),
+                     finished_at = CASE WHEN %s THEN now() END, flow_run_id = coalesce(%s, flow_run_id)
+                     WHERE id = %s""", (status, detail, finished, flow_run_id, run_id))
+
+
+@dataclass
+class BatchCounts:
+    scanned: int = 0
+    matched: int = 0
+    changed: int = 0
+    deleted: int = 0
+    inserted: int = 0
+    invalid: int = 0
+    unchanged: int = 0
+    invalid_examples: list[str] = field(default_factory=list)
+
+
+def checkpoint(conn: psycopg.Connection, r: RangeState, new_last: str | None, counts: BatchCounts, tx_s: float,
+               finished: bool) -> bool:
+    """Advance the range's checkpoint in the batch's own transaction (the caller commits);
+    returns whether the run was asked to stop (a worker on another range failed).
+
+    The update names the checkpoint it expects to move from: if another process moved it
+    (which the lock should make impossible), the batch is rolled back instead of applied twice.
+    """
+    cur = conn.execute(
+        f"""UPDATE {SCHEMA}.ranges SET last_key = coalesce(%(new)s, last_key),
+                scanned = scanned + %(scanned)s, matched = matched + %(matched)s, changed = changed + %(changed)s,
+                deleted = deleted + %(deleted)s, inserted = inserted + %(inserted)s, invalid = invalid + %(invalid)s,
+                unchanged = unchanged + %(unchanged)s, batches = batches + %(batch)s, busy_s = busy_s + %(tx)s,
+                longest_tx_s = greatest(longest_tx_s, %(tx)s),
+                invalid_examples = (invalid_examples || %(examples)s::text[])[1:{EXAMPLES_KEPT}],
+                finished = %(finished)s, updated_at = now()
+            WHERE run_id = %(run)s AND range_no = %(no)s AND last_key IS NOT DISTINCT FROM %(old)s
+            RETURNING (SELECT stop_requested FROM {SCHEMA}.runs WHERE id = %(run)s)""",
+        {"new": new_last, "old": r.last_key, "run": r.run_id, "no": r.range_no, "tx": tx_s, "finished": finished,
+         "batch": 1 if counts.scanned or counts.inserted else 0,
+         "examples": counts.invalid_examples[:EXAMPLES_KEPT], **{c: getattr(counts, c) for c in COUNTERS}})
+    row = cur.fetchone()
+    if row is None:
+        raise OperationFailed(f"the checkpoint of range {r.range_no} of run {r.run_id} moved under this worker; "
+                              "another process is applying the same transform (the batch was rolled back)")
+    if new_last is not None:
+        r.last_key = new_last
+    for c in COUNTERS:
+        setattr(r, c, getattr(r, c) + getattr(counts, c))
+    r.batches += 1 if counts.scanned or counts.inserted else 0
+    r.busy_s += tx_s
+    r.longest_tx_s = max(r.longest_tx_s, tx_s)
+    r.invalid_examples = (r.invalid_examples + counts.invalid_examples)[:EXAMPLES_KEPT]
+    r.finished = finished
+    return bool(row[0])
+
+
+def request_stop(conn: psycopg.Connection, run_id: int, stop: bool = True) -> None:
+    """Ask every worker of the run to stop after its current batch (seen at its next checkpoint)."""
+    conn.execute(f"UPDATE {SCHEMA}.runs SET stop_requested = %s WHERE id = %s", (stop, run_id))
+
+
+def progress(conn: psycopg.Connection, run_id: int) -> dict[str, Any]:
+    """Sums over the run's ranges, for progress reports (read by a monitor, any process)."""
+    cur = conn.cursor(row_factory=dict_row)
+    return cur.execute(f"""SELECT coalesce(sum(total), 0)::bigint AS total, coalesce(sum(scanned), 0)::bigint AS scanned,
+                                  coalesce(sum(changed + deleted + inserted), 0)::bigint AS changed,
+                                  coalesce(sum(invalid), 0)::bigint AS invalid, count(*) FILTER (WHERE finished) AS done,
+                                  count(*) AS ranges
+                           FROM {SCHEMA}.ranges WHERE run_id = %s""", (run_id,)).fetchone()
