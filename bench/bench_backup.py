@@ -11,7 +11,7 @@ What it does, in one run:
    orders and audit_logs, hold at least --rows rows together; then VACUUM ANALYZE.
 3. Measures, interleaved round by round, --repeat times each (median reported):
    - `pg_dump -Fc` (default gzip) and `pg_dump -Fc -Z0`, stdout read and discarded;
-   - the product's backup, `dataops.tasks.backup.dump.backup(settings, 'production')`, in a separate
+   - the product's backup, `dataops.tasks.backup.dump.backup(settings, settings.env('production'))`, in a separate
      child process (so its peak RSS is its own), into the moto S3 bucket and into a
      file:// folder;
    - the same dump_to_storage pipeline into a storage that discards the bytes, which
@@ -126,7 +126,7 @@ def child_main(spec_path: str) -> None:
         cpu0 = _cpu_pair()
         if spec["kind"] == "backup":
             t0 = time.monotonic()
-            m = backup(settings, ENV_NAME)
+            m = backup(settings, settings.env(ENV_NAME))
             out["call_s"] = time.monotonic() - t0
         elif spec["kind"] == "discard":
             class Discard(Storage):
@@ -619,7 +619,7 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
     a = L.append
     a(SECTION)
     a("")
-    a("`bench/bench_backup.py` (`make bench`): the product's backup, `dataops.tasks.backup.dump.backup(settings, 'production')` "
+    a("`bench/bench_backup.py` (`make bench`): the product's backup, `dataops.tasks.backup.dump.backup(settings, settings.env('production'))` "
       "(pg_dump `-Z0` piped through SHA-256 and multi-threaded zstd into storage, then the manifest), against "
       "`pg_dump -Fc` with its default compression and with `-Z0`, both read from a pipe and thrown away. "
       f"Every figure in the first table is the median of {ctx['repeat']} runs, interleaved round by round "

@@ -211,7 +211,7 @@ def time_preflight(server, counts) -> dict:
                                "storage": {"url": "file:///tmp/dataops-bench-unused"},
                                "migrations": {"path": str(MIGRATIONS)}}, env={})
     t0 = time.monotonic()
-    pre = preflight(settings, "bench")
+    pre = preflight(settings, settings.env("bench"))
     t_pre = time.monotonic() - t0
     t0 = time.monotonic()
     plans = plan(MigrationTarget(dsn, MIGRATIONS))

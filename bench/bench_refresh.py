@@ -15,7 +15,7 @@ What it does, in one run, on one embedded PostgreSQL 16 (pgserver) holding every
    Faker call per value; the same four columns masked by the product (pools + HMAC, the
    real row loop of dataops.tasks.refresh.table_copy); the same rows streamed without masking.
 3. `pg_dump -Fc -Z0 bench_prod | pg_restore` into a new database: the limit for a copy.
-4. The product: `dataops.tasks.refresh.steps.refresh(settings)` in a child process (plan, copy with the
+4. The product: `dataops.tasks.refresh.steps.refresh(settings, source, target)` in a child process (plan, copy with the
    masking in the stream, indexes and constraints, validation with the leak scan, switch),
    with the sample app's rules (dataops dev up's) minus the row deletion, so that every tool
    copies the same rows. Peak memory: RSS of the child and of its children (copy workers,
@@ -411,10 +411,12 @@ def write_config(path: Path, base) -> None:
 def child(config: str, out: str) -> None:
     """Runs in the child process: the refresh, timed around the call (imports excluded)."""
     from dataops.settings import load_settings
+    from dataops.tasks.refresh.plan import resolve_environments
     from dataops.tasks.refresh.steps import refresh
 
     t0 = time.monotonic()
-    r = refresh(load_settings(config))
+    settings = load_settings(config)
+    r = refresh(settings, *resolve_environments(settings, None, None))
     took = time.monotonic() - t0
     Path(out).write_text(json.dumps({
         "seconds": took, "phases": r.phases, "rows": r.rows, "tables": {t.table: [t.rows, t.seconds] for t in r.tables},

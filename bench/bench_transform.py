@@ -223,22 +223,25 @@ def settings_for(tmp: Path, dsn, folder: Path, **transforms):
 
 
 def engine_run(settings, name: str) -> dict:
-    """transform(), phase by phase."""
+    """transform()'s steps, phase by phase."""
     from dataops.tasks.transform.batches import Options
-    from dataops.tasks.transform.engine import _run_ranges, finish_run, prepare_run
-    from dataops.tasks.transform.progress import summarize
+    from dataops.tasks.transform.engine import PlainSteps, finish_run, prepare_run
+    from dataops.tasks.transform.progress import Session, summarize
     from dataops.tasks.transform.state import transform_lock
 
+    env = settings.env(ENV)
     opts = Options.from_settings(settings.transforms)
     t0 = time.monotonic()
-    with transform_lock(settings.env(ENV).database_url, name, ENV):
-        run = prepare_run(settings, ENV, name, opts)
+    with transform_lock(env, name):
+        run = prepare_run(settings, env, name, opts)
         t1 = time.monotonic()
-        session = _run_ranges(settings, ENV, name, run, opts)
+        longest, error = PlainSteps.run_ranges(settings, env, name, run, opts)
+        if error is not None:
+            raise error
         t2 = time.monotonic()
-        run, problems = finish_run(settings, ENV, name, run.id)
+        run, problems = finish_run(settings, env, name, run.id)
     t3 = time.monotonic()
-    s = summarize(run, ENV, session, problems)
+    s = summarize(run, env, Session(t2 - t1, longest), problems)
     assert not problems and s["status"] == "completed", s
     return {"seconds": t3 - t0, "prepare_s": t1 - t0, "batches_s": t2 - t1, "checks_s": t3 - t2,
             "longest_tx_s": s["longest_tx_s"], "batches": s["batches"], "changed": s["changed"],
@@ -265,7 +268,8 @@ from dataops.tasks.transform.engine import transform
 import pandas, psycopg
 rss0 = vm("VmRSS")
 t0 = time.monotonic()
-s = transform(load_settings(sys.argv[1]), sys.argv[2], sys.argv[3])
+settings = load_settings(sys.argv[1])
+s = transform(settings, settings.env(sys.argv[2]), sys.argv[3])
 print(json.dumps({"rss_after_imports": rss0, "peak": vm("VmHWM"), "seconds": time.monotonic() - t0,
                   "changed": s["changed"]}))
 """

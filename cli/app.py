@@ -39,10 +39,15 @@ def _main(config: Optional[Path] = typer.Option(None, "--config", "-c", help=CON
     state.verbose = verbose
 
 
-def load_cli_settings():
+def load_cli_settings(*environments: str):
+    """dataops.yaml, read once for the command, and the environments it names checked: an unknown
+    name is bad input (exit 2) before any flow, Prefect API or connection starts. The flow
+    resolves the name into its Environment itself (a deployment passes only the name)."""
     from dataops.settings import config_path, load_settings
 
     settings = load_settings(state.config)
+    for name in environments:
+        settings.env(name)
     state.config = str(config_path(state.config).resolve())
     prepare_prefect(settings.prefect.api_url, state.verbose)
     return settings

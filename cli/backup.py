@@ -14,8 +14,7 @@ from dataops.tasks.reporting import text_table
 @app.command()
 def backup(env: str = env_arg()):
     """Back up ENV to storage; prints the new backup's id as the last word."""
-    settings = load_cli_settings()
-    settings.env(env)
+    load_cli_settings(env)
     from dataops.flows.backup_database import backup_database
 
     m = backup_database(env, config=state.config)
@@ -28,8 +27,7 @@ def backup(env: str = env_arg()):
 def list_backups_cmd(env: str = env_arg(),
                      as_json: bool = typer.Option(False, "--json", help="print a JSON list of manifests")):
     """List the complete backups of ENV, newest last."""
-    settings = load_cli_settings()
-    settings.env(env)
+    settings = load_cli_settings(env)
     from dataops.tasks.backup.catalog import list_backups
     from dataops.tasks.backup.storage import open_storage
 
@@ -51,8 +49,7 @@ def restore(env: str = env_arg("environment the backup was taken from"),
             confirm: Optional[str] = typer.Option(None, "--confirm", help="the target's name; required when its role is production",
                                                   show_default=False)):
     """Restore BACKUP_ID of ENV into another environment, verified before and after."""
-    settings = load_cli_settings()
-    settings.env(env)
+    settings = load_cli_settings(env)
     from dataops.tasks.backup.restore import guard_target
 
     guard_target(settings.env(into), confirm)
@@ -67,8 +64,7 @@ def restore(env: str = env_arg("environment the backup was taken from"),
 def verify_backup_cmd(env: str = env_arg(),
                       backup_id: str = typer.Argument("latest", help="backup id (default: the newest)")):
     """Prove a backup restores: restore into a scratch database, compare with its manifest, drop it."""
-    settings = load_cli_settings()
-    settings.env(env)
+    load_cli_settings(env)
     from dataops.flows.verify_backup import verify_backup
 
     r = verify_backup(env, backup_id, config=state.config)
@@ -79,8 +75,7 @@ def verify_backup_cmd(env: str = env_arg(),
 def prune(env: str = env_arg(),
           dry_run: bool = typer.Option(False, "--dry-run", help="only say what would be deleted")):
     """Apply retention (backups.keep_last, keep_days); never deletes the newest verified backup."""
-    settings = load_cli_settings()
-    settings.env(env)
+    load_cli_settings(env)
     from dataops.flows.prune_backups import prune_backups
 
     r = prune_backups(env, dry_run=dry_run, config=state.config)

@@ -9,6 +9,7 @@ a failed round trip, a failed or rejected migration).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Optional
 
 import typer
@@ -34,10 +35,11 @@ def _select(env: str = typer.Argument(..., help="environment name from dataops.y
     selected.env = env
 
 
-def _settings():
+def _resolved():
+    """(settings, ENV's Environment): the name is checked here, once, so a wrong one exits 2
+    before anything runs."""
     settings = load_cli_settings()
-    settings.env(selected.env)
-    return settings
+    return settings, settings.env(selected.env)
 
 
 def _to_option(help_text: str = "target revision (default: head)"):
@@ -49,7 +51,7 @@ def status_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON"))
     """Where ENV is: current revision, head, applied and pending revisions."""
     from dataops.tasks.migration import migrate
 
-    st = migrate.status(migrate.target_for(_settings(), selected.env))
+    st = migrate.status(migrate.target_for(*_resolved()))
     if as_json:
         echo(json.dumps({"environment": selected.env, "current": st.current, "head": st.head,
                          "heads": [st.head], "applied": [r.revision for r in st.applied],
@@ -69,28 +71,23 @@ def plan_cmd(to: str = _to_option()):
     """Print the SQL that `up` would run, rendered offline: the database is only read for its revision."""
     from dataops.tasks.migration import migrate
 
-    echo(migrate.plan_text(migrate.plan(migrate.target_for(_settings(), selected.env), to)))
+    echo(migrate.plan_text(migrate.plan(migrate.target_for(*_resolved()), to)))
 
 
 @migrate_app.command("lint")
 def lint_cmd(to: str = _to_option(), as_json: bool = typer.Option(False, "--json", help="print JSON findings")):
     """Check the pending revisions for locking and breaking changes; exit 1 on errors."""
-    from dataops.tasks import pg
     from dataops.tasks.migration import migrate
-    from dataops.tasks.migration.lint import lint, lint_text, usage_lookup
+    from dataops.tasks.migration.lint import errors_sentence, lint_against, lint_text
 
-    settings = _settings()
-    mt = migrate.target_for(settings, selected.env)
+    mt = migrate.target_for(*_resolved())
     plans = migrate.plan(mt, to)
-    with pg.connect(mt.dsn, autocommit=True, timeout=mt.connect_timeout) as conn:
-        findings = lint(plans, dependents=usage_lookup(conn))
+    findings = lint_against(mt, plans)
     echo(json.dumps([f.as_dict() for f in findings], indent=2) if as_json else
          (f"{len(plans)} pending revision(s)\n" + lint_text(findings)))
-    errors = [f for f in findings if f.blocks]
+    errors = errors_sentence(findings)
     if errors:
-        raise OperationFailed(f"lint found {len(errors)} error(s) in revision(s) "
-                              f"{', '.join(sorted({f.revision for f in errors}))}; fix them, or allow a checked one "
-                              "with `# dataops: allow=<rule>` in the revision file")
+        raise OperationFailed(f"lint found {errors}")
 
 
 @migrate_app.command("up")
@@ -99,8 +96,7 @@ def up_cmd(to: str = _to_option(),
            auto_approve: bool = typer.Option(False, "--auto-approve",
                                              help="skip the approval pause (only with migrations.allow_auto_approve)")):
     """Run the migrate-database flow: preflight, backup, approval (production), apply, checks, audit."""
-    settings = _settings()
-    environment = settings.env(selected.env)
+    settings, environment = _resolved()
     if environment.is_production and not dry_run and not auto_approve:
         typer.echo(f"{selected.env} has role production: the run pauses for approval (Resume it in the Prefect UI) "
                    f"for up to {settings.migrations.approval_timeout_s} s", err=True)
@@ -112,7 +108,7 @@ def up_cmd(to: str = _to_option(),
     if final.is_cancelled():
         raise OperationFailed(f"migration of {selected.env} not applied: {final.message}")
     if not final.is_completed():
-        _explain_failure(settings, run_id)
+        _explain_failure(environment, run_id)
         final.result()  # raises the run's own error
         raise OperationFailed(f"migration of {selected.env} ended {final.name}: {final.message}")
     r = final.result()
@@ -123,12 +119,12 @@ def up_cmd(to: str = _to_option(),
          + (f", backup {r['backup_id']}" if r.get("backup_id") else "") + ")")
 
 
-def _explain_failure(settings, run_id: str) -> None:
+def _explain_failure(environment, run_id: str) -> None:
     """After a failed run: what the rollback did, from the audit table (stderr)."""
     from dataops.tasks.migration.audit import load
 
     try:
-        record = load(settings.env(selected.env).database_url, run_id)
+        record = load(environment.database_url, run_id)
     except DataopsError:
         return
     if record is not None and record.outcome in ("rolled-back", "restored", "rollback-failed"):
@@ -141,12 +137,13 @@ def down_cmd(to: Optional[str] = typer.Option(None, "--to", help="revision to go
              confirm: Optional[str] = typer.Option(None, "--confirm", help="ENV's name; required when its role is production",
                                                    show_default=False)):
     """Undo revisions (after a backup, under the lock): --to REV or --steps N."""
-    settings = _settings()
+    _, environment = _resolved()
     if (to is None) == (steps is None):
         raise BadInput("say where to go down to: --to REV (or base) or --steps N")
-    from dataops.flows.downgrade_database import downgrade_database, guard
+    from dataops.flows.downgrade_database import downgrade_database
+    from dataops.tasks.migration.migrate import guard_downgrade
 
-    guard(settings.env(selected.env), confirm)
+    guard_downgrade(environment, confirm)
     r = downgrade_database(selected.env, to=to, steps=steps, confirm=confirm, config=cli_state.config)
     echo(f"{selected.env}: {r['outcome']}; undid {', '.join(r['undone']) or 'nothing'}; now at {r['revision'] or 'base'}"
          + (f" (backup {r['backup_id']})" if r.get("backup_id") else ""))
@@ -157,7 +154,8 @@ def new_cmd(message: str = typer.Argument(..., help="what the revision does", sh
     """Write a new revision file (upgrade and downgrade) after the head; prints its path."""
     from dataops.tasks.migration.migrate import new_revision
 
-    echo(str(new_revision(_settings().migrations_dir, message)))
+    settings, _ = _resolved()
+    echo(str(new_revision(settings.migrations_dir, message)))
 
 
 @migrate_app.command("test")
@@ -167,14 +165,13 @@ def test_cmd():
     from dataops.tasks.backup.restore import scratch_name
     from dataops.tasks.migration import migrate
 
-    settings = _settings()
-    env = settings.env(selected.env)
+    settings, env = _resolved()
     server = settings.backups.scratch_database_url or env.database_url
     name = scratch_name(env.database_url.database, "mtest")
     pg.create_database(server, name)
     try:
-        mt = migrate.MigrationTarget(server.with_database(name), settings.migrations_dir, settings.migrations,
-                                     f"scratch database {name}", settings.postgres.connect_timeout)
+        mt = replace(migrate.target_for(settings, env), dsn=server.with_database(name),
+                     label=f"scratch database {name}")
         results = migrate.round_trip(mt)
     finally:
         pg.drop_database(server, name)
@@ -193,7 +190,7 @@ def history_cmd(limit: int = typer.Option(20, "--limit", min=1, help="how many r
     """The audit table: recent migration, downgrade and rollback runs, newest first."""
     from dataops.tasks.migration.audit import history
 
-    rows = history(_settings().env(selected.env).database_url, limit)
+    rows = history(_resolved()[1].database_url, limit)
     if not rows:
         echo(f"no migration runs recorded in {selected.env} yet")
         return

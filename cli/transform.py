@@ -35,9 +35,9 @@ def _select(env: str = typer.Argument(..., help="environment name from dataops.y
 
 
 def _settings():
+    """The settings and ENV, resolved once per command (an unknown ENV is bad input, exit 2)."""
     settings = load_cli_settings()
-    settings.env(selected.env)
-    return settings
+    return settings, settings.env(selected.env)
 
 
 def _name_arg():
@@ -45,10 +45,11 @@ def _name_arg():
 
 
 def _tuning(default_help: str):
-    return (typer.Option(None, "--batch-size", min=1, help=f"rows in the first batch ({default_help})"),
-            typer.Option(None, "--max-batch-seconds", min=0.001, help=f"bound of each batch's transaction ({default_help})"),
-            typer.Option(None, "--throttle-ms", min=0, help=f"pause between batches ({default_help})"),
-            typer.Option(None, "--workers", min=1, help=f"key ranges processed at once ({default_help})"))
+    """The bounds are checked by Overrides, the same as in dataops.yaml."""
+    return (typer.Option(None, "--batch-size", help=f"rows in the first batch ({default_help})"),
+            typer.Option(None, "--max-batch-seconds", help=f"bound of each batch's transaction ({default_help})"),
+            typer.Option(None, "--throttle-ms", help=f"pause between batches ({default_help})"),
+            typer.Option(None, "--workers", help=f"key ranges processed at once ({default_help})"))
 
 
 _BATCH, _SECONDS, _THROTTLE, _WORKERS = _tuning("default: transforms: in dataops.yaml")
@@ -61,10 +62,10 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     from dataops.tasks.transform.spec import list_transforms, load_transform
     from dataops.tasks.transform.state import latest_run
 
-    settings = _settings()
+    settings, env = _settings()
     folder = settings.transforms_dir
     rows = []
-    with pg.connect(settings.env(selected.env).database_url, timeout=settings.postgres.connect_timeout) as conn:
+    with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout) as conn:
         for name in list_transforms(folder):
             try:
                 spec = load_transform(folder, name)
@@ -90,12 +91,15 @@ def run_cmd(name: str = _name_arg(), batch_size: Optional[int] = _BATCH, max_bat
             dry_run: bool = typer.Option(False, "--dry-run", help="count, check and preview; write nothing"),
             as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
     """Run NAME on ENV (or resume its interrupted run); a second run at the same time is refused."""
+    from dataops.tasks.transform.batches import Overrides
+
     _settings()
+    overrides = Overrides(batch_size=batch_size, max_batch_seconds=max_batch_seconds, throttle_ms=throttle_ms,
+                          workers=workers)  # refused here, before a flow run starts
     from dataops.flows.run_transform import run_transform
 
-    params = dict(batch_size=batch_size, max_batch_seconds=max_batch_seconds, throttle_ms=throttle_ms, workers=workers)
     try:
-        result = run_transform(selected.env, name, dry_run=dry_run, config=cli_state.config, **params)
+        result = run_transform(selected.env, name, dry_run=dry_run, config=cli_state.config, **overrides.as_params())
     except DataopsError as exc:
         raise _with_revert_outcome(exc, name) from None
     if as_json:
@@ -111,11 +115,14 @@ def revert_cmd(name: str = _name_arg(), batch_size: Optional[int] = _BATCH, max_
                throttle_ms: Optional[int] = _THROTTLE, workers: Optional[int] = _WORKERS,
                as_json: bool = typer.Option(False, "--json", help="print the result as JSON")):
     """Undo the newest run of NAME on ENV: with its REVERT, else from its snapshot."""
+    from dataops.tasks.transform.batches import Overrides
+
     _settings()
+    overrides = Overrides(batch_size=batch_size, max_batch_seconds=max_batch_seconds, throttle_ms=throttle_ms,
+                          workers=workers)
     from dataops.flows.revert_transform import revert_transform
 
-    result = revert_transform(selected.env, name, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
-                              throttle_ms=throttle_ms, workers=workers, config=cli_state.config)
+    result = revert_transform(selected.env, name, config=cli_state.config, **overrides.as_params())
     if as_json:
         echo(json.dumps(result, indent=2, default=str))
     else:
@@ -127,7 +134,7 @@ def status_cmd(name: str = _name_arg(), as_json: bool = typer.Option(False, "--j
     """The newest runs of NAME on ENV, newest first: status, progress, counts."""
     from dataops.tasks.transform.engine import status
 
-    st = status(_settings(), selected.env, name)
+    st = status(*_settings(), name)
     if as_json:
         echo(json.dumps(st, indent=2, default=str))
         return
@@ -186,8 +193,8 @@ def _with_revert_outcome(exc: DataopsError, name: str) -> DataopsError:
     from dataops.tasks.transform.state import COMPLETED, latest_run
 
     try:
-        settings = _settings()
-        with pg.connect(settings.env(selected.env).database_url) as conn:
+        settings, env = _settings()
+        with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout) as conn:
             last = latest_run(conn, name)
     except DataopsError:
         last = None

@@ -19,12 +19,9 @@ def validate(env: str = env_arg(),
              as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
     """Check ENV's integrity (foreign keys, unique keys, sequences, indexes, configured checks);
     with --against, also whether two environments agree. Exit 0 when all pass, 1 when one fails."""
-    settings = load_cli_settings()
-    settings.env(env)
-    if against is not None:
-        settings.env(against)
-        if against == env:
-            raise BadInput(f"--against must name another environment than {env}")
+    load_cli_settings(env, *([against] if against else []))
+    if against == env:
+        raise BadInput(f"--against must name another environment than {env}")
     from dataops.flows.validate_database import validate_database
     from dataops.tasks.validation.validate import ValidationFailed, format_report
 

@@ -13,8 +13,9 @@ from dataops.tasks.reporting import markdown_table, publish_markdown
 @flow(name="anonymize-database")
 def anonymize_database(env: str, config: str | None = None) -> dict:
     settings = load_settings(config)
-    guard_environment(settings.env(env))  # refuse production before connecting
-    report: AnonymizeReport = anonymize_task(settings, env)
+    environment = settings.env(env)  # resolved once; the task gets the Environment
+    guard_environment(environment)  # refuse production before any task runs
+    report: AnonymizeReport = anonymize_task(settings, environment)
     get_run_logger().info("%s; %s", report.summary(), report.leaks.summary())
     publish_markdown(
         f"anonymize-{env}",

@@ -14,10 +14,10 @@ from dataops.tasks.reporting import markdown_table, publish_markdown
 @flow(name="backup-database", log_prints=False)
 def backup_database(env: str, config: str | None = None) -> dict:
     settings = load_settings(config)
-    settings.env(env)
+    environment = settings.env(env)
     logger = get_run_logger()
-    pre = preflight_task(settings, env)
-    manifest: Manifest = dump_task(settings, env, pre)
+    pre = preflight_task(settings, environment)
+    manifest: Manifest = dump_task(settings, environment, pre)
     write_manifest_task(settings, manifest)
     logger.info("backup %s of %s complete: %.1f MiB, %d tables, %d rows", manifest.id, env,
                 manifest.size / 1048576, len(manifest.tables), sum(manifest.tables.values()))

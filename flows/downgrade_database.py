@@ -11,19 +11,12 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
-from dataops.errors import DataopsError, OperationFailed, SafetyRefusal
+from dataops.errors import DataopsError, OperationFailed
 from dataops.settings import load_settings
 from dataops.tasks.migration import migrate
 from dataops.tasks.migration.audit import AuditRecord, save
-from dataops.tasks.migration.preflight import check_task
+from dataops.tasks.migration.checks import check_task
 from dataops.tasks.reporting import markdown_table, publish_markdown
-
-
-def guard(environment, confirm: str | None) -> None:
-    if environment.is_production and confirm != environment.name:
-        raise SafetyRefusal(f"environment '{environment.name}' has role production; a downgrade drops what the "
-                            f"revisions added. Pass --confirm {environment.name} (flow parameter "
-                            f"confirm='{environment.name}') if you mean it")
 
 
 @flow(name="downgrade-database")
@@ -31,16 +24,16 @@ def downgrade_database(env: str, to: str | None = None, steps: int | None = None
                        config: str | None = None) -> dict:
     settings = load_settings(config)
     environment = settings.env(env)
-    guard(environment, confirm)
-    mt = migrate.target_for(settings, env)
-    status = migrate.status(mt)
-    undo = migrate.downgrade_path(mt, status.current, to, steps)  # bad --to/--steps fail before the backup
+    migrate.guard_downgrade(environment, confirm)
+    status = migrate.status_task(settings, environment)
+    # bad --to/--steps fail here, before the backup
+    undo = migrate.downgrade_path(migrate.target_for(settings, environment), status.current, to, steps)
     from prefect.runtime import flow_run
 
     record = AuditRecord(run_id=str(flow_run.id), action="downgrade", environment=env, who=migrate.who_am_i(),
                          target=to if to is not None else f"-{steps}", from_revision=status.current)
     dsn = environment.database_url
-    before = check_task(settings, env)
+    before = check_task(settings, environment)
     record.fingerprint_before = before.fingerprint
     save(dsn, record)
     try:
@@ -54,9 +47,9 @@ def downgrade_database(env: str, to: str | None = None, steps: int | None = None
         record.backup_id = backup_database(env, config=config)["id"]
         record.phase = "applying"
         save(dsn, record)
-        result = migrate.downgrade_task(settings, env, to, steps, record.who)
+        result = migrate.downgrade_task(settings, environment, to, steps, record.who)
         record.applied, record.to_revision = result.revisions, result.to_revision
-        post = check_task(settings, env)
+        post = check_task(settings, environment)
         record.fingerprint_after = post.fingerprint
         if not post.ok:
             raise OperationFailed(f"checks after the downgrade of {env} failed: {'; '.join(post.problems)}; "

@@ -29,8 +29,9 @@ from dataops.flows.rollback_migration import start_rollback
 from dataops.settings import Settings, load_settings
 from dataops.tasks.migration import migrate
 from dataops.tasks.migration.audit import AuditRecord, save
+from dataops.tasks.migration.checks import check_task
 from dataops.tasks.migration.lint import Finding
-from dataops.tasks.migration.preflight import Preflight, check_task, preflight_task
+from dataops.tasks.migration.preflight import Preflight, preflight_task
 from dataops.tasks.reporting import markdown_table, publish_markdown
 
 APPROVAL_KEY = "approve-migration"
@@ -68,7 +69,7 @@ def migrate_database(env: str, target: str = "head", dry_run: bool = False, auto
         record.finish(outcome, detail, phase)
         audit(**changes)
 
-    pre: Preflight = preflight_task(settings, env, target)
+    pre: Preflight = preflight_task(settings, environment, target)
     audit(from_revision=pre.current, to_revision=pre.target, fingerprint_before=pre.state.fingerprint,
           checksums_before=pre.state.checksums)
     try:
@@ -108,10 +109,10 @@ def migrate_database(env: str, target: str = "head", dry_run: bool = False, auto
         def applied(step: migrate.StepResult) -> None:
             audit(applied=[*record.applied, step.revision])
 
-        result = migrate.upgrade_task(settings, env, target, pre.current, record.who, on_step=applied,
+        result = migrate.upgrade_task(settings, environment, target, pre.current, record.who, on_step=applied,
                                       on_start=started)
         audit(phase="validating", to_revision=result.to_revision)
-        post = check_task(settings, env)
+        post = check_task(settings, environment)
         audit(fingerprint_after=post.fingerprint)
         if not post.ok:
             raise OperationFailed(f"post-migration checks of {env} failed: {'; '.join(post.problems)}")

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
-from dataops.settings import Settings, load_settings
-from dataops.tasks.backup.catalog import Manifest, delete_backup, list_backups, retention_plan
+from dataops.settings import load_settings
+from dataops.tasks.backup.catalog import delete_task, list_backups, retention_plan
 from dataops.tasks.backup.storage import open_storage
 from dataops.tasks.reporting import markdown_table, publish_markdown
-
-
-@task(name="delete-backup", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2)
-def delete_task(settings: Settings, manifest: Manifest) -> str:
-    delete_backup(open_storage(settings.storage), manifest)
-    return manifest.id
 
 
 @flow(name="prune-backups")
 def prune_backups(env: str, dry_run: bool = False, config: str | None = None) -> dict:
     settings = load_settings(config)
-    settings.env(env)
+    settings.env(env)  # an unknown name is bad input; the backups are stored under the name itself
     cfg = settings.backups
     manifests = list_backups(open_storage(settings.storage), env)
     keep, delete, reasons = retention_plan(manifests, cfg.keep_last, cfg.keep_days)

@@ -6,10 +6,8 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
-from dataops.errors import retry_if_transient
 from dataops.flows.backup_database import backup_database
 from dataops.settings import Environment, Settings, load_settings
 from dataops.tasks.anonymize.leak_scan import LeakReport, Matches, Workspace
@@ -21,9 +19,9 @@ from dataops.tasks.refresh.steps import (
     RefreshReport,
     SourceSnapshot,
     check_refresh,
-    cleanup_leftovers,
     copy_data,
     create_copy,
+    discard_leftovers,
     finish_copy,
     match_leaks,
     plan_and_guard,
@@ -35,82 +33,82 @@ from dataops.tasks.refresh.steps import (
 )
 from dataops.tasks.refresh.table_copy import CopyResult
 from dataops.tasks.reporting import markdown_table, publish_markdown
+from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
 
 
 @flow(name="refresh-staging")
 def refresh_staging(source: str | None = None, target: str | None = None, check: bool = False,
                     config: str | None = None) -> dict:
     settings = load_settings(config)
-    src, tgt = resolve_environments(settings, source, target)  # refuse before connecting anywhere
+    src, tgt = resolve_environments(settings, source, target)  # once, and refused before connecting anywhere
     logger = get_run_logger()
     if check:
-        report = check_task(settings, src.name, tgt.name)
+        report = check_task(settings, src, tgt)
     else:
-        report = refresh(settings, src.name, tgt.name, steps=PrefectSteps, progress=logger.info)
+        report = refresh(settings, src, tgt, steps=PrefectSteps, progress=logger.info)
     publish_markdown(f"refresh-{tgt.name}", render(report), report.summary())
     return as_dict(report)
 
 
 # -- the refresh's steps as Prefect tasks: refresh() runs them in its order -------------------------
 # They take live objects (the open source snapshot, the leak-scan workspace): the flow runs
-# them in its own process, and every reader must share the snapshot the flow holds open.
+# them in its own process, and every reader must share the snapshot the flow holds open, so
+# they run once; only the steps that open their own connections and may run twice retry.
 
-TRANSIENT = dict(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5, retry_condition_fn=retry_if_transient)
 
-
-@task(name="check-refresh", **TRANSIENT)
-def check_task(settings: Settings, source: str | None, target: str | None) -> RefreshReport:
+@task(name="check-refresh", **RETRY_TRANSIENT)
+def check_task(settings: Settings, source: Environment, target: Environment) -> RefreshReport:
     return check_refresh(settings, source, target)
 
 
-@task(name="plan-refresh", cache_policy=NO_CACHE)
+@task(name="plan-refresh", **RUN_ONCE)
 def plan_task(settings: Settings, snap: SourceSnapshot, source: Environment, target: Environment) -> RefreshPlan:
     return plan_and_guard(settings, snap, source, target)
 
 
-@task(name="drop-leftover-copies", **TRANSIENT)
-def cleanup_task(target: Environment) -> list[str]:
-    return cleanup_leftovers(target)
+@task(name="discard-leftover-copies", **RETRY_TRANSIENT)
+def discard_leftovers_task(target: Environment) -> list[str]:
+    return discard_leftovers(target)
 
 
-@task(name="create-copy", cache_policy=NO_CACHE)
+@task(name="create-copy", **RUN_ONCE)
 def create_copy_task(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot, target: Environment) -> NewCopy:
     return create_copy(settings, plan, snap, target)
 
 
-@task(name="source-checksums", cache_policy=NO_CACHE)
+@task(name="source-checksums", **RUN_ONCE)
 def source_checksums_task(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot) -> dict:
     return source_checksums(settings, plan, snap)
 
 
-@task(name="copy-tables", cache_policy=NO_CACHE)
+@task(name="copy-tables", **RUN_ONCE)
 def copy_data_task(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace: Workspace,
                    column_ids: ColumnIds, settings: Settings) -> list[CopyResult]:
     return copy_data(plan, snap, new, workspace, column_ids, settings)
 
 
-@task(name="indexes-and-constraints", cache_policy=NO_CACHE)
+@task(name="indexes-and-constraints", **RUN_ONCE)
 def finish_copy_task(settings: Settings, plan: RefreshPlan, new: NewCopy) -> None:
     finish_copy(settings, plan, new)
 
 
-@task(name="validate-copy", cache_policy=NO_CACHE)
+@task(name="validate-copy", **RUN_ONCE)
 def validate_copy_task(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], expected: dict, actual: dict,
                        matches: Matches, column_ids: ColumnIds) -> tuple[list[str], list[str], LeakReport]:
     return validate_copy(plan, new, results, expected, actual, matches, column_ids)
 
 
-@task(name="match-leak-digests", cache_policy=NO_CACHE)
+@task(name="match-leak-digests", **RUN_ONCE)
 def match_leaks_task(plan: RefreshPlan, workspace: Workspace, column_ids: ColumnIds) -> Matches:
     return match_leaks(plan, workspace, column_ids)
 
 
-@task(name="target-checksums", cache_policy=NO_CACHE)
+@task(name="target-checksums", **RUN_ONCE)
 def target_checksums_task(plan: RefreshPlan, new: NewCopy) -> dict:
     return target_checksums(plan, new)
 
 
-@task(name="switch-to-copy", **TRANSIENT)
+@task(name="switch-to-copy", **RETRY_TRANSIENT)
 def switch_task(new: NewCopy, target: Environment) -> None:
     switch(new, target)
 
@@ -119,7 +117,7 @@ class PrefectSteps(PlainSteps):
     """The same steps as Prefect task runs, for the refresh-staging flow."""
 
     plan = plan_task
-    cleanup = cleanup_task
+    discard_leftovers = discard_leftovers_task
     create_copy = create_copy_task
     copy_data = copy_data_task
     finish_copy = finish_copy_task
@@ -167,7 +165,7 @@ def render(report: RefreshReport) -> str:
     if report.backup_id:
         lines.append(f"- backup of {report.target} taken first: `{report.backup_id}`")
     if report.cleaned:
-        lines.append(f"- dropped copies left by interrupted runs: {', '.join(report.cleaned)}")
+        lines.append(f"- discarded copies left by interrupted runs: {', '.join(report.cleaned)}")
     if report.phases:
         lines.append("- time: " + ", ".join(f"{k} {v:.1f} s" for k, v in report.phases.items()))
     if report.unmasked_personal:

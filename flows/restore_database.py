@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
-from dataops.settings import Settings, load_settings
-from dataops.tasks.backup.catalog import Manifest, get_backup
-from dataops.tasks.backup.restore import RestoreResult, guard_target, restore, verify_checksum
+from dataops.settings import load_settings
+from dataops.tasks.backup.catalog import get_backup
+from dataops.tasks.backup.restore import guard_target, restore_task, verify_checksum_task
 from dataops.tasks.backup.storage import open_storage
 from dataops.tasks.reporting import markdown_table, publish_markdown
-
-
-@task(name="verify-checksum", cache_policy=NO_CACHE)
-def verify_checksum_task(settings: Settings, manifest: Manifest) -> None:
-    verify_checksum(open_storage(settings.storage), manifest)
-
-
-@task(name="restore-and-swap", cache_policy=NO_CACHE)
-def restore_task(settings: Settings, manifest: Manifest, target: str, confirm: str | None) -> RestoreResult:
-    return restore(settings, open_storage(settings.storage), manifest, target, confirm)
 
 
 @flow(name="restore-database")
 def restore_database(env: str, backup_id: str, target: str, confirm: str | None = None,
                      config: str | None = None) -> dict:
     settings = load_settings(config)
-    settings.env(env)
-    guard_target(settings.env(target), confirm)  # refuse before reading anything
-    manifest = get_backup(open_storage(settings.storage), env, backup_id)
+    source, into = settings.env(env), settings.env(target)
+    guard_target(into, confirm)  # refuse before reading anything
+    manifest = get_backup(open_storage(settings.storage), source.name, backup_id)
     verify_checksum_task(settings, manifest)
-    result = restore_task(settings, manifest, target, confirm)
+    result = restore_task(settings, manifest, into, confirm)
     get_run_logger().info("restored backup %s of %s into %s in %.1f s", manifest.id, env, target, result.seconds)
     publish_markdown(
         f"restore-{target}",

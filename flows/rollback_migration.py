@@ -22,18 +22,15 @@ nothing and sends nothing. Every outcome goes to the audit table.
 
 from __future__ import annotations
 
-import time
-
 from prefect import flow, get_run_logger
 
 import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.errors import BadInput, DataopsError, OperationFailed
-from dataops.settings import Settings, load_settings
+from dataops.settings import Environment, Settings, load_settings
 from dataops.tasks.alerts import send_alert
 from dataops.tasks.migration import migrate
 from dataops.tasks.migration.audit import PHASES, AuditRecord, load, save
-from dataops.tasks.migration.checks import DatabaseState
-from dataops.tasks.migration.preflight import check_task
+from dataops.tasks.migration.checks import DatabaseState, check_task
 from dataops.tasks.reporting import markdown_table, publish_markdown
 
 LOCK_WAIT_S = 60.0  # a run still letting go of the lock; past this, a person must look
@@ -42,7 +39,8 @@ LOCK_WAIT_S = 60.0  # a run still letting go of the lock; past this, a person mu
 @flow(name="rollback-migration")
 def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict:
     settings = load_settings(config)
-    dsn = settings.env(env).database_url
+    environment = settings.env(env)
+    dsn = environment.database_url
     logger = get_run_logger()
     parent = load(dsn, run_id)
     if parent is None:
@@ -69,7 +67,8 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
 
     def done(outcome: str, detail: str) -> dict:
         """Back where the run started: record it, and say so through the alert channel (a warning)."""
-        alerted.append(_warn(settings, env, run_id, parent, me, steps, failure))
+        alerted.append(_warn(settings, env, run_id, parent, me, steps, failure,
+                             _failed_at(settings, environment, parent)))
         return finish(outcome, outcome, detail)
 
     if PHASES.index(parent.phase) < PHASES.index("applying"):
@@ -77,8 +76,8 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
         return finish("nothing-to-undo", None, "the failed run changed nothing; the database was not touched")
 
     save(dsn, me)
-    downgraded, why = _downgrade(settings, env, parent.from_revision, steps, logger)
-    state = check_task(settings, env) if downgraded else None
+    downgraded, why = _downgrade(settings, environment, parent.from_revision, steps, logger)
+    state = check_task(settings, environment) if downgraded else None
     problems = _problems(parent, state) if state else [why]
     if downgraded and not problems:
         me.to_revision, me.fingerprint_after = parent.from_revision, state.fingerprint
@@ -101,7 +100,7 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
     except Exception as exc:  # noqa: BLE001 - any failure here ends in the alert
         msg = exc.message if isinstance(exc, DataopsError) else f"{type(exc).__name__}: {exc}"
         return _critical(settings, env, run_id, parent, me, steps, finish, f"restore of backup {parent.backup_id} failed: {msg}")
-    state = check_task(settings, env)
+    state = check_task(settings, environment)
     problems = _problems(parent, state)
     if problems:
         return _critical(settings, env, run_id, parent, me, steps, finish,
@@ -111,26 +110,19 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
     return done("restored", f"restored backup {parent.backup_id} (the downgrade did not get back)")
 
 
-def _downgrade(settings: Settings, env: str, revision: str | None, steps: list[str], logger) -> tuple[bool, str]:
+def _downgrade(settings: Settings, env: Environment, revision: str | None, steps: list[str],
+               logger) -> tuple[bool, str]:
     """(done, why not). Waits a little for the lock: the failed run may still be letting go."""
-    mt = migrate.target_for(settings, env)
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            result = migrate.downgrade(mt, revision or "base", who=f"{migrate.who_am_i()} rollback")
-            break
-        except OperationFailed as exc:
-            if exc.message.startswith("another migration holds the lock") and time.monotonic() < deadline:
-                time.sleep(2)
-                continue
-            steps.append(f"downgrade to {revision or 'base'} failed: {exc.message}")
-            logger.error("downgrade of %s to %s failed: %s", env, revision or "base", exc.message)
-            return False, exc.message
-        except DataopsError as exc:
-            steps.append(f"downgrade to {revision or 'base'} failed: {exc.message}")
-            return False, exc.message
+    try:
+        result = migrate.downgrade_task(settings, env, revision or "base", None, f"{migrate.who_am_i()} rollback",
+                                        lock_wait_s=LOCK_WAIT_S)
+    except DataopsError as exc:
+        steps.append(f"downgrade to {revision or 'base'} failed: {exc.message}")
+        logger.error("downgrade of %s to %s failed: %s", env.name, revision or "base", exc.message)
+        return False, exc.message
     undone = ", ".join(result.revisions) or "nothing (already there)"
-    steps.append(f"downgraded {env} from {result.from_revision or 'base'} to {result.to_revision or 'base'}: undid {undone}")
+    steps.append(f"downgraded {env.name} from {result.from_revision or 'base'} to {result.to_revision or 'base'}: "
+                 f"undid {undone}")
     return True, ""
 
 
@@ -142,7 +134,7 @@ def _problems(parent: AuditRecord, state: DatabaseState) -> list[str]:
     return out
 
 
-def _failed_at(settings: Settings, env: str, parent: AuditRecord) -> str:
+def _failed_at(settings: Settings, env: Environment, parent: AuditRecord) -> str:
     """Where the migration run failed, in words: the revision it was applying, or its phase."""
     if parent.phase == "validating":
         return "in its post-migration checks"
@@ -166,9 +158,8 @@ def _links(**run_ids: str) -> dict:
 
 
 def _warn(settings: Settings, env: str, run_id: str, parent: AuditRecord, me: AuditRecord, steps: list[str],
-          failure: str) -> bool:
-    """The warning alert of a rollback that worked; True if it was delivered."""
-    where = _failed_at(settings, env, parent)
+          failure: str, where: str) -> bool:
+    """The warning alert of a rollback that worked; True if it was delivered. `where`: see _failed_at."""
     restored = any(s.startswith("restored backup") for s in steps)
     subject = (f"migration of {env} failed and was rolled back"
                + (f" (backup {parent.backup_id} restored)" if restored else ""))

@@ -20,20 +20,16 @@
 
 from __future__ import annotations
 
-import time
-
 from prefect import flow, get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
 import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
-from dataops.errors import OperationFailed, is_transient
+from dataops.errors import is_transient
 from dataops.settings import load_settings
-from dataops.tasks.transform.batches import Options
-from dataops.tasks.transform.engine import finish_task, prepare_task, run_range_task
+from dataops.tasks.transform.batches import Options, Overrides
+from dataops.tasks.transform.engine import PrefectSteps, transform
 from dataops.tasks.transform.plan import plan_task
-from dataops.tasks.transform.progress import PROGRESS_EVERY_S, ProgressMonitor, Session, gather_ranges, summarize
-from dataops.tasks.transform.report import ProgressArtifact, publish_plan, publish_summary
-from dataops.tasks.transform.state import transform_lock
+from dataops.tasks.transform.report import publish_plan
 
 
 def start_revert(flow, flow_run, state) -> None:
@@ -76,41 +72,17 @@ def run_transform(env: str, name: str, batch_size: int | None = None, max_batch_
                   config: str | None = None) -> dict:
     settings = load_settings(config)
     environment = settings.env(env)
-    opts = Options.from_settings(settings.transforms, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
-                                 throttle_ms=throttle_ms, workers=workers)
-    logger = get_run_logger()
+    overrides = Overrides(batch_size=batch_size, max_batch_seconds=max_batch_seconds, throttle_ms=throttle_ms,
+                          workers=workers)
     if dry_run:
-        p = plan_task(settings, env, name, opts)
+        p = plan_task(settings, environment, name, Options.from_settings(settings.transforms, overrides))
         publish_plan(p)
-        logger.info("dry run of %s on %s: %d row(s) need work, %d invalid, nothing written", name, env,
-                    p["needing_work"], p["invalid"])
+        get_run_logger().info("dry run of %s on %s: %d row(s) need work, %d invalid, nothing written", name, env,
+                              p["needing_work"], p["invalid"])
         return p
     from prefect.runtime import flow_run
 
-    t0 = time.monotonic()
-    with transform_lock(environment.database_url, name, env, timeout=settings.postgres.connect_timeout):
-        run = prepare_task(settings, env, name, opts, str(flow_run.id))
-        bar = ProgressArtifact(f"transform-{name}-{env}-progress", f"{name} on {env}")
-
-        def report(percent: float, line: str) -> None:
-            logger.info("%s", line)
-            bar.update(percent)
-
-        with ProgressMonitor(settings, env, run, report, PROGRESS_EVERY_S):
-            futures = [run_range_task.with_options(task_run_name=f"{name}-range-{r.range_no}").submit(
-                settings, env, name, run.id, r.range_no, opts) for r in run.pending]
-            longest, error = gather_ranges(futures)
-        if error is not None:
-            raise error
-        run, problems = finish_task(settings, env, name, run.id)
-        summary = summarize(run, env, Session(time.monotonic() - t0, longest), problems)
-    publish_summary(summary)
-    logger.info("%s on %s: %s; %d changed, %d deleted, %d invalid, %d unchanged in %d batches; longest transaction "
-                "%.3f s", name, env, summary["status"], summary["changed"], summary["deleted"], summary["invalid"],
-                summary["unchanged"], summary["batches"], summary["longest_tx_s"])
-    if problems:
-        raise OperationFailed(f"checks after {name} on {env} failed: {'; '.join(problems)}; reverting it")
-    return summary
+    return transform(settings, environment, name, overrides, steps=PrefectSteps, flow_run_id=str(flow_run.id))
 
 
 if __name__ == "__main__":

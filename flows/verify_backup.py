@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
-from prefect import flow, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, get_run_logger
 
 import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
-from dataops.errors import DataopsError, OperationFailed
-from dataops.settings import Settings, load_settings
-from dataops.tasks.backup.catalog import Manifest, Verification, get_backup, mark_verified
-from dataops.tasks.backup.restore import verify
+from dataops.errors import OperationFailed
+from dataops.settings import load_settings
+from dataops.tasks.backup.catalog import get_backup
+from dataops.tasks.backup.restore import verify_task
 from dataops.tasks.backup.storage import open_storage
 from dataops.tasks.reporting import publish_markdown
-
-
-@task(name="restore-into-scratch", cache_policy=NO_CACHE)
-def verify_task(settings: Settings, manifest: Manifest) -> Verification:
-    storage = open_storage(settings.storage)
-    try:
-        result = verify(settings, storage, manifest)
-    except DataopsError as exc:
-        if exc.kind.value == "transient":
-            raise
-        result = Verification(ok=False, verified_at=datetime.now(timezone.utc), duration_seconds=0,
-                              problems=[exc.message])
-    mark_verified(storage, manifest, result)
-    return result
 
 
 @flow(name="verify-backup")
 def verify_backup(env: str, backup_id: str = "latest", config: str | None = None) -> dict:
     settings = load_settings(config)
-    settings.env(env)
-    manifest = get_backup(open_storage(settings.storage), env, backup_id)
-    result = verify_task(settings, manifest)
+    environment = settings.env(env)
+    manifest = get_backup(open_storage(settings.storage), environment.name, backup_id)
+    result = verify_task(settings, manifest, environment)
     verdict = "VERIFIED" if result.ok else "FAILED"
     problems = "".join(f"- {p}\n" for p in result.problems) or "- none\n"
     publish_markdown(

@@ -66,7 +66,8 @@ def test_server_side_encryption_is_requested(seeded, s3_bucket, s3_client, write
                        storage={"url": f"s3://{s3_bucket}/enc", "endpoint_url": s3_endpoint, "region": "us-east-1",
                                 "access_key_id": "testing", "secret_access_key": "testing",
                                 "server_side_encryption": "AES256"})
-    m = backup(load_settings(cfg), "production")
+    settings = load_settings(cfg)
+    m = backup(settings, settings.env("production"))
     for key in (f"enc/{m.dump_key}", f"enc/production/{m.id}/manifest.json"):
         assert s3_client.head_object(Bucket=s3_bucket, Key=key)["ServerSideEncryption"] == "AES256"
 

@@ -14,7 +14,7 @@ from dataops.dev.sample_app import create_schema
 from dataops.errors import OperationFailed
 from dataops.settings import MigrationSettings
 from dataops.tasks import pg
-from dataops.tasks.migration.migrate import LOCK_KEY, MigrationTarget, read_current, stamp, upgrade
+from dataops.tasks.migration.migrate import LOCK_KEY, MigrationTarget, downgrade, read_current, stamp, upgrade
 
 FAST_RETRIES = MigrationSettings(lock_timeout="200ms", lock_retries=2, lock_retry_delay_s=0.2)
 
@@ -117,6 +117,25 @@ def test_concurrent_up_applies_each_revision_once_and_the_loser_names_the_holder
     assert read_current(at_0002) == "0009"
     with pg.connect(at_0002) as conn:
         assert conn.execute("SELECT count(*) FROM applied_once").fetchone()[0] == 1
+
+
+def test_rollback_downgrade_waits_for_the_lock_then_gives_up_naming_the_holder(at_0002):
+    """The rollback's downgrade waits (lock_wait_s) for a failed run still letting go of the lock."""
+    mt = MigrationTarget(at_0002, REPO_MIGRATIONS, label="prod")
+    upgrade(mt, "0003")
+    with pg.connect(at_0002, autocommit=True, application_name="failed-run") as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, %s)", LOCK_KEY)
+        t0 = time.monotonic()
+        with pytest.raises(OperationFailed, match=r"another migration holds the lock on prod \(pid .*failed-run"):
+            downgrade(mt, "0002", lock_wait_s=2)
+        assert 2 <= time.monotonic() - t0 < 30
+        assert read_current(at_0002) == "0003"
+
+        threading.Timer(1, holder.execute, ("SELECT pg_advisory_unlock(%s, %s)", LOCK_KEY)).start()
+        t0 = time.monotonic()
+        result = downgrade(mt, "0002", lock_wait_s=30)
+    assert result.revisions == ["0003"] and 1 <= time.monotonic() - t0 < 30
+    assert read_current(at_0002) == "0002" and not lock_held(at_0002)
 
 
 def test_statement_timeout_cancels_a_long_revision(at_0002, tmp_path):

@@ -1,5 +1,5 @@
 """A refresh killed with SIGKILL in the middle of the copy leaves staging as it was, and the
-next run drops the half-built copy it left behind."""
+next run discards the half-built copy it left behind."""
 
 from __future__ import annotations
 
@@ -9,17 +9,19 @@ import subprocess
 import sys
 import time
 
-from test_refresh_staging import ANON, checksums, rows, scratch_databases
+from test_refresh_staging import ANON, checksums, rows, run_refresh, scratch_databases
 
 from dataops.dev.sample_app import create_schema, seed
 from dataops.settings import load_settings
 from dataops.tasks import pg
-from dataops.tasks.refresh.steps import SCRATCH_TAG, refresh
+from dataops.tasks.refresh.steps import SCRATCH_TAG
 
-RUN = "from dataops.settings import load_settings; from dataops.tasks.refresh.steps import refresh; refresh(load_settings({!r}))"
+RUN = ("from dataops.settings import load_settings; from dataops.tasks.refresh.plan import resolve_environments; "
+       "from dataops.tasks.refresh.steps import refresh; s = load_settings({!r}); "
+       "refresh(s, *resolve_environments(s, None, None))")
 
 
-def test_kill_mid_copy_leaves_staging_intact_and_next_run_cleans_up(make_db, write_config, pg_server_dsn):
+def test_kill_mid_copy_leaves_staging_intact_and_next_run_discards_the_copy(make_db, write_config, pg_server_dsn):
     prod, stg = make_db("prod"), make_db("stg")
     create_schema(prod)
     seed(prod, users=200)
@@ -52,7 +54,7 @@ def test_kill_mid_copy_leaves_staging_intact_and_next_run_cleans_up(make_db, wri
     left = scratch_databases(pg_server_dsn)
     assert len(left) == 1 and left[0].startswith(stg.database[:30] + SCRATCH_TAG)
 
-    report = refresh(load_settings(cfg))
+    report = run_refresh(load_settings(cfg))
     assert report.cleaned == left and scratch_databases(pg_server_dsn) == []
     assert rows(stg, "SELECT count(*) FROM events")[0][0] == 200000 and report.leaks.ok
     assert rows(stg, "SELECT count(*) FROM events WHERE strpos(contact_email, '@') > 0")[0][0] == 0

@@ -13,6 +13,7 @@ from dataops.errors import BadInput, SafetyRefusal
 from dataops.settings import load_settings
 from dataops.tasks import pg
 from dataops.tasks.checksums import table_checksums
+from dataops.tasks.refresh.plan import resolve_environments
 from dataops.tasks.refresh.steps import SCRATCH_TAG, check_refresh, refresh
 
 SALT = "refresh-test-salt-0123456789"
@@ -31,6 +32,10 @@ ANON = {
 }
 MASKED_TEXT = ("email", "full_name", "phone", "address")
 
+
+def run_refresh(settings, source=None, target=None, **kwargs):
+    """As the flow and the CLI do it: the names resolved (and guarded) once, then the refresh."""
+    return refresh(settings, *resolve_environments(settings, source, target), **kwargs)
 
 
 def rows(dsn, query, *args):
@@ -186,14 +191,14 @@ def test_two_runs_give_identical_values_and_in_place_matches(stack, make_db, wri
     anon = copy.deepcopy(ANON)
     anon["rules"]["contacts"] = {"email": {"faker": "email", "unique": True}}
     settings = load_settings(config(anonymize=anon))
-    first = refresh(settings)
+    first = run_refresh(settings)
     assert rows(stg, "SELECT n FROM user_count") == [(300,)]  # refreshed after the load
     contacts = rows(stg, "SELECT c.email = u.email FROM contacts c JOIN users u USING (id)")
     assert len(contacts) == 300 and all(same for (same,) in contacts)  # partitioned, masked alike
     query = "SELECT id, email, full_name, first_name, last_name, phone, date_of_birth, address FROM users ORDER BY id"
     masked_once = rows(stg, query)
     emails_once = rows(stg, "SELECT id, email FROM user_emails ORDER BY id")
-    second = refresh(settings)
+    second = run_refresh(settings)
     assert rows(stg, query) == masked_once and rows(stg, "SELECT id, email FROM user_emails ORDER BY id") == emails_once
     assert first.leaks.ok and second.leaks.ok and second.checks == first.checks
 
@@ -206,14 +211,15 @@ def test_two_runs_give_identical_values_and_in_place_matches(stack, make_db, wri
         conn.execute(f'CREATE DATABASE "{dev.database}" TEMPLATE "{prod.database}"')
     cfg = config(anonymize=anon, environments={"production": ("production", prod), "staging": ("staging", stg),
                                                "dev": ("development", dev)})
-    report = anonymize(load_settings(cfg), "dev")
+    settings = load_settings(cfg)
+    report = anonymize(settings, settings.env("dev"))
     assert report.leaks.ok and report.deleted["audit_logs"] > 0
     assert rows(dev, query) == masked_once and rows(dev, "SELECT id, email FROM user_emails ORDER BY id") == emails_once
     assert rows(dev, "SELECT id, email FROM contacts ORDER BY id") == rows(stg, "SELECT id, email FROM contacts ORDER BY id")
     assert rows(dev, "SELECT count(*) FROM users WHERE updated_at IS NOT NULL")[0][0] == \
         rows(prod, "SELECT count(*) FROM users WHERE updated_at IS NOT NULL")[0][0]  # user triggers were off
     with pytest.raises(SafetyRefusal, match=r"environments.production.role"):
-        anonymize(load_settings(cfg), "production")
+        anonymize(settings, settings.env("production"))
 
 
 def test_subset_keeps_every_referenced_row(stack):
@@ -222,7 +228,7 @@ def test_subset_keeps_every_referenced_row(stack):
     subset = {"orders": f"created_at > '{cutoff}'", "users": "id <= 20", "user_emails": "user_id <= 20",
               "user_profiles": "user_id <= 20", "audit_logs": "user_id <= 20", "products": "false",
               "categories": "false"}
-    report = refresh(load_settings(config(refresh_cfg={"subset": subset})))
+    report = run_refresh(load_settings(config(refresh_cfg={"subset": subset})))
 
     kept_orders = {r[0] for r in rows(prod, "SELECT id FROM orders WHERE created_at > %s", cutoff)}
     assert {r[0] for r in rows(stg, "SELECT id FROM orders")} == kept_orders and kept_orders
@@ -246,7 +252,7 @@ def test_subset_keeps_every_referenced_row(stack):
 
 def test_excluded_and_truncated_tables(stack):
     prod, stg, config = stack
-    report = refresh(load_settings(config(refresh_cfg={"exclude": ["feature_flags"], "truncate": ["audit_logs"]})))
+    report = run_refresh(load_settings(config(refresh_cfg={"exclude": ["feature_flags"], "truncate": ["audit_logs"]})))
     assert rows(stg, "SELECT to_regclass('public.feature_flags')") == [(None,)]  # not even created
     assert rows(stg, "SELECT count(*) FROM audit_logs") == [(0,)]
     assert rows(stg, "SELECT count(*) FROM users") == [(300,)] and report.leaks.ok
@@ -278,7 +284,7 @@ def test_a_copy_that_differs_from_the_source_is_never_switched_in(stack, pg_serv
             return results
 
     with pytest.raises(OperationFailed) as err:
-        refresh(load_settings(config()), steps=Damaging)
+        run_refresh(load_settings(config()), steps=Damaging)
     assert problem in err.value.message and "'staging' was left unchanged" in err.value.message
     assert checksums(stg) == before and scratch_databases(pg_server_dsn) == []
 
@@ -292,9 +298,9 @@ def test_guards_refuse_before_anything_is_written(stack, make_db, pg_server_dsn)
 
     with pytest.raises(SafetyRefusal, match=r"refresh target 'production' has role production "
                                             r"\(environments.production.role\)"):
-        refresh(settings, "staging", "production")
+        run_refresh(settings, "staging", "production")
     with pytest.raises(SafetyRefusal, match=r"set refresh.allow_production_to_development: true"):
-        refresh(settings, "production", "dev")
+        run_refresh(settings, "production", "dev")
 
     # a personal column without a rule: refused with the list of columns, nothing copied
     anon = copy.deepcopy(ANON)
@@ -304,19 +310,19 @@ def test_guards_refuse_before_anything_is_written(stack, make_db, pg_server_dsn)
         conn.execute("UPDATE user_profiles SET contact = 'u' || user_id || '@mail.example.com'")
         conn.commit()
     settings = load_settings(config(anonymize=anon))
-    report = check_refresh(settings)
+    report = check_refresh(settings, *resolve_environments(settings, None, None))
     assert sorted(report.unmasked_personal) == [
         "audit_logs.user_agent (name suggests user agent)", "user_profiles.contact (values look like emails)",
         "users.phone (name suggests phone)"]
     with pytest.raises(SafetyRefusal) as err:
-        refresh(settings)
+        run_refresh(settings)
     assert "3 personal-looking column(s) have no masking rule" in err.value.message
     assert "users.phone" in err.value.message and "anonymize.rules" in err.value.message
     assert checksums(stg) == before and scratch_databases(pg_server_dsn) == []
 
     # anonymize.default: hash masks them instead (and says so)
     anon["default"] = "hash"
-    report = refresh(load_settings(config(anonymize=anon)))
+    report = run_refresh(load_settings(config(anonymize=anon)))
     assert len(report.defaulted) == 3 and report.leaks.ok
     assert rows(stg, "SELECT count(*) FROM user_profiles WHERE strpos(contact, '@') > 0")[0][0] == 0
 
@@ -340,7 +346,7 @@ def test_bad_rules_fail_before_any_copy(read_only_stack, pg_server_dsn, change, 
     change(anon, refresh_cfg)
     before = checksums(stg)
     with pytest.raises(BadInput) as err:
-        refresh(load_settings(config(anonymize=anon, refresh_cfg=refresh_cfg)))
+        run_refresh(load_settings(config(anonymize=anon, refresh_cfg=refresh_cfg)))
     assert err.value.message.startswith(message)
     assert checksums(stg) == before and scratch_databases(pg_server_dsn) == []
 

@@ -21,10 +21,10 @@ import yaml
 
 from dataops.dev.sample_app import create_schema, seed
 from dataops.errors import BadInput, OperationFailed
-from dataops.settings import load_settings
+from dataops.settings import TransformSettings, load_settings
 from dataops.tasks import pg
 from dataops.tasks.checksums import table_checksum
-from dataops.tasks.transform.batches import Options, next_batch_size
+from dataops.tasks.transform.batches import Options, Overrides, next_batch_size
 from dataops.tasks.transform.engine import revert, status, transform
 from dataops.tasks.transform.plan import plan
 
@@ -81,7 +81,7 @@ def test_full_name_split_skips_and_reports_rows_without_a_first_name(make_db, tm
                                      "WHERE btrim(full_name) NOT LIKE '% %' ORDER BY id")
     assert invalid_before, "the sample data has names without a first name"
 
-    s = transform(settings, "dev", "users_split_full_name", workers=2)
+    s = transform(settings, settings.env("dev"), "users_split_full_name", Overrides(workers=2))
 
     assert s["status"] == "completed" and s["ranges"] == 2
     assert s["invalid"] == len(invalid_before)
@@ -105,7 +105,7 @@ def test_revert_returns_the_table_checksum_to_the_original(make_db, tmp_path, na
     settings = write_settings(tmp_path, dsn, batch_size=100)
     original = checksum(dsn, table)
 
-    s = transform(settings, "dev", name)
+    s = transform(settings, settings.env("dev"), name)
     assert s["changed"] > 0 and checksum(dsn, table) != original
     if name == "user_emails_normalize":
         assert s["deleted"] > 0
@@ -113,22 +113,22 @@ def test_revert_returns_the_table_checksum_to_the_original(make_db, tmp_path, na
         assert query(dsn, "SELECT count(*) FROM (SELECT user_id, email FROM user_emails GROUP BY 1, 2 "
                           "HAVING count(*) > 1) d")[0][0] == 0
 
-    r = revert(settings, "dev", name)
+    r = revert(settings, settings.env("dev"), name)
 
     assert r["status"] == "completed" and r["reverts"] == s["run_id"]
     assert checksum(dsn, table) == original  # updated_at included: the trigger did not stamp the restore
     if name == "user_emails_normalize":
         assert r["inserted"] == s["deleted"]
-    runs = status(settings, "dev", name)["runs"]
+    runs = status(settings, settings.env("dev"), name)["runs"]
     assert [(x["action"], x["status"]) for x in runs] == [("revert", "completed"), ("run", "reverted")]
     with pytest.raises(BadInput, match="nothing to revert"):
-        revert(settings, "dev", name)
+        revert(settings, settings.env("dev"), name)
 
 
 def test_revert_reinserts_the_rows_the_transform_deleted_and_no_others(make_db, tmp_path):
     dsn = app_db(make_db, users=200)
     settings = write_settings(tmp_path, dsn)
-    s = transform(settings, "dev", "user_emails_normalize")
+    s = transform(settings, settings.env("dev"), "user_emails_normalize")
     removed = sorted(int(r[0]) for r in query(dsn, "SELECT key FROM dataops_transforms.deleted"))
     assert len(removed) == s["deleted"] > 0
     # after the transform, the application deletes a row the transform had normalized
@@ -138,7 +138,7 @@ def test_revert_reinserts_the_rows_the_transform_deleted_and_no_others(make_db, 
         conn.execute("DELETE FROM user_emails WHERE id = %s", (normalized,))
         conn.commit()
 
-    r = revert(settings, "dev", "user_emails_normalize")
+    r = revert(settings, settings.env("dev"), "user_emails_normalize")
 
     assert r["inserted"] == len(removed)
     assert [x[0] for x in query(dsn, "SELECT id FROM user_emails WHERE id = ANY(%s) ORDER BY id", (removed,))] == removed
@@ -150,7 +150,7 @@ def test_backfill_refuses_until_the_migration_added_the_column(make_db, tmp_path
     settings = write_settings(tmp_path, dsn)
     with pytest.raises(BadInput, match='column "tax_amount" does not exist in table "public.orders"; '
                                        'run the migration that adds it first'):
-        transform(settings, "dev", "orders_backfill_tax_amount")
+        transform(settings, settings.env("dev"), "orders_backfill_tax_amount")
     with pg.connect(dsn) as conn:
         assert conn.execute("SELECT to_regclass('dataops_snapshots.x') IS NULL").fetchone()[0]
 
@@ -159,7 +159,7 @@ def test_dry_run_counts_and_previews_without_writing(make_db, tmp_path):
     dsn = app_db(make_db, users=100)
     settings = write_settings(tmp_path, dsn)
     before = checksum(dsn, "user_emails")
-    p = plan(settings, "dev", "user_emails_normalize", Options(workers=2))
+    p = plan(settings, settings.env("dev"), "user_emails_normalize", Options(workers=2))
     expected = query(dsn, "SELECT count(*) FROM user_emails e WHERE email <> lower(btrim(email)) OR EXISTS "
                           "(SELECT 1 FROM user_emails o WHERE o.user_id = e.user_id AND o.id < e.id "
                           "AND lower(btrim(o.email)) = lower(btrim(e.email)))")[0][0]
@@ -197,15 +197,16 @@ def test_kill_9_in_the_middle_then_resume_matches_an_uninterrupted_run(make_db, 
     assert checksum(killed_db, "orders") == checksum(clean_db, "orders")
 
     (tmp_path / "clean").mkdir()
-    clean = transform(write_settings(tmp_path / "clean", clean_db, folder, batch_size=25), "dev", "bump_amount",
-                      workers=3)
+    clean_settings = write_settings(tmp_path / "clean", clean_db, folder, batch_size=25)
+    clean = transform(clean_settings, clean_settings.env("dev"), "bump_amount", Overrides(workers=3))
     assert clean["changed"] == rows
 
     settings = write_settings(tmp_path, killed_db, folder, batch_size=25, throttle_ms=40)
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys; from dataops.settings import load_settings; "
-         "from dataops.tasks.transform.engine import transform; "
-         "transform(load_settings(sys.argv[1]), 'dev', 'bump_amount', workers=2)", settings.source],
+         "from dataops.tasks.transform.batches import Overrides; "
+         "from dataops.tasks.transform.engine import transform; settings = load_settings(sys.argv[1]); "
+         "transform(settings, settings.env('dev'), 'bump_amount', Overrides(workers=2))", settings.source],
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
@@ -222,10 +223,10 @@ def test_kill_9_in_the_middle_then_resume_matches_an_uninterrupted_run(make_db, 
     finally:
         if child.poll() is None:
             child.kill()
-    interrupted = status(settings, "dev", "bump_amount")["runs"][0]
+    interrupted = status(settings, settings.env("dev"), "bump_amount")["runs"][0]
     assert interrupted["status"] == "interrupted" and 0 < interrupted["scanned"] < rows
 
-    resumed = transform(settings, "dev", "bump_amount", throttle_ms=0, workers=1)
+    resumed = transform(settings, settings.env("dev"), "bump_amount", Overrides(throttle_ms=0, workers=1))
 
     assert resumed["run_id"] == interrupted["run_id"] and resumed["status"] == "completed"
     assert resumed["changed"] == rows and resumed["scanned"] == rows  # every row exactly once, across both sessions
@@ -242,7 +243,7 @@ def test_a_second_concurrent_run_is_refused(make_db, tmp_path, caplog):
 
     def first():
         try:
-            outcome["first"] = transform(settings, "dev", "users_split_full_name", progress_every_s=0.3)
+            outcome["first"] = transform(settings, settings.env("dev"), "users_split_full_name", progress_every_s=0.3)
         except Exception as exc:  # noqa: BLE001 - reported by the assertion below
             outcome["first"] = exc
 
@@ -255,10 +256,10 @@ def test_a_second_concurrent_run_is_refused(make_db, tmp_path, caplog):
             assert time.monotonic() < deadline and t.is_alive(), f"the first run never started: {outcome}"
             time.sleep(0.02)
         with pytest.raises(OperationFailed, match=r"transform users_split_full_name is already running on dev \(pid \d+"):
-            transform(settings, "dev", "users_split_full_name")
+            transform(settings, settings.env("dev"), "users_split_full_name")
         with pytest.raises(OperationFailed, match="already running"):
-            revert(settings, "dev", "users_split_full_name")
-        assert status(settings, "dev", "users_split_full_name")["runs"][0]["status"] == "running"
+            revert(settings, settings.env("dev"), "users_split_full_name")
+        assert status(settings, settings.env("dev"), "users_split_full_name")["runs"][0]["status"] == "running"
     finally:
         t.join(60)
     assert isinstance(outcome["first"], dict) and outcome["first"]["status"] == "completed", outcome
@@ -296,7 +297,7 @@ def test_longest_transaction_stays_under_the_bound_while_another_session_writes(
     t = threading.Thread(target=writer)
     t.start()
     try:
-        s = transform(settings, "dev", "users_split_full_name")
+        s = transform(settings, settings.env("dev"), "users_split_full_name")
     finally:
         stop.set()
         t.join(10)
@@ -320,6 +321,18 @@ def test_batch_size_adapts_toward_forty_percent_of_the_bound():
     assert next_batch_size(1000, 9.0, opts) == 250  # far too slow: at most a quarter
     assert next_batch_size(9000, 0.01, opts) == 10_000  # grows to 10x batch_size at most
     assert next_batch_size(12, 9.0, opts) == 10  # never below 10 rows
+
+
+def test_overrides_are_held_to_the_bounds_of_the_config():
+    cfg = TransformSettings(batch_size=100, workers=2)
+    assert Options.from_settings(cfg) == Options(batch_size=100, max_batch_seconds=1.0, throttle_ms=0, workers=2)
+    assert Options.from_settings(cfg, Overrides(workers=4, max_batch_seconds=2)) == \
+        Options(batch_size=100, max_batch_seconds=2.0, throttle_ms=0, workers=4)
+    for name, value in [("batch_size", 0), ("batch_size", 1_000_001), ("max_batch_seconds", 0),
+                        ("max_batch_seconds", 601), ("throttle_ms", -1), ("throttle_ms", 600_001), ("workers", 0),
+                        ("workers", 65), ("workers", "many")]:
+        with pytest.raises(BadInput, match=rf"^{name}: .* \(got {value!r}\)$"):
+            Overrides(**{name: value})
 
 
 @pytest.fixture(scope="module")
@@ -351,6 +364,6 @@ def test_bad_transform_modules_are_bad_input(schema_only_db, tmp_path, body, mes
     write_transform(folder, "bad", body)
     settings = write_settings(tmp_path, dsn, folder)
     with pytest.raises(BadInput, match=message):
-        transform(settings, "dev", "bad")
+        transform(settings, settings.env("dev"), "bad")
     with pytest.raises(BadInput, match=r"unknown transform 'nope' in .* \(known: bad\)"):
-        plan(settings, "dev", "nope", Options())
+        plan(settings, settings.env("dev"), "nope", Options())

@@ -92,7 +92,8 @@ def test_failed_checks_revert_the_run_through_the_failure_hook(prefect_api, app,
     state = run_transform("dev", "tax_twice", config=cfg, return_state=True)
 
     assert state.is_failed() and "checks after tax_twice on dev failed: validation: FAIL custom" in state.message
-    runs = status(load_settings(cfg), "dev", "tax_twice")["runs"]
+    settings = load_settings(cfg)
+    runs = status(settings, settings.env("dev"), "tax_twice")["runs"]
     assert [(r["action"], r["status"]) for r in runs] == [("revert", "completed"), ("run", "reverted")]
     assert runs[1]["changed"] > 0 and runs[0]["changed"] == runs[1]["changed"]
     assert checksum(app, "orders") == original
@@ -107,13 +108,13 @@ def test_verify_failure_marks_the_run_and_blocks_a_new_one_until_reverted(app, t
     settings = load_settings(config(tmp_path, app, folder))
     original = checksum(app, "users")
     with pytest.raises(OperationFailed, match=r"VERIFY of shout returned rows, e\.g\. \d+"):
-        transform(settings, "dev", "shout")
+        transform(settings, settings.env("dev"), "shout")
     from dataops.errors import BadInput
     from dataops.tasks.transform.engine import revert
 
     with pytest.raises(BadInput, match="failed its checks and is not reverted; revert it first"):
-        transform(settings, "dev", "shout")
-    revert(settings, "dev", "shout")
+        transform(settings, settings.env("dev"), "shout")
+    revert(settings, settings.env("dev"), "shout")
     assert checksum(app, "users") == original
 
 
@@ -140,6 +141,10 @@ def test_cli_list_run_status_revert(prefect_api, app, tmp_path):
     assert back.returncode == 0, back.stderr
     assert "revert of users_split_full_name on dev: completed (revert 2)" in back.stdout
     assert checksum(app, "users") == original
+
+    too_many = run_cli("--config", cfg, "transform", "dev", "run", "users_split_full_name", "--workers", "65", env=env)
+    assert too_many.returncode == 2
+    assert too_many.stderr.startswith("error: workers: Input should be less than or equal to 64 (got 65)"), too_many.stderr
 
     missing = run_cli("--config", cfg, "transform", "dev", "run", "orders_backfill_tax_amount", env=env)
     assert missing.returncode == 2

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import psycopg
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 from psycopg.rows import tuple_row
 
@@ -32,6 +31,7 @@ from dataops.tasks import pg
 from dataops.tasks.anonymize.leak_scan import Collector, LeakReport, Workspace, build_report, match_digests
 from dataops.tasks.anonymize.masking import NULL, unescape
 from dataops.tasks.anonymize.rules import MaskingPlan, TableMasking, plan_masking, read_tables
+from dataops.tasks.retries import RUN_ONCE
 from dataops.tasks.schema import STABLE_OUTPUT
 
 log = logging.getLogger("dataops.anonymize")
@@ -61,11 +61,10 @@ class AnonymizeReport:
                 f"{sum(self.tables.values()):,} rows updated, {deleted:,} rows deleted in {self.seconds:.1f} s")
 
 
-def anonymize(settings: Settings, env_name: str, *, vacuum: bool = True,
+def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
               progress: Callable[[str], None] | None = None) -> AnonymizeReport:
     say = progress or (lambda msg: log.info("%s", msg))
-    env = settings.env(env_name)
-    guard_environment(env)
+    guard_environment(env)  # the flow refuses first; a plain call must be refused too
     t0 = time.monotonic()
     report = AnonymizeReport(env.name)
     with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout,
@@ -223,6 +222,10 @@ def _sql_check(conn: psycopg.Connection, tm: TableMasking, col: str) -> tuple[in
     return rows, wrong
 
 
-@task(name="anonymize-in-place", cache_policy=NO_CACHE)
-def anonymize_task(settings: Settings, env_name: str) -> AnonymizeReport:
-    return anonymize(settings, env_name)
+# -- Prefect tasks ----------------------------------------------------------------------------
+# Run once: after its commit a second run would mask the masked values again, and they would no
+# longer match what a refresh from the same source writes.
+
+@task(name="anonymize-in-place", **RUN_ONCE)
+def anonymize_task(settings: Settings, env: Environment) -> AnonymizeReport:
+    return anonymize(settings, env)

@@ -113,10 +113,6 @@ class Keyed:
         return int.from_bytes(self.digest("\0".join(parts).encode())[:8], "big")
 
 
-def index_of(d: bytes, n: int) -> int:
-    return int.from_bytes(d[:7], "big") % n
-
-
 def suffix_of(d: bytes) -> str:
     return d[7:7 + SUFFIX_BYTES].hex()
 

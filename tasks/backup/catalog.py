@@ -14,10 +14,13 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
+from prefect import task
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dataops.errors import BadInput, OperationFailed
-from dataops.tasks.backup.storage import Storage
+from dataops.settings import Settings
+from dataops.tasks.backup.storage import Storage, open_storage
+from dataops.tasks.retries import RETRY_TRANSIENT
 
 MANIFEST = "manifest.json"
 VERIFIED = "verified.json"
@@ -173,3 +176,11 @@ def retention_plan(manifests: list[Manifest], keep_last: int, keep_days: int,
     keep = [m for m in ordered if m.id in reasons]
     delete = [m for m in ordered if m.id not in reasons]
     return keep, delete, reasons
+
+
+# -- Prefect tasks --------------------------------------------------------------------
+
+@task(name="delete-backup", **RETRY_TRANSIENT)
+def delete_task(settings: Settings, manifest: Manifest) -> str:
+    delete_backup(open_storage(settings.storage), manifest)
+    return manifest.id

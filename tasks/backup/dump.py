@@ -106,9 +106,8 @@ def _snapshot_stats(conn) -> tuple[dict[str, int], str]:
     return pg.row_counts(conn), fingerprint(catalog_snapshot(conn))
 
 
-def backup(settings: Settings, env_name: str) -> Manifest:
+def backup(settings: Settings, env: Environment) -> Manifest:
     """The whole backup as one plain call: preflight, dump, manifest last."""
-    env = settings.env(env_name)
     pre = preflight(settings, env)
     storage = open_storage(settings.storage)
     manifest = dump_to_storage(settings, env, pre, storage)
@@ -120,13 +119,13 @@ def backup(settings: Settings, env_name: str) -> Manifest:
 # -- Prefect tasks --------------------------------------------------------------------
 
 @task(name="preflight-backup", **RETRY_TRANSIENT)
-def preflight_task(settings: Settings, env_name: str) -> Preflight:
-    return preflight(settings, settings.env(env_name))
+def preflight_task(settings: Settings, env: Environment) -> Preflight:
+    return preflight(settings, env)
 
 
 @task(name="dump-to-storage", **RETRY_TRANSIENT)
-def dump_task(settings: Settings, env_name: str, pre: Preflight) -> Manifest:
-    return dump_to_storage(settings, settings.env(env_name), pre)
+def dump_task(settings: Settings, env: Environment, pre: Preflight) -> Manifest:
+    return dump_to_storage(settings, env, pre)
 
 
 @task(name="write-manifest", **RETRY_TRANSIENT)

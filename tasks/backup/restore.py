@@ -13,14 +13,18 @@ import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from prefect import task
 
 from dataops.dsn import Dsn
-from dataops.errors import OperationFailed, SafetyRefusal
+from dataops.errors import DataopsError, Kind, OperationFailed, SafetyRefusal
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
-from dataops.tasks.backup.catalog import Manifest, Verification
-from dataops.tasks.backup.storage import Storage
+from dataops.tasks.backup.catalog import Manifest, Verification, mark_verified
+from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.backup.streams import CHUNK, HashingReader, Process, decompress_reader
+from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
 from dataops.tasks.validation.validate import compare_with_expected
 
 log = logging.getLogger("dataops.restore")
@@ -113,8 +117,8 @@ def load_and_check(settings: Settings, storage: Storage, manifest: Manifest, ser
     return name, result
 
 
-def restore(settings: Settings, storage: Storage, manifest: Manifest, target_name: str, confirm: str | None = None) -> RestoreResult:
-    target = settings.env(target_name)
+def restore(settings: Settings, storage: Storage, manifest: Manifest, target: Environment,
+            confirm: str | None = None) -> RestoreResult:
     guard_target(target, confirm)
     verify_checksum(storage, manifest)
     dsn = target.database_url
@@ -122,20 +126,19 @@ def restore(settings: Settings, storage: Storage, manifest: Manifest, target_nam
     if not result.ok:
         pg.drop_database(dsn, name)
         raise OperationFailed(f"restored copy of backup {manifest.id} does not match its manifest: "
-                              f"{'; '.join(result.problems[:3])}; target '{target_name}' was left unchanged")
+                              f"{'; '.join(result.problems[:3])}; target '{target.name}' was left unchanged")
     old = pg.swap_database(dsn, name, dsn.database)
     if old:
         pg.drop_database(dsn, old)
-    result.target, result.database = target_name, dsn.database
-    log.info("restored backup %s into %s (%s)", manifest.id, target_name, dsn)
+    result.target, result.database = target.name, dsn.database
+    log.info("restored backup %s into %s (%s)", manifest.id, target.name, dsn)
     return result
 
 
-def verify(settings: Settings, storage: Storage, manifest: Manifest) -> Verification:
-    """Prove a backup restores: checksum, full restore into scratch, compare, drop."""
-    from datetime import datetime, timezone
-
-    env = settings.env(manifest.environment)
+def verify(settings: Settings, storage: Storage, manifest: Manifest, env: Environment) -> Verification:
+    """Prove a backup restores: checksum, full restore into scratch, compare, drop. `env` is the
+    environment the backup was taken from: its server holds the scratch database unless
+    backups.scratch_database_url names another."""
     server = settings.backups.scratch_database_url or env.database_url
     t0 = time.monotonic()
     verify_checksum(storage, manifest)
@@ -144,3 +147,35 @@ def verify(settings: Settings, storage: Storage, manifest: Manifest) -> Verifica
     return Verification(ok=result.ok, verified_at=datetime.now(timezone.utc),
                         duration_seconds=round(time.monotonic() - t0, 3), problems=result.problems,
                         scratch_server=f"{server.host}:{server.port}")
+
+
+def verify_and_record(settings: Settings, storage: Storage, manifest: Manifest, env: Environment) -> Verification:
+    """verify(), with its outcome written beside the backup: a backup that does not restore is
+    marked as such (a failed verification is a result, not an error); only a transient fault,
+    which says nothing about the backup, is raised for a retry."""
+    try:
+        result = verify(settings, storage, manifest, env)
+    except DataopsError as exc:
+        if exc.kind is Kind.TRANSIENT:
+            raise
+        result = Verification(ok=False, verified_at=datetime.now(timezone.utc), duration_seconds=0,
+                              problems=[exc.message])
+    mark_verified(storage, manifest, result)
+    return result
+
+
+# -- Prefect tasks --------------------------------------------------------------------
+
+@task(name="verify-checksum", **RETRY_TRANSIENT)
+def verify_checksum_task(settings: Settings, manifest: Manifest) -> None:
+    verify_checksum(open_storage(settings.storage), manifest)
+
+
+@task(name="restore-and-swap", **RUN_ONCE)
+def restore_task(settings: Settings, manifest: Manifest, target: Environment, confirm: str | None) -> RestoreResult:
+    return restore(settings, open_storage(settings.storage), manifest, target, confirm)
+
+
+@task(name="restore-into-scratch", **RUN_ONCE)
+def verify_task(settings: Settings, manifest: Manifest, env: Environment) -> Verification:
+    return verify_and_record(settings, open_storage(settings.storage), manifest, env)

@@ -19,7 +19,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from dataops.tasks.migration.migrate import VERSION_SCHEMA, RevisionPlan
+from dataops.tasks import pg
+from dataops.tasks.migration.migrate import VERSION_SCHEMA, MigrationTarget, RevisionPlan
 
 ERROR, WARNING = "error", "warning"
 
@@ -358,6 +359,24 @@ def lint(plans: list[RevisionPlan], *, dependents=None) -> list[Finding]:
             findings.append(Finding(plan.revision, rule, severity, statement,
                                     f"{reason} ({extra})" if extra else reason, alternative, rule in allowed))
     return findings
+
+
+def lint_against(mt: MigrationTarget, plans: list[RevisionPlan]) -> list[Finding]:
+    """`lint` with the live database's answer to what still uses a dropped or renamed object
+    (read only)."""
+    with pg.connect(mt.dsn, autocommit=True, timeout=mt.connect_timeout) as conn:
+        return lint(plans, dependents=usage_lookup(conn))
+
+
+def errors_sentence(findings: list[Finding]) -> str | None:
+    """The blocking findings in one sentence with the way out, or None if nothing blocks.
+    Preflight and `dataops migrate ENV lint` both stop on it."""
+    blocking = [f for f in findings if f.blocks]
+    if not blocking:
+        return None
+    revs = ", ".join(sorted({f.revision for f in blocking}))
+    return (f"{len(blocking)} error(s) in revision(s) {revs} (first: {blocking[0].rule}: {blocking[0].statement}); "
+            "fix them, or allow a checked one with `# dataops: allow=<rule>` in the revision file")
 
 
 def lint_text(findings: list[Finding]) -> str:

@@ -16,8 +16,9 @@ live database:
 - The version table and the audit table live in `dataops_migrations`, which fingerprints and
   table lists leave out.
 
-Everything here is a plain function taking a `MigrationTarget` first; the flows and the CLI
-wrap them.
+Everything here is a plain function taking a `MigrationTarget` first, so the CLI, the tests
+and the dev stack use them without Prefect; the Prefect tasks at the bottom take the
+`Environment` a flow resolved and build the target from it.
 """
 
 from __future__ import annotations
@@ -36,11 +37,11 @@ from pathlib import Path
 
 import psycopg
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from dataops.dsn import Dsn
-from dataops.errors import BadInput, OperationFailed, first_line
-from dataops.settings import MigrationSettings, Settings
+from dataops.errors import BadInput, OperationFailed, SafetyRefusal, first_line
+from dataops.settings import Environment, MigrationSettings, Settings
+from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
 
 log = logging.getLogger("dataops.migrate")
 
@@ -122,8 +123,7 @@ class ApplyResult:
 
 # -- finding the migrations ------------------------------------------------------------------
 
-def target_for(settings: Settings, env_name: str) -> MigrationTarget:
-    env = settings.env(env_name)
+def target_for(settings: Settings, env: Environment) -> MigrationTarget:
     return MigrationTarget(env.database_url, settings.migrations_dir, settings.migrations, env.name,
                            settings.postgres.connect_timeout)
 
@@ -283,15 +283,22 @@ def _busy(label: str, holder: str) -> OperationFailed:
 
 
 @contextlib.contextmanager
-def migration_lock(conn, label: str) -> Iterator[None]:
-    """The session-level advisory lock on this connection, or OperationFailed naming its holder."""
+def migration_lock(conn, label: str, wait_s: float = 0.0) -> Iterator[None]:
+    """The session-level advisory lock on this connection, or OperationFailed naming its holder.
+
+    `wait_s` > 0 keeps trying that long first: a rollback starts while the failed run may
+    still be letting go of the lock. Otherwise a held lock fails at once (see the module).
+    """
     keys = {"a": LOCK_KEY[0], "b": LOCK_KEY[1]}
     raw = conn.connection.dbapi_connection  # psycopg: the SQL below has no SQLAlchemy binds
-    got = conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", keys).scalar()
-    if not got:
-        holder = _holder_words(conn.exec_driver_sql(_HOLDER, keys).fetchone())
+    deadline = time.monotonic() + wait_s
+    while not conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", keys).scalar():
+        if time.monotonic() >= deadline:
+            holder = _holder_words(conn.exec_driver_sql(_HOLDER, keys).fetchone())
+            conn.commit()
+            raise _busy(label, holder)
         conn.commit()
-        raise _busy(label, holder)
+        time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
     conn.commit()
     try:
         yield
@@ -496,11 +503,20 @@ def downgrade_path(mt: MigrationTarget, current: str | None, to: str | None = No
     return list(reversed(revs[j:i]))
 
 
+def guard_downgrade(env: Environment, confirm: str | None) -> None:
+    """A downgrade drops what the revisions added: on production, only with the name typed back."""
+    if env.is_production and confirm != env.name:
+        raise SafetyRefusal(f"environment '{env.name}' has role production; a downgrade drops what the "
+                            f"revisions added. Pass --confirm {env.name} (flow parameter "
+                            f"confirm='{env.name}') if you mean it")
+
+
 def downgrade(mt: MigrationTarget, to: str | None = None, *, steps: int | None = None, who: str | None = None,
-              on_step: Callable[[StepResult], None] | None = None) -> ApplyResult:
-    """Undo revisions, newest first, one transaction each, under the migration lock."""
+              on_step: Callable[[StepResult], None] | None = None, lock_wait_s: float = 0.0) -> ApplyResult:
+    """Undo revisions, newest first, one transaction each, under the migration lock (waited
+    for up to `lock_wait_s`)."""
     t0 = time.monotonic()
-    with connection(mt, who=who) as conn, migration_lock(conn, mt.name):
+    with connection(mt, who=who) as conn, migration_lock(conn, mt.name, lock_wait_s):
         current = current_revision(conn)
         done = []
         for rev in downgrade_path(mt, current, to, steps):
@@ -596,27 +612,22 @@ def round_trip(mt: MigrationTarget, check: Callable[[Dsn], list[str]] | None = N
 
 # -- Prefect tasks -----------------------------------------------------------------------------------
 
-@task(name="migration-status", cache_policy=NO_CACHE)
-def status_task(settings: Settings, env_name: str) -> Status:
-    return status(target_for(settings, env_name))
+@task(name="migration-status", **RETRY_TRANSIENT)
+def status_task(settings: Settings, env: Environment) -> Status:
+    return status(target_for(settings, env))
 
 
-@task(name="migration-plan", cache_policy=NO_CACHE)
-def plan_task(settings: Settings, env_name: str, to: str, current: str | None) -> list[RevisionPlan]:
-    return plan(target_for(settings, env_name), to, current=current)
-
-
-@task(name="apply-migrations", cache_policy=NO_CACHE)
-def upgrade_task(settings: Settings, env_name: str, to: str, expect_from: str | None, who: str,
+@task(name="apply-migrations", **RUN_ONCE)
+def upgrade_task(settings: Settings, env: Environment, to: str, expect_from: str | None, who: str,
                  on_step: Callable[[StepResult], None] | None = None,
                  on_start: Callable[[], None] | None = None) -> ApplyResult:
-    # No Prefect retries: lock timeouts are retried per revision inside, and re-running a
-    # failed revision blindly is the rollback flow's decision, not a retry's.
-    return upgrade(target_for(settings, env_name), to, expect_from=expect_from, who=who, on_step=on_step,
+    # Run once: lock timeouts are retried per revision inside, and what to do after a failed
+    # revision is the rollback flow's decision, not a retry's.
+    return upgrade(target_for(settings, env), to, expect_from=expect_from, who=who, on_step=on_step,
                    on_start=on_start)
 
 
-@task(name="downgrade-migrations", cache_policy=NO_CACHE)
-def downgrade_task(settings: Settings, env_name: str, to: str | None, steps: int | None, who: str) -> ApplyResult:
-    return downgrade(target_for(settings, env_name), to, steps=steps, who=who)
-
+@task(name="downgrade-migrations", **RUN_ONCE)
+def downgrade_task(settings: Settings, env: Environment, to: str | None, steps: int | None, who: str,
+                   lock_wait_s: float = 0.0) -> ApplyResult:
+    return downgrade(target_for(settings, env), to, steps=steps, who=who, lock_wait_s=lock_wait_s)

@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 
-from dataops.settings import Settings
+from dataops.settings import Environment, Settings
 from dataops.tasks.migration import migrate
 from dataops.tasks.migration.checks import DatabaseState, inspect_database
-from dataops.tasks.migration.lint import Finding, lint, usage_lookup
+from dataops.tasks.migration.lint import Finding, errors_sentence, lint_against
+from dataops.tasks.retries import RETRY_TRANSIENT
 
 
 @dataclass
@@ -38,37 +38,27 @@ class Preflight:
         return [p.revision for p in self.plans]
 
 
-def preflight(settings: Settings, env_name: str, to: str = "head") -> Preflight:
-    from dataops.tasks import pg
-
-    mt = migrate.target_for(settings, env_name)
+def preflight(settings: Settings, env: Environment, to: str = "head") -> Preflight:
+    mt = migrate.target_for(settings, env)
     status = migrate.status(mt)
     target = migrate.resolve(mt.path, to)
     plans = migrate.plan(mt, to, current=status.current)
-    with pg.connect(mt.dsn, autocommit=True, timeout=mt.connect_timeout) as conn:
-        findings = lint(plans, dependents=usage_lookup(conn))
-    state = inspect_database(settings.env(env_name), checks=settings.validation, timeout=mt.connect_timeout)
+    findings = lint_against(mt, plans)
+    state = inspect_database(env, checks=settings.validation, timeout=mt.connect_timeout)
     problems = []
-    blocking = [f for f in findings if f.blocks]
-    if blocking:
-        revs = sorted({f.revision for f in blocking})
-        problems.append(f"lint: {len(blocking)} error(s) in revision(s) {', '.join(revs)} "
-                        f"(first: {blocking[0].rule}: {blocking[0].statement}); fix them or allow a checked one with "
-                        "`# dataops: allow=<rule>` in the revision file")
+    lint_errors = errors_sentence(findings)
+    if lint_errors:
+        problems.append(f"lint: {lint_errors}")
     problems += [f"check: {p}" for p in state.problems]
     if plans:
         holder = migrate.lock_is_free(mt)
         if holder:
             problems.append(holder)
-    return Preflight(env_name, status.current, target, plans, findings, state, problems)
+    return Preflight(env.name, status.current, target, plans, findings, state, problems)
 
 
-@task(name="preflight-migration", cache_policy=NO_CACHE)
-def preflight_task(settings: Settings, env_name: str, to: str) -> Preflight:
-    return preflight(settings, env_name, to)
+# -- Prefect tasks ---------------------------------------------------------------------------------
 
-
-@task(name="check-database", cache_policy=NO_CACHE)
-def check_task(settings: Settings, env_name: str, checksums: bool = False) -> DatabaseState:
-    return inspect_database(settings.env(env_name), checks=settings.validation, checksums=checksums,
-                            timeout=settings.postgres.connect_timeout)
+@task(name="preflight-migration", **RETRY_TRANSIENT)
+def preflight_task(settings: Settings, env: Environment, to: str) -> Preflight:
+    return preflight(settings, env, to)

@@ -59,6 +59,8 @@ def _only(settings: Settings, role: Role, flag: str) -> Environment:
 def resolve_environments(settings: Settings, source: str | None, target: str | None) -> tuple[Environment, Environment]:
     """The source and target of a refresh, refused before any connection when not allowed.
 
+    The one place a refresh turns names into Environments, so the guards below run wherever
+    names come in (the flow, the CLI's early refusal) and nothing further down re-checks them.
     The target is never production; production data reaches a development target only
     with refresh.allow_production_to_development.
     """
@@ -128,7 +130,7 @@ class RefreshPlan:
         return rows
 
 
-def plan_refresh(settings: Settings, conn: psycopg.Connection, source: str, target: str) -> RefreshPlan:
+def plan_refresh(settings: Settings, conn: psycopg.Connection, source: Environment, target: Environment) -> RefreshPlan:
     """Read the source (inside the caller's snapshot) and decide everything; raises BadInput
     for a bad table name, filter or rule, and never writes."""
     tables = read_tables(conn)
@@ -157,7 +159,7 @@ def plan_refresh(settings: Settings, conn: psycopg.Connection, source: str, targ
         plans[label] = tp
     _read_blocks(conn, plans)
     jobs = cfg.jobs or os.cpu_count() or 2
-    return RefreshPlan(source, target, plans, fks, masking, _read_sequences(conn, tables, modes), jobs)
+    return RefreshPlan(source.name, target.name, plans, fks, masking, _read_sequences(conn, tables, modes), jobs)
 
 
 def _check_dependencies(conn: psycopg.Connection, tables: dict[str, TableInfo], fks: list[ForeignKey],

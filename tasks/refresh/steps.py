@@ -14,8 +14,8 @@
 5. Only then the switch: both renames in one transaction, so staging is always either the
    old database or the new one. The old one is dropped afterwards.
 
-A failure at any point drops the new copy; staging is untouched. A killed run leaves its
-`__dataops_refresh_` database behind: the next run drops it (under an advisory lock that
+A failure at any point discards the new copy; staging is untouched. A killed run leaves its
+`__dataops_refresh_` database behind: the next run discards it (under an advisory lock that
 also keeps two refreshes of one target from running at once).
 """
 
@@ -46,7 +46,7 @@ from dataops.tasks.anonymize.leak_scan import LeakReport, Matches, Workspace, bu
 from dataops.tasks.anonymize.masking import fill_pools
 from dataops.tasks.anonymize.rules import regclass, split_label
 from dataops.tasks.checksums import checksum_text, row_hash_sql
-from dataops.tasks.refresh.plan import RefreshPlan, TablePlan, parts_for, plan_refresh, resolve_environments
+from dataops.tasks.refresh.plan import RefreshPlan, TablePlan, parts_for, plan_refresh
 from dataops.tasks.refresh.table_copy import CopyJob, CopyResult, run_jobs
 from dataops.tasks.schema import STABLE_OUTPUT, pinned_settings
 from dataops.tasks.validation.checks import DeclaredForeignKeys
@@ -102,8 +102,9 @@ def target_lock(settings: Settings, env: Environment) -> Iterator[None]:
         yield
 
 
-def cleanup_leftovers(env: Environment) -> list[str]:
-    """Drop the scratch databases of earlier runs that died (call with the target lock held)."""
+def discard_leftovers(env: Environment) -> list[str]:
+    """Discard the copies of earlier runs that died before their switch (call with the target
+    lock held, so a copy still being built by a live run is never taken)."""
     dsn = env.database_url
     prefix = scratch_prefix(dsn.database)
     with pg.connect(dsn, autocommit=True, dbname=pg.MAINTENANCE_DB) as conn:
@@ -111,7 +112,7 @@ def cleanup_leftovers(env: Environment) -> list[str]:
             "SELECT datname FROM pg_database WHERE left(datname, %s) = %s ORDER BY 1", (len(prefix), prefix))]
     for name in names:
         pg.drop_database(dsn, name)
-        log.info("dropped %s, left over from an interrupted refresh", name)
+        log.info("discarded %s, left over from an interrupted refresh", name)
     return names
 
 
@@ -172,21 +173,20 @@ def _report_from_plan(plan: RefreshPlan, check_only: bool) -> RefreshReport:
 
 # -- 1. plan ----------------------------------------------------------------------------------
 
-def make_plan(settings: Settings, snap: SourceSnapshot, source: Environment, target: Environment) -> RefreshPlan:
-    return plan_refresh(settings, snap.conn, source.name, target.name)
-
-
-def check_refresh(settings: Settings, source: str | None = None, target: str | None = None) -> RefreshReport:
-    """`refresh-staging --check`: guards, rules and the PII guard, without copying anything."""
-    src, tgt = resolve_environments(settings, source, target)
-    with source_snapshot(settings, src) as snap:
-        plan = make_plan(settings, snap, src, tgt)
+def check_refresh(settings: Settings, source: Environment, target: Environment) -> RefreshReport:
+    """`refresh-staging --check`: the rules and the PII guard's findings, without copying
+    anything (unmasked columns are reported, not refused: CI lists them all at once)."""
+    with source_snapshot(settings, source) as snap:
+        plan = plan_refresh(settings, snap.conn, source, target)
     return _report_from_plan(plan, check_only=True)
 
 
-def guard_plan(plan: RefreshPlan) -> None:
+def plan_and_guard(settings: Settings, snap: SourceSnapshot, source: Environment, target: Environment) -> RefreshPlan:
+    """The plan, refused while a personal-looking column has no rule: nothing is written before."""
+    plan = plan_refresh(settings, snap.conn, source, target)
     if plan.masking.unmasked_personal:
         raise SafetyRefusal(plan.masking.guard_message(f"refresh of {plan.target}"))
+    return plan
 
 
 # -- 2. the new copy, up to its tables ----------------------------------------------------------
@@ -226,7 +226,7 @@ def create_copy(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot, tar
     try:
         restore_section(settings, new, "pre-data", pg_restore)
     except BaseException:
-        drop_copy(new)
+        discard_copy(new)
         raise
     return new
 
@@ -249,7 +249,7 @@ def _run(args: list[str], env: dict[str, str], what: str) -> None:
         raise OperationFailed(f"{what} failed: {detail.strip()}")
 
 
-def drop_copy(new: NewCopy) -> None:
+def discard_copy(new: NewCopy) -> None:
     try:
         pg.drop_database(new.server, new.name)
     finally:
@@ -555,8 +555,8 @@ class PlainSteps:
     """The steps of a refresh as plain calls; the flow passes Prefect tasks instead
     (flows/refresh_staging.py), so the order lives in one place: refresh() below."""
 
-    plan = staticmethod(lambda settings, snap, src, tgt: plan_and_guard(settings, snap, src, tgt))
-    cleanup = staticmethod(cleanup_leftovers)
+    plan = staticmethod(plan_and_guard)
+    discard_leftovers = staticmethod(discard_leftovers)
     create_copy = staticmethod(create_copy)
     copy_data = staticmethod(copy_data)
     finish_copy = staticmethod(finish_copy)
@@ -567,7 +567,7 @@ class PlainSteps:
     def backup(settings: Settings, target: Environment) -> str:
         from dataops.tasks.backup.dump import backup
 
-        return backup(settings, target.name).id
+        return backup(settings, target).id
 
     @staticmethod
     def source_checksums(pool: ThreadPoolExecutor, settings: Settings, plan: RefreshPlan, snap: SourceSnapshot):
@@ -582,32 +582,26 @@ class PlainSteps:
         return pool.submit(match_leaks, plan, workspace, column_ids)
 
 
-def plan_and_guard(settings: Settings, snap: SourceSnapshot, source: Environment, target: Environment) -> RefreshPlan:
-    plan = make_plan(settings, snap, source, target)
-    guard_plan(plan)
-    return plan
-
-
-def refresh(settings: Settings, source: str | None = None, target: str | None = None, *, steps=PlainSteps,
+def refresh(settings: Settings, source: Environment, target: Environment, *, steps=PlainSteps,
             progress: Callable[[str], None] | None = None) -> RefreshReport:
-    """Plan, copy, check, switch; a failure anywhere leaves the target as it was."""
+    """Plan, copy, check, switch; a failure anywhere leaves the target as it was. `source`
+    and `target` come from resolve_environments (dataops.tasks.refresh.plan), whose guards they passed."""
     say = progress or (lambda msg: log.info("%s", msg))
     t0 = time.monotonic()
-    src, tgt = resolve_environments(settings, source, target)
-    with source_snapshot(settings, src) as snap:
+    with source_snapshot(settings, source) as snap:
         phase = time.monotonic()
-        plan = steps.plan(settings, snap, src, tgt)
+        plan = steps.plan(settings, snap, source, target)
         report = _report_from_plan(plan, check_only=False)
         report.phases["plan"] = time.monotonic() - phase
         if settings.refresh.backup_target_first:  # the foundation's backup, once the rules are known to be good
             phase = time.monotonic()
-            report.backup_id = steps.backup(settings, tgt)
+            report.backup_id = steps.backup(settings, target)
             report.phases["backup of the target"] = time.monotonic() - phase
-            say(f"backed up {tgt.name}: {report.backup_id}")
-        with target_lock(settings, tgt):
-            report.cleaned = steps.cleanup(tgt)
+            say(f"backed up {target.name}: {report.backup_id}")
+        with target_lock(settings, target):
+            report.cleaned = steps.discard_leftovers(target)
             phase = time.monotonic()
-            new = steps.create_copy(settings, plan, snap, tgt)
+            new = steps.create_copy(settings, plan, snap, target)
             report.phases["schema"] = time.monotonic() - phase
             say(f"building the new copy in database {new.name}")
             try:
@@ -629,13 +623,13 @@ def refresh(settings: Settings, source: str | None = None, target: str | None = 
                 fill_tables(report, plan, results)
                 report.checks, report.leaks = checks, leaks
                 if problems:
-                    raise OperationFailed(f"the new copy of {tgt.name} failed its checks: {'; '.join(problems[:3])}; "
-                                          f"'{tgt.name}' was left unchanged")
+                    raise OperationFailed(f"the new copy of {target.name} failed its checks: {'; '.join(problems[:3])}; "
+                                          f"'{target.name}' was left unchanged")
                 phase = time.monotonic()
-                steps.switch(new, tgt)
+                steps.switch(new, target)
                 report.phases["switch"] = time.monotonic() - phase
             except BaseException:
-                drop_copy(new)
+                discard_copy(new)
                 raise
     report.seconds = time.monotonic() - t0
     say(report.summary())

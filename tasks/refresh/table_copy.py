@@ -228,7 +228,7 @@ def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector)
 
 def _die_with_parent() -> None:
     """Worker processes must not outlive a killed refresh (they would keep loading a copy
-    the next run drops anyway)."""
+    the next run discards anyway)."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -242,7 +242,7 @@ def run_jobs(jobs: list[CopyJob], workers: int, on_done=None, before_masking=Non
     Each job runs in a thread; a job that masks in Python hands itself to a worker process
     when the masked rows are many (pure-psql jobs never need one), so at most `workers`
     processes exist and they only hold what masking needs. Any failure cancels what has
-    not started and re-raises; the caller drops the copy. `before_masking()` is called
+    not started and re-raises; the caller discards the copy. `before_masking()` is called
     (and waited for) before each job that masks in Python: the Faker pools being built.
     """
     jobs = sorted(jobs, key=lambda j: j.est_rows, reverse=True)

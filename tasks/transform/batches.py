@@ -67,28 +67,57 @@ class Deadline:
         conn.execute("SELECT set_config('statement_timeout', %s, true)", (_statement_limit(self.opts),))
 
 
+TUNING = ("batch_size", "max_batch_seconds", "throttle_ms", "workers")
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The tuning given for one run or revert (flow parameters, CLI options) over `transforms:`
+    in dataops.yaml; None keeps the configured value. Checked here, against the bounds of the
+    config itself, so that a bad value is refused before anything connects."""
+
+    batch_size: int | None = None
+    max_batch_seconds: float | None = None
+    throttle_ms: int | None = None
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        given = self.given()
+        try:
+            checked = TransformSettings.model_validate(given)
+        except ValidationError as err:
+            e = err.errors()[0]
+            name = e["loc"][0]
+            raise BadInput(f"{name}: {e['msg'].removeprefix('Value error, ')} (got {given.get(name)!r})") from None
+        for k in given:  # as the config would hold it: 2 -> 2.0 seconds
+            object.__setattr__(self, k, getattr(checked, k))
+
+    def given(self) -> dict:
+        """The overrides that were given, by name."""
+        return {k: getattr(self, k) for k in TUNING if getattr(self, k) is not None}
+
+    def as_params(self) -> dict:
+        """All four by name, for a flow's parameters."""
+        return {k: getattr(self, k) for k in TUNING}
+
+
 @dataclass(frozen=True)
 class Options:
+    """The tuning a run works with: the config's, with the run's overrides on top."""
+
     batch_size: int = 5000
     max_batch_seconds: float = 1.0
     throttle_ms: int = 0
     workers: int = 1
 
     @classmethod
-    def from_settings(cls, cfg: TransformSettings, **overrides) -> "Options":
-        values = {k: getattr(cfg, k) for k in ("batch_size", "max_batch_seconds", "throttle_ms", "workers")}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        try:  # the same bounds as in dataops.yaml
-            checked = TransformSettings.model_validate({**cfg.model_dump(), **values})
-        except ValidationError as err:
-            e = err.errors()[0]
-            raise BadInput(f"{e['loc'][0]}: {e['msg'].removeprefix('Value error, ')} "
-                           f"(got {values.get(e['loc'][0])!r})") from None
-        return cls(checked.batch_size, checked.max_batch_seconds, checked.throttle_ms, checked.workers)
+    def from_settings(cls, cfg: TransformSettings, overrides: Overrides | None = None) -> "Options":
+        values = {k: getattr(cfg, k) for k in TUNING}
+        values.update(overrides.given() if overrides is not None else {})
+        return cls(**values)
 
     def as_dict(self) -> dict:
-        return {"batch_size": self.batch_size, "max_batch_seconds": self.max_batch_seconds,
-                "throttle_ms": self.throttle_ms, "workers": self.workers}
+        return {k: getattr(self, k) for k in TUNING}
 
 
 def next_batch_size(size: int, seconds: float, opts: Options) -> int:

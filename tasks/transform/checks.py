@@ -18,7 +18,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.errors import BadInput
-from dataops.settings import Settings
+from dataops.settings import Environment, Settings
 from dataops.tasks.schema import catalog_snapshot, diff_snapshots
 from dataops.tasks.transform.batches import frag
 from dataops.tasks.transform.spec import Target, TransformSpec
@@ -61,7 +61,7 @@ def _key(result) -> str:
     return f"{result.kind}|{result.name}|{result.constraint or ''}"
 
 
-def validation_failures(settings: Settings, env: str, target: Target) -> dict[str, str]:
+def validation_failures(settings: Settings, env: Environment, target: Target) -> dict[str, str]:
     """Failing validation checks that concern the table: {key: one-line description}."""
     checks = checks_for(settings, target)
     if not checks:
@@ -69,13 +69,14 @@ def validation_failures(settings: Settings, env: str, target: Target) -> dict[st
     from dataops.tasks.validation.validate import run_checks
 
     cfg = settings.validation
-    report = run_checks(settings.env(env), checks, examples=cfg.examples, statement_timeout_s=cfg.statement_timeout_s)
+    report = run_checks(env, checks, examples=cfg.examples, statement_timeout_s=cfg.statement_timeout_s)
     return {_key(r): r.line() for r in report.failures}
 
 
-def baseline(settings: Settings, env: str, conn: psycopg.Connection, target: Target) -> dict:
+def baseline(settings: Settings, env: Environment, conn: psycopg.Connection, target: Target) -> dict:
     """Taken before the first batch and stored with the run, so a resumed run compares with it too."""
-    return {"table": table_description(conn, target), "failing_checks": sorted(validation_failures(settings, env, target))}
+    return {"table": table_description(conn, target),
+            "failing_checks": sorted(validation_failures(settings, env, target))}
 
 
 def verify_rows(conn: psycopg.Connection, spec: TransformSpec) -> list[tuple]:
@@ -90,7 +91,7 @@ def verify_rows(conn: psycopg.Connection, spec: TransformSpec) -> list[tuple]:
         raise BadInput(f"{spec.path.name}: VERIFY does not run: {str(exc).splitlines()[0]}") from None
 
 
-def post_checks(settings: Settings, env: str, conn: psycopg.Connection, spec: TransformSpec, target: Target,
+def post_checks(settings: Settings, env: Environment, conn: psycopg.Connection, spec: TransformSpec, target: Target,
                 before: dict | None) -> list[str]:
     """Problems found after the transform (empty: it passed)."""
     before = before or {}

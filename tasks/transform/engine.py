@@ -1,4 +1,4 @@
-"""Running and reverting transforms: the plain functions behind the flows and the CLI.
+"""Running and reverting transforms: the steps, and the one order they run in, with or without Prefect.
 
 A run's life:
 1. Under the transform's lock: resume the interrupted run if there is one (same module
@@ -10,24 +10,25 @@ A run's life:
 3. After the last batch: the checks (dataops.tasks.transform.checks); a failure marks the run
    checks-failed, and the flow's failure hook reverts it.
 
-`transform()` and `revert()` do all of it in-process (threads for the ranges); the flows
-compose the same steps as Prefect tasks, so that ranges become task runs that a Dask task
-runner can spread across machines.
+`transform()` and `revert()` hold that order once. By default their steps are plain calls
+with the ranges on threads (tests, benchmarks, scripts); the flows pass `PrefectSteps`, whose
+ranges are task runs, so that a Dask task runner can spread them across machines.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger, task
 
-from dataops.errors import BadInput, OperationFailed, is_transient, retry_if_transient
-from dataops.settings import Settings
+from dataops.errors import BadInput, OperationFailed, is_transient
+from dataops.settings import Environment, Settings
 from dataops.tasks import pg
-from dataops.tasks.transform.batches import Options, RangeOutcome, process_range, session_limits
+from dataops.tasks.retries import RETRY_TRANSIENT
+from dataops.tasks.transform.batches import Options, Overrides, RangeOutcome, process_range, session_limits
 from dataops.tasks.transform.checks import baseline, post_checks
 from dataops.tasks.transform.plan import (
     batcher_for,
@@ -36,8 +37,10 @@ from dataops.tasks.transform.plan import (
     spec_for,
     split_ranges,
 )
-from dataops.tasks.transform.progress import ProgressMonitor, Session, summarize
+from dataops.tasks.transform.progress import PROGRESS_EVERY_S, ProgressMonitor, Session, gather_ranges, summarize
+from dataops.tasks.transform.report import ProgressArtifact, publish_summary
 from dataops.tasks.transform.revert import batcher_for_revert, index_snapshot, snapshot_to_json
+from dataops.tasks.transform.snapshot import SCHEMA as SNAPSHOT_SCHEMA
 from dataops.tasks.transform.snapshot import take_snapshot
 from dataops.tasks.transform.spec import bind
 from dataops.tasks.transform.state import (
@@ -63,7 +66,8 @@ log = logging.getLogger("dataops.transform")
 
 # -- a run ----------------------------------------------------------------------------------------
 
-def prepare_run(settings: Settings, env: str, name: str, opts: Options, flow_run_id: str | None = None) -> RunState:
+def prepare_run(settings: Settings, env: Environment, name: str, opts: Options,
+                flow_run_id: str | None = None) -> RunState:
     """Resume the interrupted run, or start a new one. The caller holds the transform's lock."""
     spec = spec_for(settings, name)
     with connect(settings, env, f"{name}:prepare", autocommit=True) as conn:
@@ -73,21 +77,21 @@ def prepare_run(settings: Settings, env: str, name: str, opts: Options, flow_run
         last = latest_run(conn, name)
         if last is not None and last.status == RUNNING:
             if last.action == "revert":
-                raise BadInput(f"a revert of {name} on {env} was interrupted; finish it first: "
-                               f"dataops transform {env} revert {name}")
+                raise BadInput(f"a revert of {name} on {env.name} was interrupted; finish it first: "
+                               f"dataops transform {env.name} revert {name}")
             if last.definition != spec.definition:
-                raise BadInput(f"{spec.path} changed since run {last.id} of {name} started on {env}, which was "
+                raise BadInput(f"{spec.path} changed since run {last.id} of {name} started on {env.name}, which was "
                                f"interrupted; put the old version back to finish it, or revert it first "
-                               f"(dataops transform {env} revert {name})")
+                               f"(dataops transform {env.name} revert {name})")
             request_stop(conn, last.id, False)
             set_status(conn, last.id, RUNNING, finished=False, flow_run_id=flow_run_id)
             done = last.total("scanned")
-            log.info("resuming run %d of %s on %s: %d of %d ranges left, %d rows done", last.id, name, env,
+            log.info("resuming run %d of %s on %s: %d of %d ranges left, %d rows done", last.id, name, env.name,
                      len(last.pending), len(last.ranges), done)
             return load_run(conn, last.id)
         if last is not None and last.action == "run" and last.status == CHECKS_FAILED:
-            raise BadInput(f"run {last.id} of {name} on {env} failed its checks and is not reverted; revert it first: "
-                           f"dataops transform {env} revert {name}")
+            raise BadInput(f"run {last.id} of {name} on {env.name} failed its checks and is not reverted; "
+                           f"revert it first: dataops transform {env.name} revert {name}")
         ranges = split_ranges(conn, target, opts.workers)
         if isinstance(spec.snapshot, tuple) and target.update_triggers:
             log.info("%s has UPDATE trigger(s) %s: SNAPSHOT must list every column they write (it has %s)",
@@ -106,19 +110,20 @@ def prepare_run(settings: Settings, env: str, name: str, opts: Options, flow_run
                                 table_name=target.label, key_column=target.key, params=opts.as_dict(),
                                 ranges=ranges, snapshot=snapshot_to_json(snap) if snap else None,
                                 baseline=before, flow_run_id=flow_run_id)
-        log.info("run %d of %s on %s: %s, %d range(s), %d rows", run_id, name, env, target.label, len(ranges),
+        log.info("run %d of %s on %s: %s, %d range(s), %d rows", run_id, name, env.name, target.label, len(ranges),
                  sum(r[2] for r in ranges))
         return load_run(conn, run_id)
 
 
-def run_range(settings: Settings, env: str, name: str, run_id: int, range_no: int, opts: Options) -> RangeOutcome:
+def run_range(settings: Settings, env: Environment, name: str, run_id: int, range_no: int,
+              opts: Options) -> RangeOutcome:
     """One worker: its own connection, its range from the checkpoint to the end."""
     spec = spec_for(settings, name)
     with connect(settings, env, f"{name}:r{range_no}", autocommit=True) as conn:
         session_limits(conn, opts)
         run = load_run(conn, run_id)
         if run is None:
-            raise OperationFailed(f"run {run_id} of {name} is not in {env}'s dataops_transforms.runs")
+            raise OperationFailed(f"run {run_id} of {name} is not in {env.name}'s dataops_transforms.runs")
         r = next(x for x in run.ranges if x.range_no == range_no)
         target = bind(conn, spec)
         if run.action == "run":
@@ -126,21 +131,21 @@ def run_range(settings: Settings, env: str, name: str, run_id: int, range_no: in
         else:
             batcher = batcher_for_revert(run.params["method"], spec, target, run.snapshot, run.reverts)
         try:
-            return process_range(conn, batcher, r, opts, label=f"{run.action} {name} on {env}")
+            return process_range(conn, batcher, r, opts, label=f"{run.action} {name} on {env.name}")
         except Exception as exc:
             if not is_transient(exc) and not conn.closed and not conn.broken:
                 request_stop(conn, run_id)  # no retry will help: the other ranges stop after their current batch
             raise
 
 
-def finish_run(settings: Settings, env: str, name: str, run_id: int) -> tuple[RunState, list[str]]:
+def finish_run(settings: Settings, env: Environment, name: str, run_id: int) -> tuple[RunState, list[str]]:
     """Checks after the last batch; records completed or checks-failed. Returns (run, problems)."""
     spec = spec_for(settings, name)
     with connect(settings, env, f"{name}:checks", autocommit=True) as conn:
         run = load_run(conn, run_id)
         if run.pending:
             raise OperationFailed(f"run {run_id} of {name} has {len(run.pending)} unfinished range(s); "
-                                  f"run it again to resume: dataops transform {env} run {name}")
+                                  f"run it again to resume: dataops transform {env.name} run {name}")
         target = bind(conn, spec)
         problems = post_checks(settings, env, conn, spec, target, run.baseline)
         set_status(conn, run_id, CHECKS_FAILED if problems else COMPLETED, "; ".join(problems) or None)
@@ -149,7 +154,8 @@ def finish_run(settings: Settings, env: str, name: str, run_id: int) -> tuple[Ru
 
 # -- a revert -------------------------------------------------------------------------------------
 
-def prepare_revert(settings: Settings, env: str, name: str, opts: Options, flow_run_id: str | None = None) -> RunState:
+def prepare_revert(settings: Settings, env: Environment, name: str, opts: Options,
+                   flow_run_id: str | None = None) -> RunState:
     """Resume an interrupted revert, or start reverting the newest run not yet reverted.
     The caller holds the transform's lock."""
     spec = spec_for(settings, name)
@@ -160,19 +166,17 @@ def prepare_revert(settings: Settings, env: str, name: str, opts: Options, flow_
         if last is not None and last.action == "revert" and last.status == RUNNING:
             request_stop(conn, last.id, False)
             set_status(conn, last.id, RUNNING, finished=False, flow_run_id=flow_run_id)
-            log.info("resuming revert %d of run %d of %s on %s", last.id, last.reverts, name, env)
+            log.info("resuming revert %d of run %d of %s on %s", last.id, last.reverts, name, env.name)
             return load_run(conn, last.id)
         row = conn.execute("SELECT id FROM dataops_transforms.runs WHERE transform = %s AND action = 'run' "
                            "AND status <> %s ORDER BY id DESC LIMIT 1", (name, REVERTED)).fetchone()
         if row is None:
-            raise BadInput(f"nothing to revert: {name} has no run on {env} that is not already reverted")
+            raise BadInput(f"nothing to revert: {name} has no run on {env.name} that is not already reverted")
         victim = load_run(conn, row[0])
         if spec.revert:
             method, keys_table, snapshot = "own", None, None
             compile_check(conn, spec, target)
         elif victim.snapshot:
-            from dataops.tasks.transform.snapshot import SCHEMA as SNAPSHOT_SCHEMA
-
             method, snapshot = "snapshot", victim.snapshot
             keys_table = pg.qualified(SNAPSHOT_SCHEMA, snapshot["name"])
             if conn.execute("SELECT to_regclass(%s)", (f"{SNAPSHOT_SCHEMA}.{snapshot['name']}",)).fetchone()[0] is None:
@@ -187,78 +191,132 @@ def prepare_revert(settings: Settings, env: str, name: str, opts: Options, flow_
                                 table_name=target.label, key_column=target.key,
                                 params={**opts.as_dict(), "method": method}, ranges=ranges, snapshot=snapshot,
                                 flow_run_id=flow_run_id)
-        log.info("revert %d of run %d of %s on %s, from %s: %d range(s)", rev_id, victim.id, name, env,
+        log.info("revert %d of run %d of %s on %s, from %s: %d range(s)", rev_id, victim.id, name, env.name,
                  "its REVERT" if method == "own" else f"snapshot {snapshot['name']}", len(ranges))
         return load_run(conn, rev_id)
 
 
-def finish_revert(settings: Settings, env: str, name: str, revert_id: int) -> RunState:
+def finish_revert(settings: Settings, env: Environment, name: str, revert_id: int) -> RunState:
     with connect(settings, env, f"{name}:finish-revert", autocommit=True) as conn:
         rev = load_run(conn, revert_id)
         if rev.pending:
             raise OperationFailed(f"revert {revert_id} of {name} has {len(rev.pending)} unfinished range(s); "
-                                  f"run it again to resume: dataops transform {env} revert {name}")
+                                  f"run it again to resume: dataops transform {env.name} revert {name}")
         with conn.transaction():
             set_status(conn, revert_id, COMPLETED)
             set_status(conn, rev.reverts, REVERTED, f"reverted by run {revert_id}")
         return load_run(conn, revert_id)
 
 
-# -- everything in-process (tests, benchmarks, scripts) -----------------------------------------------
+# -- the order of a run and of a revert ----------------------------------------------------------------
 
-def _run_ranges(settings: Settings, env: str, name: str, run: RunState, opts: Options) -> Session:
-    t0 = time.monotonic()
-    longest = 0.0
-    pending = run.pending
-    if pending:
-        with ThreadPoolExecutor(max_workers=len(pending), thread_name_prefix=f"xf-{name}") as pool:
-            futures = [pool.submit(run_range, settings, env, name, run.id, r.range_no, opts) for r in pending]
-            errors = []
+Reporter = Callable[[float, str], None]  # (percent done, progress line)
+
+
+class PlainSteps:
+    """The steps as plain calls, the ranges on threads of this process. The flows pass
+    PrefectSteps (at the bottom) instead, so the order lives in one place: transform() and
+    revert() below."""
+
+    prepare_run = staticmethod(prepare_run)
+    finish_run = staticmethod(finish_run)
+    prepare_revert = staticmethod(prepare_revert)
+    finish_revert = staticmethod(finish_revert)
+    # told when a run's checks fail (in a flow, its failure hook starts the revert itself)
+    after_failed_checks = "undo it with dataops transform {env} revert {name}"
+
+    @staticmethod
+    def logger():
+        return log
+
+    @staticmethod
+    def reporter(env: Environment, run: RunState) -> Reporter:
+        return lambda _percent, line: log.info("%s", line)
+
+    @staticmethod
+    def run_ranges(settings: Settings, env: Environment, name: str, run: RunState,
+                   opts: Options) -> tuple[float, BaseException | None]:
+        """(longest transaction, first error): every range ends before the error is raised
+        (the failed worker already asked the others to stop after their current batch)."""
+        longest, error = 0.0, None
+        if not run.pending:
+            return longest, error
+        with ThreadPoolExecutor(max_workers=len(run.pending), thread_name_prefix=f"xf-{name}") as pool:
+            futures = [pool.submit(run_range, settings, env, name, run.id, r.range_no, opts) for r in run.pending]
             for f in as_completed(futures):
                 try:
                     longest = max(longest, f.result().longest_tx_s)
-                except Exception as exc:  # noqa: BLE001 - the first error is raised after the others stop
-                    errors.append(exc)
-            if errors:
-                raise errors[0]
-    return Session(time.monotonic() - t0, longest)
+                except Exception as exc:  # noqa: BLE001 - raised by the caller once every worker has stopped
+                    error = error or exc
+        return longest, error
+
+    @staticmethod
+    def publish(summary: dict) -> None:
+        pass
 
 
-def transform(settings: Settings, env: str, name: str, *, batch_size: int | None = None,
-              max_batch_seconds: float | None = None, throttle_ms: int | None = None, workers: int | None = None,
-              progress_every_s: float = 5.0) -> dict:
-    """Run (or resume) a transform without Prefect. Raises OperationFailed when the checks
-    fail (the run is then marked checks-failed; `revert()` undoes it)."""
-    opts = Options.from_settings(settings.transforms, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
-                                 throttle_ms=throttle_ms, workers=workers)
-    with transform_lock(settings.env(env).database_url, name, env, timeout=settings.postgres.connect_timeout):
-        t0 = time.monotonic()
-        run = prepare_run(settings, env, name, opts)
-        with ProgressMonitor(settings, env, run, lambda _f, line: log.info("%s", line), progress_every_s):
-            session = _run_ranges(settings, env, name, run, opts)
-        run, problems = finish_run(settings, env, name, run.id)
-        session.seconds = time.monotonic() - t0
-    summary = summarize(run, env, session, problems)
+def _work_through(settings: Settings, env: Environment, name: str, run: RunState, opts: Options, steps,
+                  progress_every_s: float) -> float:
+    """The pending ranges, with progress reports; the longest transaction."""
+    with ProgressMonitor(settings, env, run, steps.reporter(env, run), progress_every_s):
+        longest, error = steps.run_ranges(settings, env, name, run, opts)
+    if error is not None:
+        raise error
+    return longest
+
+
+def transform(settings: Settings, env: Environment, name: str, overrides: Overrides | None = None, *,
+              steps=PlainSteps, flow_run_id: str | None = None, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
+    """Run (or resume) a transform. Raises OperationFailed when the checks fail (the run is
+    then marked checks-failed; `revert()` undoes it)."""
+    opts = Options.from_settings(settings.transforms, overrides)
+    say = steps.logger()
+    t0 = time.monotonic()
+    with transform_lock(env, name, timeout=settings.postgres.connect_timeout):
+        run = steps.prepare_run(settings, env, name, opts, flow_run_id)
+        longest = _work_through(settings, env, name, run, opts, steps, progress_every_s)
+        run, problems = steps.finish_run(settings, env, name, run.id)
+    summary = summarize(run, env, Session(time.monotonic() - t0, longest), problems)
+    steps.publish(summary)
+    say.info("%s on %s: %s; %d changed, %d deleted, %d invalid, %d unchanged in %d batches; longest transaction "
+             "%.3f s", name, env.name, summary["status"], summary["changed"], summary["deleted"], summary["invalid"],
+             summary["unchanged"], summary["batches"], summary["longest_tx_s"])
     if problems:
-        raise OperationFailed(f"checks after {name} on {env} failed: {'; '.join(problems)}; undo it with "
-                              f"dataops transform {env} revert {name}")
+        raise OperationFailed(f"checks after {name} on {env.name} failed: {'; '.join(problems)}; "
+                              + steps.after_failed_checks.format(env=env.name, name=name))
     return summary
 
 
-def revert(settings: Settings, env: str, name: str, *, batch_size: int | None = None,
-           max_batch_seconds: float | None = None, throttle_ms: int | None = None, workers: int | None = None) -> dict:
-    opts = Options.from_settings(settings.transforms, batch_size=batch_size, max_batch_seconds=max_batch_seconds,
-                                 throttle_ms=throttle_ms, workers=workers)
-    with transform_lock(settings.env(env).database_url, name, env, timeout=settings.postgres.connect_timeout):
-        t0 = time.monotonic()
-        rev = prepare_revert(settings, env, name, opts)
-        session = _run_ranges(settings, env, name, rev, opts)
-        rev = finish_revert(settings, env, name, rev.id)
-        session.seconds = time.monotonic() - t0
-    return summarize(rev, env, session)
+def revert(settings: Settings, env: Environment, name: str, overrides: Overrides | None = None, *,
+           steps=PlainSteps, flow_run_id: str | None = None, progress_every_s: float = PROGRESS_EVERY_S,
+           only_if_checks_failed: bool = False) -> dict:
+    """Undo the newest run not yet reverted (or resume an interrupted revert).
+    only_if_checks_failed: leave the newest run alone unless its checks failed; one that was
+    merely interrupted is waiting to be resumed, not reverted."""
+    opts = Options.from_settings(settings.transforms, overrides)
+    say = steps.logger()
+    t0 = time.monotonic()
+    with transform_lock(env, name, timeout=settings.postgres.connect_timeout) as conn:
+        if only_if_checks_failed:
+            last = latest_run(conn, name)
+            interrupted_revert = last is not None and last.action == "revert" and last.status == RUNNING
+            if not interrupted_revert and (last is None or last.status != CHECKS_FAILED):
+                say.info("the newest run of %s on %s did not fail its checks (%s); nothing to revert", name, env.name,
+                         f"{last.action} {last.id} {last.status}" if last else "never run")
+                return {"transform": name, "environment": env.name, "status": "nothing to revert"}
+        rev = steps.prepare_revert(settings, env, name, opts, flow_run_id)
+        longest = _work_through(settings, env, name, rev, opts, steps, progress_every_s)
+        rev = steps.finish_revert(settings, env, name, rev.id)
+    summary = summarize(rev, env, Session(time.monotonic() - t0, longest))
+    steps.publish(summary)
+    say.info("reverted run %s of %s on %s (%s): %d rows written back, %d re-inserted", rev.reverts, name, env.name,
+             rev.params.get("method"), summary["changed"], summary["inserted"])
+    return summary
 
 
-def status(settings: Settings, env: str, name: str, runs: int = 5) -> dict:
+# -- reading ------------------------------------------------------------------------------------------
+
+def status(settings: Settings, env: Environment, name: str, runs: int = 5) -> dict:
     """The newest runs of a transform on an environment, newest first. Reads only."""
     spec = spec_for(settings, name)
     with connect(settings, env, f"{name}:status") as conn:
@@ -272,7 +330,7 @@ def status(settings: Settings, env: str, name: str, runs: int = 5) -> dict:
     for s in listed:
         if s["status"] == RUNNING:
             s["status"] = RUNNING if locked else "interrupted"
-    return {"transform": name, "environment": env, "description": spec.description, "table": spec.table,
+    return {"transform": name, "environment": env.name, "description": spec.description, "table": spec.table,
             "kind": spec.kind, "runs": listed}
 
 
@@ -286,34 +344,70 @@ def _is_running(conn, name: str) -> bool:
 # -- Prefect tasks ------------------------------------------------------------------------------------
 
 
-@task(name="prepare-transform", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_if_transient)
-def prepare_task(settings: Settings, env: str, name: str, opts: Options, flow_run_id: str | None = None) -> RunState:
+@task(name="prepare-transform", **RETRY_TRANSIENT)
+def prepare_task(settings: Settings, env: Environment, name: str, opts: Options,
+                 flow_run_id: str | None = None) -> RunState:
     """Snapshot (when asked for) and checkpoint rows, or the interrupted run to resume."""
     return prepare_run(settings, env, name, opts, flow_run_id)
 
 
-@task(name="transform-range", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=retry_if_transient)
-def run_range_task(settings: Settings, env: str, name: str, run_id: int, range_no: int, opts: Options) -> RangeOutcome:
+@task(name="transform-range", **RETRY_TRANSIENT)
+def run_range_task(settings: Settings, env: Environment, name: str, run_id: int, range_no: int,
+                   opts: Options) -> RangeOutcome:
     """A retry resumes from the range's checkpoint, so it never repeats a committed batch."""
     return run_range(settings, env, name, run_id, range_no, opts)
 
 
-@task(name="check-transform", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_if_transient)
-def finish_task(settings: Settings, env: str, name: str, run_id: int) -> tuple[RunState, list[str]]:
+@task(name="check-transform", **RETRY_TRANSIENT)
+def finish_task(settings: Settings, env: Environment, name: str, run_id: int) -> tuple[RunState, list[str]]:
     return finish_run(settings, env, name, run_id)
 
 
-@task(name="prepare-revert", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_if_transient)
-def prepare_revert_task(settings: Settings, env: str, name: str, opts: Options,
+@task(name="prepare-revert", **RETRY_TRANSIENT)
+def prepare_revert_task(settings: Settings, env: Environment, name: str, opts: Options,
                         flow_run_id: str | None = None) -> RunState:
     return prepare_revert(settings, env, name, opts, flow_run_id)
 
 
-@task(name="finish-revert", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2,
-      retry_condition_fn=retry_if_transient)
-def finish_revert_task(settings: Settings, env: str, name: str, revert_id: int) -> RunState:
+@task(name="finish-revert", **RETRY_TRANSIENT)
+def finish_revert_task(settings: Settings, env: Environment, name: str, revert_id: int) -> RunState:
     return finish_revert(settings, env, name, revert_id)
+
+
+class PrefectSteps(PlainSteps):
+    """The same steps as Prefect task runs, for the run-transform and revert-transform flows:
+    prepare and finish run in the flow, each range is submitted to the flow's task runner."""
+
+    prepare_run = prepare_task
+    finish_run = finish_task
+    prepare_revert = prepare_revert_task
+    finish_revert = finish_revert_task
+    after_failed_checks = "reverting it"  # the run-transform flow's on_failure hook starts revert-transform
+
+    @staticmethod
+    def logger():
+        return get_run_logger()
+
+    @staticmethod
+    def reporter(env: Environment, run: RunState) -> Reporter:
+        """Progress lines in the flow run's log, and a progress artifact on its page."""
+        logger = get_run_logger()
+        revert = run.action == "revert"
+        bar = ProgressArtifact(f"transform-{run.transform}-{env.name}{'-revert' if revert else ''}-progress",
+                               f"{'revert of ' if revert else ''}{run.transform} on {env.name}")
+
+        def report(percent: float, line: str) -> None:
+            logger.info("%s", line)
+            bar.update(percent)
+
+        return report
+
+    @staticmethod
+    def run_ranges(settings: Settings, env: Environment, name: str, run: RunState,
+                   opts: Options) -> tuple[float, BaseException | None]:
+        what = "revert-" if run.action == "revert" else ""
+        futures = [run_range_task.with_options(task_run_name=f"{name}-{what}range-{r.range_no}").submit(
+            settings, env, name, run.id, r.range_no, opts) for r in run.pending]
+        return gather_ranges(futures)
+
+    publish = staticmethod(publish_summary)

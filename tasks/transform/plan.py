@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import psycopg
 from prefect import task
-from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from dataops.errors import BadInput, retry_if_transient
-from dataops.settings import Settings
+from dataops.errors import BadInput
+from dataops.settings import Environment, Settings
+from dataops.tasks.retries import RETRY_TRANSIENT
 from dataops.tasks.transform.batches import Options, PandasBatcher, SqlBatcher, frag, key_range
 from dataops.tasks.transform.checks import still_to_do
 from dataops.tasks.transform.revert import own_revert_spec
@@ -29,10 +29,10 @@ def spec_for(settings: Settings, name: str) -> TransformSpec:
     return load_transform(settings.transforms_dir, name)
 
 
-def connect(settings: Settings, env: str, purpose: str, **kw):
+def connect(settings: Settings, env: Environment, purpose: str, **kw):
     from dataops.tasks import pg
 
-    return pg.connect(settings.env(env).database_url, timeout=settings.postgres.connect_timeout,
+    return pg.connect(env.database_url, timeout=settings.postgres.connect_timeout,
                       application_name=f"dataops-transform:{purpose}"[:63], **kw)
 
 
@@ -96,7 +96,7 @@ def split_ranges(conn: psycopg.Connection, target: Target, workers: int, keys_ta
 
 # -- dry run ------------------------------------------------------------------------------------
 
-def plan(settings: Settings, env: str, name: str, opts: Options) -> dict:
+def plan(settings: Settings, env: Environment, name: str, opts: Options) -> dict:
     """What a run would do, read in one READ ONLY transaction: rows needing work, invalid
     rows (with examples), ranges, the snapshot, and a preview of a few changes."""
     spec = spec_for(settings, name)
@@ -117,7 +117,7 @@ def plan(settings: Settings, env: str, name: str, opts: Options) -> dict:
         last = latest_run(conn, name)
         conn.rollback()
     return {
-        "transform": name, "environment": env, "description": spec.description, "kind": spec.kind,
+        "transform": name, "environment": env.name, "description": spec.description, "kind": spec.kind,
         "table": target.label, "key": target.key, "rows": total, "needing_work": matched,
         "invalid": invalid or 0, "invalid_examples": list(examples or []), "would_change": todo,
         "ranges": [{"lo": lo, "hi": hi, "rows": n} for lo, hi, n in ranges],
@@ -180,6 +180,8 @@ def _show(v) -> str | None:
     return str(v)
 
 
-@task(name="plan-transform", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
-def plan_task(settings: Settings, env: str, name: str, opts: Options) -> dict:
+# -- Prefect tasks ------------------------------------------------------------------------------------
+
+@task(name="plan-transform", **RETRY_TRANSIENT)
+def plan_task(settings: Settings, env: Environment, name: str, opts: Options) -> dict:
     return plan(settings, env, name, opts)

@@ -8,7 +8,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from dataops.settings import Settings
+from dataops.settings import Environment, Settings
 from dataops.tasks.transform.plan import connect
 from dataops.tasks.transform.state import RunState, progress
 
@@ -24,7 +24,7 @@ class ProgressMonitor:
     this process or on another machine. One last report when the block ends, so even a
     run shorter than `every_s` reports its rows and rate."""
 
-    def __init__(self, settings: Settings, env: str, run: RunState, report, every_s: float = 5.0):
+    def __init__(self, settings: Settings, env: Environment, run: RunState, report, every_s: float = 5.0):
         self.settings, self.env, self.run, self.report, self.every_s = settings, env, run, report, every_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"progress-{run.transform}", daemon=True)
@@ -55,7 +55,7 @@ class ProgressMonitor:
         left = max(total - done, 0)
         eta = f"{left / rate:,.0f} s" if rate > 0 else "unknown"
         fraction = 100.0 * done / total if total else 100.0
-        return fraction, (f"{self.run.action} {self.run.transform} on {self.env}: {done:,} of {total:,} rows "
+        return fraction, (f"{self.run.action} {self.run.transform} on {self.env.name}: {done:,} of {total:,} rows "
                           f"({fraction:.0f}%), {left:,} left, {p['changed']:,} changed, {p['invalid']:,} invalid, "
                           f"{rate:,.0f} rows/s, ETA {eta}")
 
@@ -70,10 +70,11 @@ class Session:
     longest_tx_s: float
 
 
-def summarize(run: RunState, env: str, session: Session | None = None, problems: list[str] | None = None) -> dict:
+def summarize(run: RunState, env: Environment, session: Session | None = None,
+              problems: list[str] | None = None) -> dict:
     out = {
-        "transform": run.transform, "environment": env, "run_id": run.id, "action": run.action, "status": run.status,
-        "table": run.table_name, "reverts": run.reverts,
+        "transform": run.transform, "environment": env.name, "run_id": run.id, "action": run.action,
+        "status": run.status, "table": run.table_name, "reverts": run.reverts,
         "rows": max(run.total("total"), run.total("scanned")), "scanned": run.total("scanned"),
         "needing_work": run.total("matched"), "changed": run.total("changed"), "deleted": run.total("deleted"),
         "inserted": run.total("inserted"), "invalid": run.total("invalid"),

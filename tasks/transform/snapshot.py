@@ -13,12 +13,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import psycopg
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 
-from dataops.dsn import Dsn
-from dataops.errors import BadInput, retry_if_transient
+from dataops.errors import BadInput
 from dataops.tasks import pg
 
 SCHEMA = "dataops_snapshots"
@@ -127,21 +124,3 @@ def restore_snapshot(conn: psycopg.Connection, snap: Snapshot) -> int:
 def drop_snapshot(conn: psycopg.Connection, snap: Snapshot) -> None:
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(pg.qualified(SCHEMA, snap.name)))
 
-
-# -- Prefect tasks (each opens its own connection and commits) --------------------------
-
-@task(name="snapshot-table", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=2, retry_condition_fn=retry_if_transient)
-def snapshot_table_task(dsn: Dsn, table: str, columns: list[str] | None = None, where: str | None = None,
-                        key: list[str] | None = None) -> Snapshot:
-    with pg.connect(dsn) as conn:
-        snap = take_snapshot(conn, table, columns=columns, where=where, key=key)
-        conn.commit()
-    return snap
-
-
-@task(name="restore-from-snapshot", cache_policy=NO_CACHE)
-def restore_snapshot_task(dsn: Dsn, snap: Snapshot) -> int:
-    with pg.connect(dsn) as conn:
-        n = restore_snapshot(conn, snap)
-        conn.commit()
-    return n

@@ -28,8 +28,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
-from dataops.dsn import Dsn
 from dataops.errors import OperationFailed
+from dataops.settings import Environment
 from dataops.tasks import pg
 
 SCHEMA = "dataops_transforms"
@@ -188,19 +188,20 @@ LIMIT 1"""
 
 
 @contextlib.contextmanager
-def transform_lock(dsn: Dsn, name: str, env_label: str, *, timeout: int = 10) -> Iterator[psycopg.Connection]:
+def transform_lock(env: Environment, name: str, *, timeout: int = 10) -> Iterator[psycopg.Connection]:
     """Hold the transform's lock on a connection of its own for the duration of the block.
 
     A second run (or a revert) of the same transform on the same database is refused at
     once with who holds the lock, rather than queueing behind it.
     """
     key = lock_key(name)
-    with pg.connect(dsn, autocommit=True, timeout=timeout, application_name=f"dataops-transform:{name}"[:63]) as conn:
+    with pg.connect(env.database_url, autocommit=True, timeout=timeout,
+                    application_name=f"dataops-transform:{name}"[:63]) as conn:
         if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, key)).fetchone()[0]:
             row = conn.execute(_HOLDER, (LOCK_CLASS & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
             holder = (f"pid {row[0]}, application_name {row[1] or '-'}, user {row[2]}"
                       f"{', from ' + row[3] if row[3] else ''}, since {row[4]}") if row else "a session that just let it go"
-            raise OperationFailed(f"transform {name} is already running on {env_label} ({holder}); wait for it to "
+            raise OperationFailed(f"transform {name} is already running on {env.name} ({holder}); wait for it to "
                                   "finish, or end that session if it is stuck")
         try:
             yield conn

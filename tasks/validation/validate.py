@@ -1,15 +1,15 @@
 """Validation as plain functions, for the CLI, the validate-database flow and every flow that
 changes a database (migrate, transform, restore, refresh) to call before and after it acts.
 
-    run_checks(env, checks)                      integrity checks -> CheckReport
-    table_checksums(env, tables, columns)        order-independent checksums -> {table: TableChecksum}
-    schema_fingerprint(env)                      sha256 of the schema snapshot
+    run_checks(db, checks)                       integrity checks -> CheckReport
+    table_checksums(db, tables, columns)         order-independent checksums -> {table: TableChecksum}
+    schema_fingerprint(db)                       sha256 of the schema snapshot
     diff_schemas(a, b)                           [Difference], one per differing object
     compare_environments(a, b)                   schema diff + row counts + checksums where schemas match
-    database_state(env)                          fingerprint, counts, checksums and checks of one moment
-    compare_with_expected(env, tables, fp)       a restored copy against a backup manifest
+    database_state(db)                           fingerprint, counts, checksums and checks of one moment
+    compare_with_expected(db, tables, fp)        a restored copy against a backup manifest
 
-`env` is an `Environment` from dataops.yaml or a bare `Dsn` (a scratch database). Every
+`db` (a `Database`) is an `Environment` from dataops.yaml or a bare `Dsn` (a scratch database). Every
 function reads inside one REPEATABLE READ, READ ONLY transaction per database, so what it
 reports describes one moment, and nothing is ever written: PostgreSQL itself refuses a
 write in a read-only transaction, custom SQL included. The Prefect task wrappers
@@ -54,7 +54,8 @@ from dataops.tasks.validation.checks import (
 )
 from dataops.validation_settings import ValidationSettings
 
-Target = Environment | Dsn
+# What validation reads: an environment, or a bare DSN (a scratch database being verified).
+Database = Environment | Dsn
 
 
 class ValidationFailed(OperationFailed):
@@ -75,16 +76,16 @@ def _rebuild_failed(message: str, report: dict) -> "ValidationFailed":
 
 # -- connections ----------------------------------------------------------------------------
 
-def _dsn(target: Target) -> Dsn:
+def _dsn(target: Database) -> Dsn:
     return target.database_url if isinstance(target, Environment) else target
 
 
-def target_name(target: Target) -> str:
+def target_name(target: Database) -> str:
     return target.name if isinstance(target, Environment) and target.name else _dsn(target).database
 
 
 @contextlib.contextmanager
-def read_only_snapshot(target: Target, *, statement_timeout_s: float | None = None,
+def read_only_snapshot(target: Database, *, statement_timeout_s: float | None = None,
                        connect_timeout: int = 10) -> Iterator[psycopg.Connection]:
     """A connection inside one REPEATABLE READ, READ ONLY transaction, rolled back at the end."""
     with pg.connect(_dsn(target), timeout=connect_timeout, application_name="dataops-validate") as conn:
@@ -187,9 +188,9 @@ def _with_seconds(r: CheckResult, seconds: float) -> CheckResult:
     return replace(r, seconds=round(seconds, 4))
 
 
-def run_checks(env: Target, checks: Sequence[Check] | ValidationSettings | None = None, *,
+def run_checks(db: Database, checks: Sequence[Check] | ValidationSettings | None = None, *,
                examples: int | None = None, statement_timeout_s: float | None = None) -> CheckReport:
-    """Run integrity checks on `env` in one read-only snapshot, and its schema fingerprint.
+    """Run integrity checks on `db` in one read-only snapshot, and its schema fingerprint.
 
     checks: None runs the built-in checks; a ValidationSettings (the `validation:` section)
     runs its built-ins plus everything it configures; a list of Check objects runs exactly
@@ -198,15 +199,15 @@ def run_checks(env: Target, checks: Sequence[Check] | ValidationSettings | None 
     """
     todo, cfg = _resolve_checks(checks)
     t0 = time.monotonic()
-    with read_only_snapshot(env, statement_timeout_s=statement_timeout_s or cfg.statement_timeout_s) as conn:
+    with read_only_snapshot(db, statement_timeout_s=statement_timeout_s or cfg.statement_timeout_s) as conn:
         fp = fingerprint(catalog_snapshot(conn))
         results = _run_in(conn, todo, cfg.examples if examples is None else examples)
-    return CheckReport(target_name(env), _dsn(env).database, fp, results, time.monotonic() - t0)
+    return CheckReport(target_name(db), _dsn(db).database, fp, results, time.monotonic() - t0)
 
 
 # -- checksums, fingerprints, differences ---------------------------------------------------------
 
-def table_checksums(env: Target, tables: Sequence[str] | None = None,
+def table_checksums(db: Database, tables: Sequence[str] | None = None,
                     columns: Mapping[str, Sequence[str]] | None = None,
                     exclude: Mapping[str, Sequence[str]] | None = None) -> dict[str, TableChecksum]:
     """Checksums of `tables` (default: every user table), all read in one snapshot.
@@ -214,24 +215,24 @@ def table_checksums(env: Target, tables: Sequence[str] | None = None,
     columns / exclude map a table to the columns to hash / to leave out (anonymized ones);
     a table or column that does not exist is BadInput naming it.
     """
-    with read_only_snapshot(env) as conn:
+    with read_only_snapshot(db) as conn:
         return _conn_table_checksums(conn, list(tables) if tables is not None else None,
                                      {k: list(v) for k, v in (columns or {}).items()},
                                      {k: list(v) for k, v in (exclude or {}).items()})
 
 
-def schema_snapshot(env: Target) -> dict[str, Any]:
-    with read_only_snapshot(env) as conn:
+def schema_snapshot(db: Database) -> dict[str, Any]:
+    with read_only_snapshot(db) as conn:
         return catalog_snapshot(conn)
 
 
-def schema_fingerprint(env: Target) -> str:
+def schema_fingerprint(db: Database) -> str:
     """sha256 of the schema: tables, columns and types, defaults, constraints, indexes,
     sequences, views, functions, triggers, enums, domains, extensions."""
-    return fingerprint(schema_snapshot(env))
+    return fingerprint(schema_snapshot(db))
 
 
-def diff_schemas(a: Target | Mapping[str, Any], b: Target | Mapping[str, Any], a_name: str | None = None,
+def diff_schemas(a: Database | Mapping[str, Any], b: Database | Mapping[str, Any], a_name: str | None = None,
                  b_name: str | None = None) -> list[Difference]:
     """Every schema difference between two databases (or snapshots), containers first."""
     snap_a = a if isinstance(a, Mapping) else schema_snapshot(a)
@@ -307,7 +308,7 @@ def _table_shape(snap: Mapping[str, Any], qualified_name: str) -> Any:
     return table, [cols.get(f"{qualified_name}.{c}") for c in table["columns"]]
 
 
-def compare_environments(a: Target, b: Target, *, tables: Sequence[str] | None = None,
+def compare_environments(a: Database, b: Database, *, tables: Sequence[str] | None = None,
                          columns: Mapping[str, Sequence[str]] | None = None,
                          exclude: Mapping[str, Sequence[str]] | None = None,
                          checksums: bool = True) -> EnvironmentComparison:
@@ -392,7 +393,7 @@ class DatabaseState:
         return not self.problems
 
 
-def database_state(env: Target, *, checks: Sequence[Check] | ValidationSettings | None = None,
+def database_state(db: Database, *, checks: Sequence[Check] | ValidationSettings | None = None,
                    checksums: bool = True, run: bool = True, exclude: Mapping[str, Sequence[str]] | None = None,
                    connect_timeout: int = 10) -> DatabaseState:
     """Fingerprint, row counts, checksums (if asked) and check results, all in one snapshot.
@@ -400,7 +401,7 @@ def database_state(env: Target, *, checks: Sequence[Check] | ValidationSettings 
     run=False skips the integrity checks (a fingerprint and counts only).
     """
     todo, cfg = _resolve_checks(checks)
-    with read_only_snapshot(env, statement_timeout_s=cfg.statement_timeout_s, connect_timeout=connect_timeout) as conn:
+    with read_only_snapshot(db, statement_timeout_s=cfg.statement_timeout_s, connect_timeout=connect_timeout) as conn:
         fp = fingerprint(catalog_snapshot(conn))
         if checksums:
             sums = _conn_table_checksums(conn, exclude={k: list(v) for k, v in (exclude or {}).items()})
@@ -412,13 +413,13 @@ def database_state(env: Target, *, checks: Sequence[Check] | ValidationSettings 
     return DatabaseState(fp, counts, sums_text, results)
 
 
-def compare_with_expected(env: Target, tables: Mapping[str, int], expected_fingerprint: str,
+def compare_with_expected(db: Database, tables: Mapping[str, int], expected_fingerprint: str,
                           checksums: Mapping[str, str] | None = None, *,
                           source: str = "the expected state") -> tuple[dict[str, int], list[str]]:
     """A database (a restored copy) against what was recorded (a backup manifest): (row
     counts, problems). Problems name the table and both numbers; none means it matches.
     `source` names the record in the messages ("the manifest")."""
-    state = database_state(env, checksums=bool(checksums), run=False)
+    state = database_state(db, checksums=bool(checksums), run=False)
     problems = []
     if state.fingerprint != expected_fingerprint:
         problems.append(f"schema fingerprint {state.fingerprint[:12]} differs from {source}'s "
@@ -532,37 +533,14 @@ def format_report(report: dict[str, Any], *, show_passed: bool = True) -> str:
 # -- Prefect task wrappers ---------------------------------------------------------------------
 
 @task(name="run-checks", **RETRY_TRANSIENT)
-def run_checks_task(env: Target, checks: Sequence[Check] | ValidationSettings | None = None) -> CheckReport:
-    return run_checks(env, checks)
-
-
-@task(name="table-checksums", **RETRY_TRANSIENT)
-def table_checksums_task(env: Target, tables: Sequence[str] | None = None,
-                         columns: Mapping[str, Sequence[str]] | None = None,
-                         exclude: Mapping[str, Sequence[str]] | None = None) -> dict[str, TableChecksum]:
-    return table_checksums(env, tables, columns, exclude)
-
-
-@task(name="schema-fingerprint", **RETRY_TRANSIENT)
-def schema_fingerprint_task(env: Target) -> str:
-    return schema_fingerprint(env)
-
-
-@task(name="diff-schemas", **RETRY_TRANSIENT)
-def diff_schemas_task(a: Target, b: Target) -> list[Difference]:
-    return diff_schemas(a, b)
+def run_checks_task(db: Database, checks: Sequence[Check] | ValidationSettings | None = None) -> CheckReport:
+    return run_checks(db, checks)
 
 
 @task(name="compare-environments", **RETRY_TRANSIENT)
-def compare_environments_task(a: Target, b: Target, columns: Mapping[str, Sequence[str]] | None = None,
+def compare_environments_task(a: Database, b: Database, columns: Mapping[str, Sequence[str]] | None = None,
                               exclude: Mapping[str, Sequence[str]] | None = None) -> EnvironmentComparison:
     return compare_environments(a, b, columns=columns, exclude=exclude)
-
-
-@task(name="database-state", **RETRY_TRANSIENT)
-def database_state_task(env: Target, checks: Sequence[Check] | ValidationSettings | None = None,
-                        checksums: bool = True) -> DatabaseState:
-    return database_state(env, checks=checks, checksums=checksums)
 
 
 __all__ = ["CheckReport", "CheckResult", "DatabaseState", "EnvironmentComparison", "TableComparison",
