@@ -60,3 +60,22 @@ def env_arg(help_text: str = "environment name from dataops.yaml"):
 def echo(text: str = "") -> None:
     typer.echo(redact(text))
 
+
+class EnvGroup:
+    """A command group whose first argument is the environment: `dataops migrate ENV status`.
+    The group's callback keeps ENV; `resolved()` reads the settings and resolves it once."""
+
+    def __init__(self, name: str, help_text: str):
+        self.app = typer.Typer(no_args_is_help=True, help=help_text)
+        self.env = ""
+        app.add_typer(self.app, name=name)
+
+        @self.app.callback()
+        def _select(env: str = typer.Argument(..., help="environment name from dataops.yaml", metavar="ENV",
+                                              show_default=False)):
+            self.env = env
+
+    def resolved(self):
+        """(settings, ENV's Environment); an unknown ENV is bad input (exit 2) before anything runs."""
+        settings = load_cli_settings(self.env)
+        return settings, settings.env(self.env)

@@ -14,32 +14,13 @@ from typing import Optional
 
 import typer
 
-from dataops.cli.app import app, echo, load_cli_settings
+from dataops.cli.app import EnvGroup, echo
 from dataops.cli.app import state as cli_state
 from dataops.errors import BadInput, DataopsError, OperationFailed
 
-migrate_app = typer.Typer(no_args_is_help=True, help="Schema migrations: Alembic revisions in migrations.path, "
-                                                     "planned, linted, approved and applied under a lock.")
-app.add_typer(migrate_app, name="migrate")
-
-
-class _Selected:
-    env: str = ""
-
-
-selected = _Selected()
-
-
-@migrate_app.callback()
-def _select(env: str = typer.Argument(..., help="environment name from dataops.yaml", metavar="ENV", show_default=False)):
-    selected.env = env
-
-
-def _resolved():
-    """(settings, ENV's Environment): the name is checked here, once, so a wrong one exits 2
-    before anything runs."""
-    settings = load_cli_settings()
-    return settings, settings.env(selected.env)
+group = EnvGroup("migrate", "Schema migrations: Alembic revisions in migrations.path, "
+                            "planned, linted, approved and applied under a lock.")
+migrate_app = group.app
 
 
 def _to_option(help_text: str = "target revision (default: head)"):
@@ -51,13 +32,13 @@ def status_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON"))
     """Where ENV is: current revision, head, applied and pending revisions."""
     from dataops.tasks.migration import migrate
 
-    st = migrate.status(migrate.target_for(*_resolved()))
+    st = migrate.status(migrate.target_for(*group.resolved()))
     if as_json:
-        echo(json.dumps({"environment": selected.env, "current": st.current, "head": st.head,
+        echo(json.dumps({"environment": group.env, "current": st.current, "head": st.head,
                          "heads": [st.head], "applied": [r.revision for r in st.applied],
                          "pending": [r.revision for r in st.pending]}, indent=2))
         return
-    echo(f"{selected.env}: at {st.current or 'base (no revision applied)'}, head {st.head}, "
+    echo(f"{group.env}: at {st.current or 'base (no revision applied)'}, head {st.head}, "
          f"{len(st.pending)} pending")
     for title, revs in (("applied", st.applied), ("pending", st.pending)):
         if revs:
@@ -71,7 +52,7 @@ def plan_cmd(to: str = _to_option()):
     """Print the SQL that `up` would run, rendered offline: the database is only read for its revision."""
     from dataops.tasks.migration import migrate
 
-    echo(migrate.plan_text(migrate.plan(migrate.target_for(*_resolved()), to)))
+    echo(migrate.plan_text(migrate.plan(migrate.target_for(*group.resolved()), to)))
 
 
 @migrate_app.command("lint")
@@ -80,7 +61,7 @@ def lint_cmd(to: str = _to_option(), as_json: bool = typer.Option(False, "--json
     from dataops.tasks.migration import migrate
     from dataops.tasks.migration.lint import errors_sentence, lint_against, lint_text
 
-    mt = migrate.target_for(*_resolved())
+    mt = migrate.target_for(*group.resolved())
     plans = migrate.plan(mt, to)
     findings = lint_against(mt, plans)
     echo(json.dumps([f.as_dict() for f in findings], indent=2) if as_json else
@@ -96,26 +77,26 @@ def up_cmd(to: str = _to_option(),
            auto_approve: bool = typer.Option(False, "--auto-approve",
                                              help="skip the approval pause (only with migrations.allow_auto_approve)")):
     """Run the migrate-database flow: preflight, backup, approval (production), apply, checks, audit."""
-    settings, environment = _resolved()
+    settings, environment = group.resolved()
     if environment.is_production and not dry_run and not auto_approve:
-        typer.echo(f"{selected.env} has role production: the run pauses for approval (Resume it in the Prefect UI) "
+        typer.echo(f"{group.env} has role production: the run pauses for approval (Resume it in the Prefect UI) "
                    f"for up to {settings.migrations.approval_timeout_s} s", err=True)
     from dataops.flows.migrate_database import migrate_database
 
-    final = migrate_database(selected.env, target=to, dry_run=dry_run, auto_approve=auto_approve,
+    final = migrate_database(group.env, target=to, dry_run=dry_run, auto_approve=auto_approve,
                              config=cli_state.config, return_state=True)
     run_id = str(final.state_details.flow_run_id)
     if final.is_cancelled():
-        raise OperationFailed(f"migration of {selected.env} not applied: {final.message}")
+        raise OperationFailed(f"migration of {group.env} not applied: {final.message}")
     if not final.is_completed():
         _explain_failure(environment, run_id)
         final.result()  # raises the run's own error
-        raise OperationFailed(f"migration of {selected.env} ended {final.name}: {final.message}")
+        raise OperationFailed(f"migration of {group.env} ended {final.name}: {final.message}")
     r = final.result()
     if r["outcome"] == "succeeded":
         for s in r["steps"]:
             echo(f"applied {s['revision']} in {s['seconds']:.2f} s" + (f" ({s['attempts']} attempts)" if s["attempts"] > 1 else ""))
-    echo(f"{selected.env}: {r['outcome']}: {r['detail']} (now at {r['to_revision'] if r['outcome'] == 'succeeded' else r['from_revision'] or 'base'}"
+    echo(f"{group.env}: {r['outcome']}: {r['detail']} (now at {r['to_revision'] if r['outcome'] == 'succeeded' else r['from_revision'] or 'base'}"
          + (f", backup {r['backup_id']}" if r.get("backup_id") else "") + ")")
 
 
@@ -137,15 +118,15 @@ def down_cmd(to: Optional[str] = typer.Option(None, "--to", help="revision to go
              confirm: Optional[str] = typer.Option(None, "--confirm", help="ENV's name; required when its role is production",
                                                    show_default=False)):
     """Undo revisions (after a backup, under the lock): --to REV or --steps N."""
-    _, environment = _resolved()
+    _, environment = group.resolved()
     if (to is None) == (steps is None):
         raise BadInput("say where to go down to: --to REV (or base) or --steps N")
     from dataops.flows.downgrade_database import downgrade_database
     from dataops.tasks.migration.migrate import guard_downgrade
 
     guard_downgrade(environment, confirm)
-    r = downgrade_database(selected.env, to=to, steps=steps, confirm=confirm, config=cli_state.config)
-    echo(f"{selected.env}: {r['outcome']}; undid {', '.join(r['undone']) or 'nothing'}; now at {r['revision'] or 'base'}"
+    r = downgrade_database(group.env, to=to, steps=steps, confirm=confirm, config=cli_state.config)
+    echo(f"{group.env}: {r['outcome']}; undid {', '.join(r['undone']) or 'nothing'}; now at {r['revision'] or 'base'}"
          + (f" (backup {r['backup_id']})" if r.get("backup_id") else ""))
 
 
@@ -154,7 +135,7 @@ def new_cmd(message: str = typer.Argument(..., help="what the revision does", sh
     """Write a new revision file (upgrade and downgrade) after the head; prints its path."""
     from dataops.tasks.migration.migrate import new_revision
 
-    settings, _ = _resolved()
+    settings, _ = group.resolved()
     echo(str(new_revision(settings.migrations_dir, message)))
 
 
@@ -165,7 +146,7 @@ def test_cmd():
     from dataops.tasks.backup.restore import scratch_name
     from dataops.tasks.migration import migrate
 
-    settings, env = _resolved()
+    settings, env = group.resolved()
     server = settings.backups.scratch_database_url or env.database_url
     name = scratch_name(env.database_url.database, "mtest")
     pg.create_database(server, name)
@@ -190,9 +171,9 @@ def history_cmd(limit: int = typer.Option(20, "--limit", min=1, help="how many r
     """The audit table: recent migration, downgrade and rollback runs, newest first."""
     from dataops.tasks.migration.audit import history
 
-    rows = history(_resolved()[1].database_url, limit)
+    rows = history(group.resolved()[1].database_url, limit)
     if not rows:
-        echo(f"no migration runs recorded in {selected.env} yet")
+        echo(f"no migration runs recorded in {group.env} yet")
         return
     for r in rows:
         echo(f"{r.started_at:%Y-%m-%d %H:%M:%S}  {r.action:9}  {r.outcome:14}  {r.from_revision or 'base'} -> "

@@ -12,32 +12,14 @@ from typing import Optional
 
 import typer
 
-from dataops.cli.app import app, echo, load_cli_settings
+from dataops.cli.app import EnvGroup, echo
 from dataops.cli.app import state as cli_state
 from dataops.errors import DataopsError, OperationFailed
 from dataops.tasks.reporting import text_table
 
-transform_app = typer.Typer(no_args_is_help=True, help="Batched data transforms: modules in transforms.path, applied in "
-                                                       "short transactions, resumable, reversible.")
-app.add_typer(transform_app, name="transform")
-
-
-class _Selected:
-    env: str = ""
-
-
-selected = _Selected()
-
-
-@transform_app.callback()
-def _select(env: str = typer.Argument(..., help="environment name from dataops.yaml", metavar="ENV", show_default=False)):
-    selected.env = env
-
-
-def _settings():
-    """The settings and ENV, resolved once per command (an unknown ENV is bad input, exit 2)."""
-    settings = load_cli_settings()
-    return settings, settings.env(selected.env)
+group = EnvGroup("transform", "Batched data transforms: modules in transforms.path, applied in "
+                              "short transactions, resumable, reversible.")
+transform_app = group.app
 
 
 def _name_arg():
@@ -62,7 +44,7 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="print JSON")):
     from dataops.tasks.transform.spec import list_transforms, load_transform
     from dataops.tasks.transform.state import latest_run
 
-    settings, env = _settings()
+    settings, env = group.resolved()
     folder = settings.transforms_dir
     rows = []
     with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout) as conn:
@@ -93,13 +75,13 @@ def run_cmd(name: str = _name_arg(), batch_size: Optional[int] = _BATCH, max_bat
     """Run NAME on ENV (or resume its interrupted run); a second run at the same time is refused."""
     from dataops.tasks.transform.batches import Overrides
 
-    _settings()
+    group.resolved()
     overrides = Overrides(batch_size=batch_size, max_batch_seconds=max_batch_seconds, throttle_ms=throttle_ms,
                           workers=workers)  # refused here, before a flow run starts
     from dataops.flows.run_transform import run_transform
 
     try:
-        result = run_transform(selected.env, name, dry_run=dry_run, config=cli_state.config, **overrides.as_params())
+        result = run_transform(group.env, name, dry_run=dry_run, config=cli_state.config, **overrides.as_params())
     except DataopsError as exc:
         raise _with_revert_outcome(exc, name) from None
     if as_json:
@@ -117,12 +99,12 @@ def revert_cmd(name: str = _name_arg(), batch_size: Optional[int] = _BATCH, max_
     """Undo the newest run of NAME on ENV: with its REVERT, else from its snapshot."""
     from dataops.tasks.transform.batches import Overrides
 
-    _settings()
+    group.resolved()
     overrides = Overrides(batch_size=batch_size, max_batch_seconds=max_batch_seconds, throttle_ms=throttle_ms,
                           workers=workers)
     from dataops.flows.revert_transform import revert_transform
 
-    result = revert_transform(selected.env, name, config=cli_state.config, **overrides.as_params())
+    result = revert_transform(group.env, name, config=cli_state.config, **overrides.as_params())
     if as_json:
         echo(json.dumps(result, indent=2, default=str))
     else:
@@ -134,20 +116,20 @@ def status_cmd(name: str = _name_arg(), as_json: bool = typer.Option(False, "--j
     """The newest runs of NAME on ENV, newest first: status, progress, counts."""
     from dataops.tasks.transform.engine import status
 
-    st = status(*_settings(), name)
+    st = status(*group.resolved(), name)
     if as_json:
         echo(json.dumps(st, indent=2, default=str))
         return
     echo(f"{name} ({st['kind']}, {st['table']}): {st['description']}")
     if not st["runs"]:
-        echo(f"never run on {selected.env}")
+        echo(f"never run on {group.env}")
     for s in st["runs"]:
         done = f"{s['scanned']:,} of {s['rows']:,} rows"
         echo(f"  {s['action']} {s['run_id']}: {s['status']}, {done}, {_counts(s)}, longest transaction "
              f"{s['longest_tx_s']:.3f} s" + (f" (reverts run {s['reverts']})" if s["reverts"] else ""))
         if s["status"] == "interrupted":
             verb = "revert" if s["action"] == "revert" else "run"
-            echo(f"    resume with: dataops transform {selected.env} {verb} {name}")
+            echo(f"    resume with: dataops transform {group.env} {verb} {name}")
 
 
 def _plural(n: int, word: str) -> str:
@@ -193,7 +175,7 @@ def _with_revert_outcome(exc: DataopsError, name: str) -> DataopsError:
     from dataops.tasks.transform.state import COMPLETED, latest_run
 
     try:
-        settings, env = _settings()
+        settings, env = group.resolved()
         with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout) as conn:
             last = latest_run(conn, name)
     except DataopsError:
@@ -201,4 +183,4 @@ def _with_revert_outcome(exc: DataopsError, name: str) -> DataopsError:
     if last is not None and last.action == "revert" and last.status == COMPLETED:
         return OperationFailed(f"{exc.message.removesuffix('; reverting it')}; reverted (revert run {last.id})")
     return OperationFailed(f"{exc.message.removesuffix('; reverting it')}; the revert did not complete: "
-                           f"dataops transform {selected.env} revert {name}")
+                           f"dataops transform {group.env} revert {name}")

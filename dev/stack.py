@@ -458,18 +458,10 @@ def dev_down(root: Path) -> list[str]:
 
 
 def _stop_pid(pid: int, timeout: float = 5.0) -> None:
-    """SIGTERM, wait, then SIGKILL; reaps the process if this process started it."""
+    """SIGTERM, wait, then SIGKILL. psutil's wait also reaps a process this process started."""
     import psutil
 
-    child = _children.pop(pid, None)
-    if child is not None:
-        child.terminate()
-        try:
-            child.wait(timeout)
-        except subprocess.TimeoutExpired:
-            child.kill()
-            child.wait(timeout)
-        return
+    _children.pop(pid, None)
     try:
         proc = psutil.Process(pid)
         proc.terminate()

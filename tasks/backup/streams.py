@@ -201,14 +201,3 @@ def return_big_buffers() -> None:
         ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, CHUNK)  # the pipe reads' size
     except (OSError, AttributeError):
         pass
-
-
-def pump(source: BinaryIO, sink: BinaryIO, chunk: int = CHUNK) -> int:
-    """Copy until the end; returns bytes copied. Broken pipes surface to the caller."""
-    total = 0
-    while data := source.read(chunk):
-        sink.write(data)
-        total += len(data)
-    return total
-
-

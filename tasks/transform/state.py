@@ -95,14 +95,10 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.deleted (
 COUNTERS = ("scanned", "matched", "changed", "deleted", "inserted", "invalid", "unchanged")
 
 
-@dataclass
-class RangeState:
-    run_id: int
-    range_no: int
-    lo: str | None  # exclusive; None: from the first key
-    hi: str | None  # inclusive; None: open-ended (rows inserted during the run are included)
-    last_key: str | None = None  # checkpoint: every key up to here is done
-    total: int = 0
+@dataclass(kw_only=True)
+class RowCounts:
+    """What batches did to rows (the COUNTERS): one batch's, or the running sum a range keeps."""
+
     scanned: int = 0
     matched: int = 0
     changed: int = 0
@@ -110,10 +106,20 @@ class RangeState:
     inserted: int = 0
     invalid: int = 0
     unchanged: int = 0
+    invalid_examples: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RangeState(RowCounts):
+    run_id: int
+    range_no: int
+    lo: str | None  # exclusive; None: from the first key
+    hi: str | None  # inclusive; None: open-ended (rows inserted during the run are included)
+    last_key: str | None = None  # checkpoint: every key up to here is done
+    total: int = 0
     batches: int = 0
     busy_s: float = 0.0
     longest_tx_s: float = 0.0
-    invalid_examples: list[str] = field(default_factory=list)
     finished: bool = False
     updated_at: datetime | None = None
 
@@ -263,16 +269,9 @@ def set_status(conn: psycopg.Connection, run_id: int, status: str, detail: str |
                      WHERE id = %s""", (status, detail, finished, flow_run_id, run_id))
 
 
-@dataclass
-class BatchCounts:
-    scanned: int = 0
-    matched: int = 0
-    changed: int = 0
-    deleted: int = 0
-    inserted: int = 0
-    invalid: int = 0
-    unchanged: int = 0
-    invalid_examples: list[str] = field(default_factory=list)
+@dataclass(kw_only=True)
+class BatchCounts(RowCounts):
+    """One batch's counts, added to its range's by checkpoint()."""
 
 
 def checkpoint(conn: psycopg.Connection, r: RangeState, new_last: str | None, counts: BatchCounts, tx_s: float,

@@ -282,22 +282,37 @@ class DeclaredForeignKeys(Check):
         return out
 
 
-class LogicalForeignKeyCheck(Check):
+class ColumnsCheck(Check):
+    """A check dataops.yaml declares on columns of one table: it is about that table, and its
+    columns must exist before it runs."""
+
+    def __init__(self, ref: ColumnsRef):
+        self.ref = ref
+
+    def describe(self) -> str:
+        return str(self.ref)
+
+    def table_label(self) -> str | None:
+        return self.ref.table.label
+
+    def resolve(self, conn: psycopg.Connection) -> None:
+        require_columns(conn, self.ref.table, self.ref.columns)
+
+
+class LogicalForeignKeyCheck(ColumnsCheck):
     """A foreign key the schema does not declare (`user_emails.user_id -> users.id`)."""
 
     kind = "logical_foreign_key"
 
     def __init__(self, fk: LogicalForeignKey):
+        super().__init__(fk.child)
         self.fk = fk
 
     def describe(self) -> str:
         return self.fk.text
 
-    def table_label(self) -> str | None:
-        return self.fk.child.table.label
-
     def resolve(self, conn: psycopg.Connection) -> None:
-        require_columns(conn, self.fk.child.table, self.fk.child.columns)
+        super().resolve(conn)
         require_columns(conn, self.fk.parent.table, self.fk.parent.columns)
 
     def run(self, ctx: CheckContext) -> list[CheckResult]:
@@ -373,22 +388,10 @@ class DeclaredUniqueKeys(Check):
         return out
 
 
-class UniqueSetCheck(Check):
+class UniqueSetCheck(ColumnsCheck):
     """Columns that must be unique together, without a constraint saying so."""
 
     kind = "unique_set"
-
-    def __init__(self, ref: ColumnsRef):
-        self.ref = ref
-
-    def describe(self) -> str:
-        return str(self.ref)
-
-    def table_label(self) -> str | None:
-        return self.ref.table.label
-
-    def resolve(self, conn: psycopg.Connection) -> None:
-        require_columns(conn, self.ref.table, self.ref.columns)
 
     def run(self, ctx: CheckContext) -> list[CheckResult]:
         ctx.use_indexes(False)
@@ -514,22 +517,13 @@ class NotValidConstraints(Check):
 
 # -- configured checks ---------------------------------------------------------------------------
 
-class NotNullCheck(Check):
+class NotNullCheck(ColumnsCheck):
     """A column that must hold no NULLs although no constraint says so (yet)."""
 
     kind = "not_null"
 
-    def __init__(self, ref: ColumnsRef):
-        self.ref = ref
-
     def describe(self) -> str:
         return f"{self.ref.table.label}.{self.ref.columns[0]}"
-
-    def table_label(self) -> str | None:
-        return self.ref.table.label
-
-    def resolve(self, conn: psycopg.Connection) -> None:
-        require_columns(conn, self.ref.table, self.ref.columns)
 
     def run(self, ctx: CheckContext) -> list[CheckResult]:
         ctx.use_indexes(False)
