@@ -53,3 +53,20 @@ def test_example_config_is_valid(monkeypatch):
         monkeypatch.setenv(var, "x")
     settings = load_settings(Path(__file__).parent.parent / "examples" / "dataops.yaml")
     assert settings.env("production").is_production and settings.storage.bucket == "acme-db-backups"
+
+
+def test_dev_commands_on_a_plain_install_say_which_extra_to_install(tmp_path):
+    """A production worker installs `dataops` without the dev extra: `dataops dev up` then names the
+    extra in one line, exits 2 and writes no dataops.yaml."""
+    import subprocess
+    import sys
+
+    script = ("import sys; sys.modules['pgserver'] = None; sys.modules['moto'] = None; "
+              "from dataops.cli.main import main; main()")
+    r = subprocess.run([sys.executable, "-c", script, "dev", "up"], capture_output=True, text=True, cwd=tmp_path,
+                       timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "error: the embedded dev stack needs pgserver, moto, which a plain install leaves out; "
+        "install the dev extra: pip install 'dataops[dev]'"]
+    assert list(tmp_path.iterdir()) == []
