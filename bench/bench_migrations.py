@@ -201,10 +201,10 @@ def scenario_lock_queue(server, args, counts, lock_timeout: str) -> dict:
 def time_preflight(server, counts) -> dict:
     from dataops.settings import parse_settings
     from dataops.tasks import pg
-    from dataops.tasks.backup.restore import scratch_name
     from dataops.tasks.migration.lint import lint
     from dataops.tasks.migration.migrate import MigrationTarget, plan, round_trip
     from dataops.tasks.migration.preflight import preflight
+    from dataops.tasks.scratch import scratch_name
 
     dsn = server.with_database("bench_src")
     settings = parse_settings({"environments": {"bench": {"role": "staging", "database_url": dsn.secret()}},
@@ -217,7 +217,7 @@ def time_preflight(server, counts) -> dict:
     plans = plan(MigrationTarget(dsn, MIGRATIONS))
     findings = lint(plans)
     t_lint = time.monotonic() - t0
-    name = scratch_name("bench", "rt")
+    name = scratch_name("bench", "mtest")
     pg.create_database(server, name)
     try:
         t0 = time.monotonic()

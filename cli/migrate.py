@@ -142,20 +142,16 @@ def new_cmd(message: str = typer.Argument(..., help="what the revision does", sh
 @migrate_app.command("test")
 def test_cmd():
     """Round trip on a scratch database: each revision up, checked, down (schema must be as before), up."""
-    from dataops.tasks import pg
-    from dataops.tasks.backup.restore import scratch_name
     from dataops.tasks.migration import migrate
+    from dataops.tasks.scratch import discard_leftovers, owned_scratch
 
     settings, env = group.resolved()
     server = settings.backups.scratch_database_url or env.database_url
-    name = scratch_name(env.database_url.database, "mtest")
-    pg.create_database(server, name)
-    try:
+    discard_leftovers(server)
+    with owned_scratch(server, env.database_url.database, "mtest") as name:
         mt = replace(migrate.target_for(settings, env), dsn=server.with_database(name),
                      label=f"scratch database {name}")
         results = migrate.round_trip(mt)
-    finally:
-        pg.drop_database(server, name)
     for r in results:
         echo(f"{r.revision}  {'ok' if r.ok else 'FAILED':6}  {r.seconds:5.2f} s  {r.message}")
         for p in r.problems:

@@ -8,10 +8,13 @@ server), so they are looked up in one place and checked before any work starts.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import logging
 import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -21,9 +24,11 @@ from psycopg import sql
 
 from dataops.dsn import Dsn
 from dataops.errors import BadInput, OperationFailed, TransientError
+from dataops.failpoints import failpoint
 from dataops.redact import redact
 
 MAINTENANCE_DB = "postgres"
+log = logging.getLogger("dataops.pg")
 
 
 # -- connections ----------------------------------------------------------------------
@@ -135,28 +140,65 @@ def drop_database(dsn: Dsn, name: str, *, force: bool = True) -> None:
         conn.execute(sql.SQL(stmt).format(sql.Identifier(name)))
 
 
-def swap_database(dsn: Dsn, new: str, target: str) -> str | None:
-    """Put database `new` in place of `target` by renaming, and return the old one's new name.
+def previous_name(target: str) -> str:
+    """Where a swap puts the database it replaces until it is dropped: a name of its own per target
+    (two targets that share their first 40 characters still differ by the digest), found again by
+    the next swap."""
+    digest = hashlib.sha256(target.encode()).hexdigest()[:8]
+    return f"{target[:40]}_{digest}__dataops_old"
 
-    The renames run back to back with connections to the target closed, so readers see
-    either the old database or the new one, never a half-loaded one. The caller drops
-    the returned database once it is sure it no longer needs it.
+
+def recover_previous(conn: psycopg.Connection, target: str) -> str | None:
+    """What an earlier swap left under `previous_name(target)`, put right; says what it did.
+
+    Beside an existing target it is the database a finished swap replaced and failed to drop:
+    dropped. Without the target it is the only copy left (the swap of an earlier dataops did its
+    two renames one by one, and a kill between them lost the name): renamed back, never dropped.
     """
-    old = f"{target[:40]}__dataops_old"
-    with connect(dsn, autocommit=True, dbname=MAINTENANCE_DB) as conn:
-        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(old)))
-        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (target,)).fetchone()
-        terminate_connections(conn, new)
-        if exists:
-            conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS false").format(sql.Identifier(target)))
-            terminate_connections(conn, target)
-            try:
-                conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(target), sql.Identifier(old)))
-            finally:
-                conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(
-                    sql.Identifier(old if _db_exists(conn, old) else target)))
-        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(new), sql.Identifier(target)))
-    return old if exists else None
+    old = previous_name(target)
+    if not _db_exists(conn, old):
+        return None
+    if _db_exists(conn, target):
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(old)))
+        return f"dropped {old}, the database an earlier swap replaced"
+    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(sql.Identifier(old), sql.Identifier(target)))
+    return f"renamed {old} back to {target}: an interrupted swap had left it as the only copy"
+
+
+def swap_database(dsn: Dsn, new: str, target: str, *, step: str, attempts: int = 3) -> str | None:
+    """Put database `new` in place of `target` and return the replaced database's name (None when
+    there was no target). The caller drops it once it is sure it no longer needs it.
+
+    Both renames run in one transaction (ALTER DATABASE RENAME is transactional): a kill, a lost
+    connection or a failure between them leaves the old target under its name, and readers see
+    the old database or the new one, never a half-loaded one or none. Connections to both are
+    closed first, since a rename needs that; a client that reconnects in between makes the
+    transaction fail as a whole, and it is tried again. `step` names the failpoints
+    (`<step>.between_renames`).
+    """
+    old = previous_name(target)
+    ident = sql.Identifier
+    for attempt in range(1, attempts + 1):
+        try:
+            with connect(dsn, autocommit=True, dbname=MAINTENANCE_DB) as conn:
+                recovered = recover_previous(conn, target)
+                if recovered:
+                    log.warning("%s", recovered)
+                exists = _db_exists(conn, target)
+                terminate_connections(conn, new)
+                with conn.transaction():
+                    if exists:
+                        terminate_connections(conn, target)
+                        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(target), ident(old)))
+                        failpoint(f"{step}.between_renames")
+                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(new), ident(target)))
+            return old if exists else None
+        except psycopg.errors.ObjectInUse as exc:
+            if attempt == attempts:
+                raise TransientError(f"could not switch database \"{target}\": {str(exc).splitlines()[0]}; "
+                                     "the previous database is untouched, try again") from None
+            time.sleep(1)
+    return None  # not reached
 
 
 def _db_exists(conn: psycopg.Connection, name: str) -> bool:

@@ -71,8 +71,8 @@ def make_db(pg_server_dsn):
 
     yield make
     for name in created:
-        for suffix in ("", "__dataops_old"):
-            pg.drop_database(pg_server_dsn, name[:40] + suffix if suffix else name)
+        for leftover in (name, pg.previous_name(name)):
+            pg.drop_database(pg_server_dsn, leftover)
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ leaves the target as it was. verify-backup runs the same path without the swap.
 from __future__ import annotations
 
 import logging
-import secrets
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -19,12 +18,14 @@ from prefect import task
 
 from dataops.dsn import Dsn
 from dataops.errors import DataopsError, Kind, OperationFailed, SafetyRefusal
+from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.backup.catalog import Manifest, Verification, mark_verified
 from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.backup.streams import CHUNK, HashingReader, Process, decompress_reader
 from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
+from dataops.tasks.scratch import discard_leftovers, owned_scratch
 from dataops.tasks.validation.validate import compare_with_expected
 
 log = logging.getLogger("dataops.restore")
@@ -38,6 +39,7 @@ class RestoreResult:
     seconds: float
     tables: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    discarded: list[str] = field(default_factory=list)  # scratch databases of killed runs, dropped first
 
     @property
     def ok(self) -> bool:
@@ -93,44 +95,35 @@ def compare_with_manifest(dsn: Dsn, manifest: Manifest) -> tuple[dict[str, int],
     return compare_with_expected(dsn, manifest.tables, manifest.schema_fingerprint, source="the manifest")
 
 
-def scratch_name(base: str, purpose: str) -> str:
-    return f"{base[:30]}__dataops_{purpose}_{secrets.token_hex(3)}"
-
-
-def load_and_check(settings: Settings, storage: Storage, manifest: Manifest, server: Dsn, purpose: str) -> tuple[str, RestoreResult]:
-    """Restore into a new scratch database on `server` and compare it with the manifest.
-
-    Returns the scratch database's name; on any failure the scratch database is dropped
-    before the error propagates.
-    """
+def load_and_check(settings: Settings, storage: Storage, manifest: Manifest, scratch: Dsn,
+                   purpose: str) -> RestoreResult:
+    """Restore into the (new, empty) scratch database and compare it with the manifest."""
     t0 = time.monotonic()
-    name = scratch_name(manifest.database, purpose)
-    pg.create_database(server, name)
-    try:
-        scratch = server.with_database(name)
-        pg_restore_into(settings, storage, manifest, scratch)
-        counts, problems = compare_with_manifest(scratch, manifest)
-    except BaseException:
-        pg.drop_database(server, name)
-        raise
-    result = RestoreResult(manifest.id, purpose, name, round(time.monotonic() - t0, 3), counts, problems)
-    return name, result
+    pg_restore_into(settings, storage, manifest, scratch)
+    counts, problems = compare_with_manifest(scratch, manifest)
+    return RestoreResult(manifest.id, purpose, scratch.database, round(time.monotonic() - t0, 3), counts, problems)
 
 
 def restore(settings: Settings, storage: Storage, manifest: Manifest, target: Environment,
             confirm: str | None = None) -> RestoreResult:
+    """Load the backup beside the target, check it, then swap it in: the target is replaced whole
+    or not at all. Scratch databases left by killed runs on this server are discarded first."""
     guard_target(target, confirm)
     verify_checksum(storage, manifest)
     dsn = target.database_url
-    name, result = load_and_check(settings, storage, manifest, dsn, "restore")
-    if not result.ok:
-        pg.drop_database(dsn, name)
-        raise OperationFailed(f"restored copy of backup {manifest.id} does not match its manifest: "
-                              f"{'; '.join(result.problems[:3])}; target '{target.name}' was left unchanged")
-    old = pg.swap_database(dsn, name, dsn.database)
+    discarded = discard_leftovers(dsn)
+    with owned_scratch(dsn, dsn.database, "restore") as name:
+        failpoint("restore.after_scratch_created")
+        result = load_and_check(settings, storage, manifest, dsn.with_database(name), "restore")
+        if not result.ok:
+            raise OperationFailed(f"restored copy of backup {manifest.id} does not match its manifest: "
+                                  f"{'; '.join(result.problems[:3])}; target '{target.name}' was left unchanged")
+        failpoint("restore.before_switch")
+        old = pg.swap_database(dsn, name, dsn.database, step="restore")
+    failpoint("restore.after_switch")
     if old:
         pg.drop_database(dsn, old)
-    result.target, result.database = target.name, dsn.database
+    result.target, result.database, result.discarded = target.name, dsn.database, discarded
     log.info("restored backup %s into %s (%s)", manifest.id, target.name, dsn)
     return result
 
@@ -142,8 +135,10 @@ def verify(settings: Settings, storage: Storage, manifest: Manifest, env: Enviro
     server = settings.backups.scratch_database_url or env.database_url
     t0 = time.monotonic()
     verify_checksum(storage, manifest)
-    name, result = load_and_check(settings, storage, manifest, server, "verify")
-    pg.drop_database(server, name)
+    discard_leftovers(server)
+    with owned_scratch(server, manifest.database, "verify") as name:
+        result = load_and_check(settings, storage, manifest, server.with_database(name), "verify")
+        failpoint("verify.after_load")
     return Verification(ok=result.ok, verified_at=datetime.now(timezone.utc),
                         duration_seconds=round(time.monotonic() - t0, 3), problems=result.problems,
                         scratch_server=f"{server.host}:{server.port}")
@@ -160,6 +155,7 @@ def verify_and_record(settings: Settings, storage: Storage, manifest: Manifest, 
             raise
         result = Verification(ok=False, verified_at=datetime.now(timezone.utc), duration_seconds=0,
                               problems=[exc.message])
+    failpoint("verify.before_mark")
     mark_verified(storage, manifest, result)
     return result
 

@@ -39,7 +39,8 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.dsn import Dsn
-from dataops.errors import BadInput, OperationFailed, SafetyRefusal, TransientError
+from dataops.errors import BadInput, OperationFailed, SafetyRefusal
+from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.anonymize.leak_scan import LeakReport, Matches, Workspace, build_report, match_digests
@@ -517,35 +518,17 @@ def leak_scan(plan: RefreshPlan, results: list[CopyResult], matches: Matches, co
 
 # -- 5. the switch -------------------------------------------------------------------------------
 
-def switch(new: NewCopy, target: Environment, attempts: int = 3) -> None:
-    """Put the new copy in place of the target database: both renames in one transaction,
-    so a failure or a kill leaves the old target in place. Connections to the target are
-    closed first (the rename needs that); PostgreSQL waits up to 5 s for them to go."""
+def switch(new: NewCopy, target: Environment) -> None:
+    """Put the new copy in place of the target database (pg.swap_database: both renames in one
+    transaction, so a failure or a kill leaves the old target in place), then drop the old one."""
     dsn = target.database_url
-    old = f"{scratch_prefix(dsn.database)}old"
-    ident = sql.Identifier
-    for attempt in range(1, attempts + 1):
-        try:
-            with pg.connect(dsn, autocommit=True, dbname=pg.MAINTENANCE_DB) as conn:
-                conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(ident(old)))
-                exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (dsn.database,)).fetchone()
-                pg.terminate_connections(conn, new.name)
-                with conn.transaction():
-                    if exists:
-                        pg.terminate_connections(conn, dsn.database)
-                        conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(dsn.database), ident(old)))
-                    conn.execute(sql.SQL("ALTER DATABASE {} RENAME TO {}").format(ident(new.name), ident(dsn.database)))
-            break
-        except psycopg.errors.ObjectInUse as exc:
-            if attempt == attempts:
-                raise TransientError(f"could not switch '{target.name}': {str(exc).splitlines()[0]}; "
-                                     "the previous database is untouched, try again") from None
-            time.sleep(1)
+    old = pg.swap_database(dsn, new.name, dsn.database, step="refresh")
     shutil.rmtree(Path(new.schema_file).parent, ignore_errors=True)
-    if exists:
+    failpoint("refresh.after_switch")
+    if old:
         try:
             pg.drop_database(dsn, old)
-        except Exception as exc:  # noqa: BLE001 - the switch is done; the next run drops it
+        except Exception as exc:  # noqa: BLE001 - the switch is done; the next swap drops it
             log.warning("could not drop the previous %s (now %s): %s; the next refresh drops it", dsn.database, old, exc)
 
 
@@ -602,6 +585,7 @@ def refresh(settings: Settings, source: Environment, target: Environment, *, ste
             report.cleaned = steps.discard_leftovers(target)
             phase = time.monotonic()
             new = steps.create_copy(settings, plan, snap, target)
+            failpoint("refresh.after_create")
             report.phases["schema"] = time.monotonic() - phase
             say(f"building the new copy in database {new.name}")
             try:
@@ -610,15 +594,18 @@ def refresh(settings: Settings, source: Environment, target: Environment, *, ste
                     phase = time.monotonic()
                     expected = steps.source_checksums(side, settings, plan, snap)
                     results = steps.copy_data(plan, snap, new, ws, ids, settings)
+                    failpoint("refresh.after_copy")
                     report.phases["copy"] = time.monotonic() - phase
                     phase = time.monotonic()
                     actual = steps.target_checksums(side, plan, new)  # these two beside the index builds
                     matches = steps.match_leaks(side, plan, ws, ids)
                     steps.finish_copy(settings, plan, new)
+                    failpoint("refresh.after_indexes")
                     report.phases["indexes and constraints"] = time.monotonic() - phase
                     phase = time.monotonic()
                     problems, checks, leaks = steps.validate(plan, new, results, expected.result(), actual.result(),
                                                              matches.result(), ids)
+                    failpoint("refresh.after_checks")
                     report.phases["validation"] = time.monotonic() - phase
                 fill_tables(report, plan, results)
                 report.checks, report.leaks = checks, leaks

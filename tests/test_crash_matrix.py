@@ -1,0 +1,227 @@
+"""Kill it at every failpoint of restore, verify-backup and refresh, check nothing is lost, run it
+again, check it recovered.
+
+Each cell runs the operation in a child process with one failpoint armed to `exit` (os._exit: no
+`finally`, no `except`, connections dropped, as kill -9 leaves them) and then checks, with this
+file's own queries rather than the product's checks:
+- the target database exists and holds its old content or its new content, never a mix or none
+  (every table's rows hashed in key order, and the schema from pg_dump --schema-only);
+- after recovery (the same operation run again) it holds the new content, and no scratch database,
+  no previous copy and no advisory lock of ours is left on the server.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_refresh_staging import ANON
+
+from dataops.dev.sample_app import create_schema, seed
+from dataops.failpoints import FAILPOINT_EXIT
+from dataops.settings import load_settings
+from dataops.tasks import pg
+
+# failpoint -> the content the target holds after a kill there: "old" or "new"
+RESTORE_CELLS = {
+    "restore.after_scratch_created": "old",
+    "restore.before_switch": "old",
+    "restore.between_renames": "old",
+    "restore.after_switch": "new",
+}
+VERIFY_CELLS = ["verify.after_load", "verify.before_mark"]
+REFRESH_CELLS = {
+    "refresh.after_create": "old",
+    "refresh.after_copy": "old",
+    "refresh.after_indexes": "old",
+    "refresh.after_checks": "old",
+    "refresh.between_renames": "old",
+    "refresh.after_switch": "new",
+}
+CELLS = [*RESTORE_CELLS, *VERIFY_CELLS, *REFRESH_CELLS]  # test_failpoints.py holds this against the code
+
+CHILD = {
+    "restore": ("from dataops.settings import load_settings; from dataops.tasks.backup.catalog import get_backup; "
+                "from dataops.tasks.backup.restore import restore; from dataops.tasks.backup.storage import open_storage; "
+                "s = load_settings({cfg!r}); st = open_storage(s.storage); "
+                "restore(s, st, get_backup(st, 'production', 'latest'), s.env('staging'))"),
+    "verify": ("from dataops.settings import load_settings; from dataops.tasks.backup.catalog import get_backup; "
+               "from dataops.tasks.backup.restore import verify_and_record; "
+               "from dataops.tasks.backup.storage import open_storage; "
+               "s = load_settings({cfg!r}); st = open_storage(s.storage); "
+               "verify_and_record(s, st, get_backup(st, 'production', 'latest'), s.env('production'))"),
+    "refresh": ("from dataops.settings import load_settings; from dataops.tasks.refresh.plan import resolve_environments; "
+                "from dataops.tasks.refresh.steps import refresh; s = load_settings({cfg!r}); "
+                "refresh(s, *resolve_environments(s, None, None))"),
+}
+
+
+def run_child(operation: str, cfg: Path, failpoint: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DATAOPS_FAILPOINTS": f"{failpoint}=exit" if failpoint else ""}
+    return subprocess.run([sys.executable, "-c", CHILD[operation].format(cfg=str(cfg))], env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+# -- invariants, by our own queries ---------------------------------------------------------------
+
+def content(dsn) -> dict[str, str]:
+    """Every user table's rows, hashed in a fixed order, by name: what the database holds."""
+    with pg.connect(dsn) as conn:
+        tables = conn.execute("SELECT format('%I.%I', schemaname, tablename) FROM pg_tables "
+                              "WHERE schemaname NOT IN ('pg_catalog', 'information_schema') "
+                              "AND schemaname NOT LIKE 'dataops%' ORDER BY 1").fetchall()
+        return {t: conn.execute(f"SELECT md5(coalesce(string_agg(x::text, '|' ORDER BY x::text), '')) "
+                                f"FROM {t} x").fetchone()[0] for (t,) in tables}
+
+
+def schema(dsn) -> str:
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    conninfo, secret_env = dsn.libpq_args()
+    out = subprocess.run([str(Path(POSTGRES_BIN_PATH) / "pg_dump"), "--schema-only", "--no-owner", f"--dbname={conninfo}"],
+                         capture_output=True, text=True, env={**os.environ, **secret_env}, check=True).stdout
+    return "\n".join(line for line in out.splitlines() if not line.startswith(("--", "\\restrict", "\\unrestrict")))
+
+
+def leftovers(server) -> list[str]:
+    """Databases of ours that only a run in progress may have: scratch copies and previous copies."""
+    with pg.connect(server, autocommit=True, dbname="postgres") as conn:
+        return [r[0] for r in conn.execute("SELECT datname FROM pg_database WHERE strpos(datname, '__dataops_') > 0 "
+                                           "ORDER BY 1")]
+
+
+def advisory_locks(server) -> int:
+    with pg.connect(server, autocommit=True, dbname="postgres") as conn:
+        return conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND pid <> pg_backend_pid()").fetchone()[0]
+
+
+# -- restore ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def restore_world(make_db, write_config, tmp_path, pg_server_dsn):
+    """production (80 users) backed up; staging (30 other users) to be replaced by it."""
+    from dataops.tasks.backup.dump import backup
+
+    prod, stg = make_db("prod"), make_db("stg")
+    create_schema(prod)
+    seed(prod, users=80)
+    create_schema(stg)
+    seed(stg, users=30, seed=7)
+    cfg = write_config({"production": ("production", prod), "staging": ("staging", stg)},
+                       storage={"url": f"file://{tmp_path}/store"})
+    settings = load_settings(cfg)
+    backup(settings, settings.env("production"))
+    return {"cfg": cfg, "prod": prod, "stg": stg, "old": (content(stg), schema(stg)),
+            "new": (content(prod), schema(prod)), "server": pg_server_dsn}
+
+
+@pytest.mark.parametrize("point", list(RESTORE_CELLS))
+def test_restore_killed_at_each_failpoint_loses_nothing_and_recovers(restore_world, point):
+    w = restore_world
+    killed = run_child("restore", w["cfg"], point)
+    assert killed.returncode == FAILPOINT_EXIT, killed.stderr[-2000:]
+    assert f"failpoint {point}: exiting" in killed.stderr
+
+    assert (content(w["stg"]), schema(w["stg"])) == w[RESTORE_CELLS[point]]
+
+    again = run_child("restore", w["cfg"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (content(w["stg"]), schema(w["stg"])) == w["new"]
+    assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
+
+
+def test_a_restore_recovers_the_only_copy_an_older_swap_left_behind(restore_world):
+    """A swap of an earlier dataops renamed the target away and died before the second rename: the
+    old copy under the previous-copy name is all that is left. The next restore renames it back
+    before anything else, and never drops it first."""
+    w = restore_world
+    stg = w["stg"].database
+    with pg.connect(w["server"], autocommit=True, dbname="postgres") as conn:
+        conn.execute(f'ALTER DATABASE "{stg}" RENAME TO "{pg.previous_name(stg)}"')
+    env = {**os.environ, "DATAOPS_FAILPOINTS": "restore.before_switch=raise"}
+    failed = subprocess.run([sys.executable, "-c", CHILD["restore"].format(cfg=str(w["cfg"]))], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert failed.returncode != 0 and "failpoint restore.before_switch" in failed.stderr
+    assert not pg.database_exists(w["server"], stg)  # the restore never swaps before its checks...
+
+    assert run_child("restore", w["cfg"]).returncode == 0  # ...and the swap puts the old copy back first
+    assert (content(w["stg"]), schema(w["stg"])) == w["new"]
+    assert leftovers(w["server"]) == []
+
+
+def test_two_targets_with_a_long_common_prefix_get_their_own_previous_copy():
+    a, b = "x" * 45 + "_a", "x" * 45 + "_b"
+    assert pg.previous_name(a) != pg.previous_name(b)
+    assert max(len(pg.previous_name(a)), len(pg.previous_name(b))) <= 63
+
+
+# -- verify-backup --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("point", VERIFY_CELLS)
+def test_verify_killed_at_each_failpoint_marks_nothing_and_the_next_run_discards_its_scratch(restore_world, point):
+    from dataops.tasks.backup.catalog import get_backup
+    from dataops.tasks.backup.storage import open_storage
+
+    w = restore_world
+    storage = open_storage(load_settings(w["cfg"]).storage)
+    killed = run_child("verify", w["cfg"], point)
+    assert killed.returncode == FAILPOINT_EXIT, killed.stderr[-2000:]
+    assert not get_backup(storage, "production", "latest").verified
+    assert (content(w["prod"]), schema(w["prod"])) == w["new"]  # the source is only read
+
+    again = run_child("verify", w["cfg"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert get_backup(storage, "production", "latest").verified
+    assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
+
+
+def test_a_scratch_database_in_use_is_not_discarded(restore_world):
+    """The collector takes only scratch databases no live run owns: one being loaded stays."""
+    from dataops.tasks.scratch import discard_leftovers, owned_scratch
+
+    server = restore_world["server"]
+    with owned_scratch(server, "live", "verify") as name:
+        assert discard_leftovers(server) == [] and name in leftovers(server)
+    assert name not in leftovers(server)  # its owner drops it on the way out
+
+
+# -- refresh ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def refresh_world(make_db, write_config, pg_server_dsn):
+    prod, stg = make_db("prod"), make_db("stg")
+    create_schema(prod)
+    seed(prod, users=60)
+    create_schema(stg)
+    seed(stg, users=25, seed=7)
+    cfg = write_config({"production": ("production", prod), "staging": ("staging", stg)}, extra={"anonymize": ANON})
+    return {"cfg": cfg, "prod": prod, "stg": stg, "old": (content(stg), schema(stg)), "server": pg_server_dsn}
+
+
+def masked_copy_of_production(w) -> bool:
+    with pg.connect(w["stg"]) as s, pg.connect(w["prod"]) as p:
+        same_ids = s.execute("SELECT array_agg(id ORDER BY id) FROM users").fetchone() == \
+            p.execute("SELECT array_agg(id ORDER BY id) FROM users").fetchone()
+        emails = {r[0] for r in p.execute("SELECT email FROM users")}
+        leaked = [r[0] for r in s.execute("SELECT email FROM users") if r[0] in emails]
+    return same_ids and not leaked
+
+
+@pytest.mark.parametrize("point", list(REFRESH_CELLS))
+def test_refresh_killed_at_each_failpoint_loses_nothing_and_recovers(refresh_world, point):
+    w = refresh_world
+    killed = run_child("refresh", w["cfg"], point)
+    assert killed.returncode == FAILPOINT_EXIT, killed.stderr[-2000:]
+    if REFRESH_CELLS[point] == "old":
+        assert (content(w["stg"]), schema(w["stg"])) == w["old"]
+    else:
+        assert masked_copy_of_production(w)
+
+    again = run_child("refresh", w["cfg"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert masked_copy_of_production(w) and schema(w["stg"]) == schema(w["prod"])
+    assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
