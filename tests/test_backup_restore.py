@@ -117,7 +117,8 @@ def test_verify_marks_backup_verified(prefect_api, seeded, s3_bucket, write_conf
     cfg = write_config({"production": ("production", seeded)}, bucket=s3_bucket)
     m = backup_database("production", config=str(cfg))
     r = verify_backup("production", "latest", config=str(cfg))
-    assert r == {"backup_id": m["id"], "ok": True, "seconds": pytest.approx(r["seconds"])}
+    assert (r["backup_id"], r["ok"], set(r)) == (m["id"], True, {"backup_id", "ok", "seconds"})
+    assert 0 < r["seconds"] < 60
     [listed] = list_backups(open_storage(load_settings(cfg).storage), "production")
     assert listed.verified and listed.verification.problems == []
 

@@ -46,7 +46,7 @@ def test_kill_mid_copy_leaves_staging_intact_and_next_run_discards_the_copy(make
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert loading > 0
+    assert 1000 < loading < 200000  # killed in the middle of the big table's COPY, not after it
 
     # staging untouched and usable; the half-built copy is still there
     assert checksums(stg) == before

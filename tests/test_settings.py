@@ -111,27 +111,46 @@ def test_config_lookup_order(tmp_path, monkeypatch):
     assert load_settings(a).env("production").database_url.database == "from_a"
 
 
+# Each bad config names a real database and the test's own bucket, so that a command that wrote
+# despite the error would leave objects there; the control case below proves it would.
+STORAGE = ("storage: {url: 's3://BUCKET/p', endpoint_url: 'ENDPOINT', region: us-east-1, access_key_id: testing, "
+           "secret_access_key: testing}\n")
 CLI_BAD = [
-    ("typo", "environments:\n  production:\n    role: production\n    databse_url: postgresql://u@h/db\nstorage: {url: 's3://b/p'}\n",
+    ("typo", "environments:\n  production:\n    role: production\n    databse_url: 'DSN'\n" + STORAGE,
      "databse_url: unknown key"),
-    ("missing var", "environments:\n  production: {role: production, database_url: 'postgresql://u:${MISSING_PW_X}@h/db'}\n"
-     "storage: {url: 's3://b/p'}\n", "MISSING_PW_X is not set"),
-    ("bad yaml", "environments: [\n", "not valid YAML"),
-    ("bad role", "environments:\n  production: {role: live, database_url: 'postgresql://u@h/db'}\nstorage: {url: 's3://b/p'}\n",
+    ("missing var", "environments:\n  production: {role: production, database_url: 'DSN${MISSING_PW_X}'}\n" + STORAGE,
+     "MISSING_PW_X is not set"),
+    ("bad yaml", "environments: [\n" + STORAGE, "not valid YAML"),
+    ("bad role", "environments:\n  production: {role: live, database_url: 'DSN'}\n" + STORAGE,
      "environments.production.role"),
 ]
+GOOD_TEXT = "environments:\n  production: {role: production, database_url: 'DSN'}\n" + STORAGE
+
+
+def _config(tmp_path, text, db, bucket, endpoint):
+    cfg = tmp_path / "dataops.yaml"
+    cfg.write_text(text.replace("DSN", db.secret()).replace("BUCKET", bucket).replace("ENDPOINT", endpoint))
+    return cfg
 
 
 @pytest.mark.parametrize("label,text,message", CLI_BAD, ids=[c[0] for c in CLI_BAD])
-def test_cli_bad_config_exits_2_with_one_line_and_writes_nothing(label, text, message, tmp_path, s3_bucket, s3_client):
-    cfg = tmp_path / "dataops.yaml"
-    cfg.write_text(text)
-    r = run_cli("--config", str(cfg), "backup", "production")
+def test_cli_bad_config_exits_2_with_one_line_and_writes_nothing(label, text, message, tmp_path, db, s3_bucket,
+                                                                 s3_endpoint, s3_client):
+    r = run_cli("--config", str(_config(tmp_path, text, db, s3_bucket, s3_endpoint)), "backup", "production")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert r.stdout == ""
     assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
+
+
+def test_the_same_config_without_the_fault_writes_a_backup(prefect_api, tmp_path, db, s3_bucket, s3_endpoint,
+                                                           s3_client):
+    """The control of the case above: its bucket and database are real, so "nothing written" means something."""
+    r = run_cli("--config", str(_config(tmp_path, GOOD_TEXT, db, s3_bucket, s3_endpoint)), "backup", "production",
+                env={"PREFECT_API_URL": prefect_api})
+    assert r.returncode == 0, r.stderr
+    assert s3_client.list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 2  # the dump and its manifest
 
 
 def test_cli_unknown_environment_and_unreachable_server(prefect_api, tmp_path, s3_bucket, s3_endpoint, s3_client):

@@ -28,9 +28,11 @@ def test_snapshot_restores_updated_and_deleted_rows(app_db):
         assert table_checksum(conn, "public", "user_emails") != before
         restore_snapshot(conn, snap)
         assert table_checksum(conn, "public", "user_emails") == before
+        exists = "SELECT to_regclass(format('dataops_snapshots.%%I', %s::text)) IS NOT NULL"
+        assert conn.execute(exists, (snap.name,)).fetchone()[0]
         drop_snapshot(conn, snap)
         conn.commit()
-        assert "user_emails" not in [t for _, t in pg.user_tables(conn) if _ == "dataops_snapshots"]
+        assert not conn.execute(exists, (snap.name,)).fetchone()[0]
 
 
 def test_partial_snapshot_of_columns_and_rows(app_db):

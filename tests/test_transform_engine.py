@@ -148,11 +148,17 @@ def test_revert_reinserts_the_rows_the_transform_deleted_and_no_others(make_db, 
 def test_backfill_refuses_until_the_migration_added_the_column(make_db, tmp_path):
     dsn = app_db(make_db, users=50)
     settings = write_settings(tmp_path, dsn)
+    orders = "SELECT md5(string_agg(o::text, '|' ORDER BY o.id)) FROM orders o"
+    before = query(dsn, orders)
     with pytest.raises(BadInput, match='column "tax_amount" does not exist in table "public.orders"; '
                                        'run the migration that adds it first'):
         transform(settings, settings.env("dev"), "orders_backfill_tax_amount")
-    with pg.connect(dsn) as conn:
-        assert conn.execute("SELECT to_regclass('dataops_snapshots.x') IS NULL").fetchone()[0]
+    assert query(dsn, orders) == before
+    # no run recorded, no snapshot taken: nothing of ours was written either
+    assert query(dsn, "SELECT count(*) FROM pg_tables WHERE schemaname = 'dataops_snapshots'") == [(0,)]
+    assert query(dsn, "SELECT count(*) FROM pg_tables WHERE schemaname = 'dataops_transforms' "
+                      "AND tablename = 'runs'")[0][0] == 0 or \
+        query(dsn, "SELECT count(*) FROM dataops_transforms.runs") == [(0,)]
 
 
 def test_dry_run_counts_and_previews_without_writing(make_db, tmp_path):

@@ -160,6 +160,7 @@ def test_deployments_listed_and_migration_started_and_approved_in_the_ui(playwri
     shots = Shots(tmp_path_factory.mktemp("ui-screenshots"))
     print(f"\nscreenshots: {' and '.join(str(f) for f in shots.folders)}")
     blocked: list[str] = []
+    allowed: list[str] = []
     outside_done: list[str] = []
     sockets: list[str] = []
     http_errors: list[str] = []  # API calls the UI made that failed: printed when the test fails
@@ -167,6 +168,7 @@ def test_deployments_listed_and_migration_started_and_approved_in_the_ui(playwri
     def guard(route):
         url = route.request.url
         if urlsplit(url).scheme in ("data", "blob") or urlsplit(url).hostname == LOCAL_HOST:
+            allowed.append(url)
             route.continue_()
         else:
             blocked.append(url)
@@ -339,7 +341,7 @@ def test_deployments_listed_and_migration_started_and_approved_in_the_ui(playwri
         "run-page-filled", "run-submitted", "run-paused", "resume-dialog-filled", "run-resumed", "run-completed"]
     assert [p.name for p in shots.saved] == [f"{i:02d}-{step}.png" for i, step in enumerate(steps, 1)]
     # Only outside hosts were blocked, and nothing outside 127.0.0.1 was reached.
-    assert all(urlsplit(u).hostname != LOCAL_HOST for u in blocked), blocked
+    assert len(allowed) > 10  # the guard saw the UI's own traffic, so what it did not block was local
     assert outside_done == [], outside_done
     assert all(urlsplit(u).hostname == LOCAL_HOST for u in sockets), sockets
     if blocked:
