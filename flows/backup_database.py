@@ -7,7 +7,7 @@ from prefect import flow, get_run_logger
 import dataops.flows.engine  # noqa: F401  (runs end without a second's wait: see there)
 from dataops.settings import load_settings
 from dataops.tasks.backup.catalog import Manifest
-from dataops.tasks.backup.dump import dump_task, preflight_task, write_manifest_task
+from dataops.tasks.backup.dump import backup_lock, dump_task, preflight_task, write_manifest_task
 from dataops.tasks.reporting import markdown_table, publish_markdown
 
 
@@ -17,8 +17,11 @@ def backup_database(env: str, config: str | None = None) -> dict:
     environment = settings.env(env)
     logger = get_run_logger()
     pre = preflight_task(settings, environment)
-    manifest: Manifest = dump_task(settings, environment, pre)
-    write_manifest_task(settings, manifest)
+    with backup_lock(settings, environment) as discarded:
+        for what in discarded:
+            logger.warning("discarded %s, left by an interrupted backup", what)
+        manifest: Manifest = dump_task(settings, environment, pre)
+        write_manifest_task(settings, manifest)
     logger.info("backup %s of %s complete: %.1f MiB, %d tables, %d rows", manifest.id, env,
                 manifest.size / 1048576, len(manifest.tables), sum(manifest.tables.values()))
     publish_markdown(

@@ -201,6 +201,36 @@ def swap_database(dsn: Dsn, new: str, target: str, *, step: str, attempts: int =
     return None  # not reached
 
 
+# -- session locks ------------------------------------------------------------------------
+
+def try_lock(conn: psycopg.Connection, key: str) -> bool:
+    """A session advisory lock named by `key`, held until the connection closes (a killed process
+    lets it go with its connection)."""
+    return conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)).fetchone()[0]
+
+
+def lock_holder(conn: psycopg.Connection, key: str) -> str:
+    """Who holds the session lock `key`, in words an operator can act on."""
+    row = conn.execute(
+        """WITH k AS (SELECT hashtextextended(%s, 0) AS v)
+           SELECT a.pid, a.application_name, a.usename, a.client_addr::text,
+                  to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+           FROM k, pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+           WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+             AND l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid
+             AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+           LIMIT 1""", (key,)).fetchone()
+    return holder_words(row)
+
+
+def holder_words(row) -> str:
+    """(pid, application_name, user, client address, since) as one phrase."""
+    if row is None:
+        return "a session that has just let it go"
+    pid, app, user, addr, since = row
+    return f"pid {pid}, application_name {app or '-'}, user {user}{', from ' + addr if addr else ''}, since {since}"
+
+
 def _db_exists(conn: psycopg.Connection, name: str) -> bool:
     return conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone() is not None
 

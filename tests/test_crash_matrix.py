@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,9 +42,12 @@ REFRESH_CELLS = {
     "refresh.between_renames": "old",
     "refresh.after_switch": "new",
 }
-CELLS = [*RESTORE_CELLS, *VERIFY_CELLS, *REFRESH_CELLS]  # test_failpoints.py holds this against the code
+BACKUP_CELLS = ["backup.mid_upload", "backup.before_manifest"]
+CELLS = [*BACKUP_CELLS, *RESTORE_CELLS, *VERIFY_CELLS, *REFRESH_CELLS]  # test_failpoints.py holds this against the code
 
 CHILD = {
+    "backup": ("from dataops.settings import load_settings; from dataops.tasks.backup.dump import backup; "
+               "s = load_settings({cfg!r}); backup(s, s.env('production'))"),
     "restore": ("from dataops.settings import load_settings; from dataops.tasks.backup.catalog import get_backup; "
                 "from dataops.tasks.backup.restore import restore; from dataops.tasks.backup.storage import open_storage; "
                 "s = load_settings({cfg!r}); st = open_storage(s.storage); "
@@ -225,3 +229,89 @@ def test_refresh_killed_at_each_failpoint_loses_nothing_and_recovers(refresh_wor
     assert again.returncode == 0, again.stderr[-2000:]
     assert masked_copy_of_production(w) and schema(w["stg"]) == schema(w["prod"])
     assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
+
+
+# -- backup -------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["s3", "file"])
+def backup_world(request, make_db, write_config, tmp_path, pg_server_dsn, s3_bucket, s3_endpoint):
+    """production with a table of incompressible text (a dump of several 5 MiB parts, so S3 takes
+    it as a multipart upload), and one good backup already listed."""
+    from dataops.tasks.backup.dump import backup
+
+    prod = make_db("prod")
+    create_schema(prod)
+    seed(prod, users=40)
+    with pg.connect(prod) as conn:
+        conn.execute("CREATE TABLE blobs AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) || md5(random()::text) "
+                     "AS body FROM generate_series(1, 250000) g")
+        conn.commit()
+    storage = ({"url": f"s3://{s3_bucket}/b", "endpoint_url": s3_endpoint, "region": "us-east-1",
+                "access_key_id": "testing", "secret_access_key": "testing", "multipart_chunk_mb": 5}
+               if request.param == "s3" else {"url": f"file://{tmp_path}/store"})
+    cfg = write_config({"production": ("production", prod)}, storage=storage)
+    settings = load_settings(cfg)
+    first = backup(settings, settings.env("production"))
+    return {"cfg": cfg, "prod": prod, "first": first.id, "content": (content(prod), schema(prod)),
+            "server": pg_server_dsn}
+
+
+def stored(w):
+    """(listed backup ids, unfinished uploads, backup folders without a manifest), read from storage."""
+    from dataops.tasks.backup.catalog import MANIFEST, list_backups
+    from dataops.tasks.backup.storage import open_storage
+
+    storage = open_storage(load_settings(w["cfg"]).storage)
+    folders: dict[str, set[str]] = {}
+    for o in storage.list("production/"):
+        folders.setdefault(o.key.split("/")[1], set()).add(o.key.split("/")[-1])
+    return ([m.id for m in list_backups(storage, "production")], storage.incomplete("production/"),
+            sorted(f for f, names in folders.items() if MANIFEST not in names))
+
+
+@pytest.mark.parametrize("point", BACKUP_CELLS)
+@pytest.mark.parametrize("recovery", ["backup", "prune"])
+def test_backup_killed_at_each_failpoint_lists_nothing_new_and_the_next_run_discards_what_it_left(
+        backup_world, point, recovery):
+    w = backup_world
+    killed = run_child("backup", w["cfg"], point)
+    assert killed.returncode == FAILPOINT_EXIT, killed.stderr[-2000:]
+    listed, unfinished, orphans = stored(w)
+    assert listed == [w["first"]]  # a backup is listed only once it is whole
+    assert (unfinished, orphans) != ([], [])  # and the killed one did leave something behind
+    assert (content(w["prod"]), schema(w["prod"])) == w["content"]
+
+    if recovery == "backup":
+        again = run_child("backup", w["cfg"])
+        assert again.returncode == 0, again.stderr[-2000:]
+        listed, unfinished, orphans = stored(w)
+        assert len(listed) == 2 and listed[0] == w["first"] and (unfinished, orphans) == ([], [])
+        verified = run_child("verify", w["cfg"])  # the new one restores
+        assert verified.returncode == 0, verified.stderr[-2000:]
+    else:
+        from dataops.tasks.backup.dump import discard_backup_leftovers
+
+        settings = load_settings(w["cfg"])
+        gone = discard_backup_leftovers(settings, settings.env("production"))
+        assert gone and stored(w) == ([w["first"]], [], [])
+    assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
+
+
+def test_a_second_backup_of_the_same_environment_is_refused_naming_the_first(restore_world):
+    from dataops.errors import OperationFailed
+    from dataops.tasks.backup.dump import backup
+
+    w = restore_world
+    env = {**os.environ, "DATAOPS_FAILPOINTS": "backup.before_manifest=pause(8)"}
+    first = subprocess.Popen([sys.executable, "-c", CHILD["backup"].format(cfg=str(w["cfg"]))], env=env,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        settings = load_settings(w["cfg"])
+        deadline = time.monotonic() + 60
+        while advisory_locks(w["server"]) == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        with pytest.raises(OperationFailed, match=r"another backup of 'production' is running \(pid \d+, "
+                                                  r"application_name dataops-backup production pid \d+ on "):
+            backup(settings, settings.env("production"))
+    finally:
+        assert first.wait(120) == 0, first.stderr.read()[-2000:]

@@ -153,6 +153,27 @@ def delete_backup(storage: Storage, manifest: Manifest) -> None:
         storage.delete(rest)
 
 
+def discard_leftovers(storage: Storage, env: str) -> list[str]:
+    """What killed backups of `env` left in storage, discarded: unfinished uploads (multipart
+    uploads never completed nor aborted, `.partial` files) and dumps without a manifest. Only call it
+    holding the environment's backup lock (dump.backup_lock): then no live backup of it is writing,
+    and none of these can become a backup any more. Returns what it discarded, in words."""
+    gone = []
+    unfinished = storage.incomplete(f"{env}/")
+    storage.discard_incomplete(unfinished)
+    gone += [f"unfinished upload of {u.key} (started {u.started:%Y-%m-%d %H:%M}Z)" for u in unfinished]
+    folders: dict[str, list[str]] = {}
+    for o in storage.list(f"{env}/"):
+        parts = o.key.split("/")
+        if len(parts) == 3:
+            folders.setdefault(parts[1], []).append(o.key)
+    for backup_id, keys in sorted(folders.items()):
+        if not any(k.endswith("/" + MANIFEST) for k in keys):
+            storage.delete(keys)
+            gone.append(f"backup {backup_id} without a manifest ({len(keys)} object(s))")
+    return gone
+
+
 def retention_plan(manifests: list[Manifest], keep_last: int, keep_days: int,
                    now: datetime | None = None) -> tuple[list[Manifest], list[Manifest], dict[str, str]]:
     """Split backups into (keep, delete) and say why each kept one is kept.

@@ -9,9 +9,13 @@ describes exactly what is in the archive even while the application keeps writin
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,12 +23,14 @@ from datetime import datetime, timezone
 from prefect import task
 
 import dataops
+from dataops.errors import DataopsError, Kind, OperationFailed
+from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
-from dataops.tasks.backup.catalog import Manifest, dump_key, new_backup_id, write_manifest
+from dataops.tasks.backup.catalog import Manifest, discard_leftovers, dump_key, new_backup_id, write_manifest
 from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.backup.streams import HashingReader, Process, compress_reader, return_big_buffers
-from dataops.tasks.retries import RETRY_TRANSIENT
+from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
 from dataops.tasks.schema import catalog_snapshot, fingerprint
 
 log = logging.getLogger("dataops.backup")
@@ -106,14 +112,48 @@ def _snapshot_stats(conn) -> tuple[dict[str, int], str]:
     return pg.row_counts(conn), fingerprint(catalog_snapshot(conn))
 
 
+@contextlib.contextmanager
+def backup_lock(settings: Settings, env: Environment) -> Iterator[list[str]]:
+    """One backup of an environment at a time, held on its own server for as long as the dump and
+    its manifest are written; a second one is refused with the holder's name. Holding it, the
+    leftovers of killed backups of this environment are discarded (catalog.discard_leftovers):
+    nothing live can be writing them. Yields what was discarded."""
+    key = f"dataops-backup:{env.name}"
+    who = f"dataops-backup {env.name} pid {os.getpid()} on {socket.gethostname()}"[:63]
+    with pg.connect(env.database_url, autocommit=True, timeout=settings.postgres.connect_timeout,
+                    application_name=who) as conn:
+        if not pg.try_lock(conn, key):
+            raise OperationFailed(f"another backup of '{env.name}' is running ({pg.lock_holder(conn, key)}); "
+                                  "wait for it to finish")
+        yield discard_leftovers(open_storage(settings.storage), env.name)
+
+
 def backup(settings: Settings, env: Environment) -> Manifest:
     """The whole backup as one plain call: preflight, dump, manifest last."""
     pre = preflight(settings, env)
     storage = open_storage(settings.storage)
-    manifest = dump_to_storage(settings, env, pre, storage)
-    write_manifest(storage, manifest)
+    with backup_lock(settings, env) as discarded:
+        for what in discarded:
+            log.warning("discarded %s, left by an interrupted backup", what)
+        manifest = dump_to_storage(settings, env, pre, storage)
+        failpoint("backup.before_manifest")
+        write_manifest(storage, manifest)
     log.info("backup %s of %s: %d bytes, sha256 %s", manifest.id, env.name, manifest.size, manifest.sha256[:12])
     return manifest
+
+
+def discard_backup_leftovers(settings: Settings, env: Environment) -> list[str]:
+    """prune's share of the cleanup: what killed backups left, discarded under the backup lock. A
+    backup that is running (the lock is taken) or a server out of reach leaves them for the next
+    backup, which discards them itself; retention goes on either way."""
+    try:
+        with backup_lock(settings, env) as discarded:
+            return discarded
+    except DataopsError as exc:
+        if exc.kind is Kind.BAD_INPUT:
+            raise
+        log.warning("leftovers of interrupted backups of %s kept for now: %s", env.name, exc.message)
+        return []
 
 
 # -- Prefect tasks --------------------------------------------------------------------
@@ -130,5 +170,11 @@ def dump_task(settings: Settings, env: Environment, pre: Preflight) -> Manifest:
 
 @task(name="write-manifest", **RETRY_TRANSIENT)
 def write_manifest_task(settings: Settings, manifest: Manifest) -> Manifest:
+    failpoint("backup.before_manifest")
     write_manifest(open_storage(settings.storage), manifest)
     return manifest
+
+
+@task(name="discard-backup-leftovers", **RUN_ONCE)
+def discard_leftovers_task(settings: Settings, env: Environment) -> list[str]:
+    return discard_backup_leftovers(settings, env)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from dataops.errors import BadInput, OperationFailed, TransientError
+from dataops.failpoints import failpoint
 from dataops.redact import redact
 from dataops.settings import StorageSettings
 
@@ -28,6 +29,16 @@ class ObjectInfo:
     key: str
     size: int
     last_modified: datetime
+
+
+@dataclass(frozen=True)
+class Incomplete:
+    """An upload that never finished: an S3 multipart upload never completed nor aborted (its parts
+    are stored and billed, and invisible to a listing), or a folder's `.partial` file."""
+
+    key: str
+    ref: str  # the multipart upload's id, or the partial file's path
+    started: datetime
 
 
 class Storage(ABC):
@@ -55,6 +66,12 @@ class Storage(ABC):
 
     @abstractmethod
     def delete(self, keys: list[str]) -> None: ...
+
+    @abstractmethod
+    def incomplete(self, prefix: str) -> list[Incomplete]: ...
+
+    @abstractmethod
+    def discard_incomplete(self, uploads: list[Incomplete]) -> None: ...
 
     def exists(self, key: str) -> bool:
         return any(o.key == key for o in self.list(key))
@@ -101,6 +118,7 @@ class S3Storage(Storage):
         self.upload_config = TransferConfig(multipart_threshold=chunk, multipart_chunksize=chunk,
                                             max_concurrency=settings.max_concurrency, use_threads=True)
         self.upload_config.max_in_memory_upload_chunks = settings.max_concurrency  # s3transfer reads it
+        self.client.meta.events.register("after-call.s3.UploadPart", _part_uploaded)
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
@@ -190,6 +208,25 @@ class S3Storage(Storage):
             raise self._error(exc, f"list {prefix}") from None
         return out
 
+    def incomplete(self, prefix: str) -> list[Incomplete]:
+        out: list[Incomplete] = []
+        strip = len(self._key(""))
+        try:
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                   Prefix=self._key(prefix)):
+                for up in page.get("Uploads", []):
+                    out.append(Incomplete(up["Key"][strip:], up["UploadId"], up["Initiated"]))
+        except Exception as exc:  # noqa: BLE001
+            raise self._error(exc, f"list unfinished uploads under {prefix}") from None
+        return out
+
+    def discard_incomplete(self, uploads: list[Incomplete]) -> None:
+        for up in uploads:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._key(up.key), UploadId=up.ref)
+            except Exception as exc:  # noqa: BLE001
+                raise self._error(exc, f"abort the unfinished upload of {up.key}") from None
+
     def delete(self, keys: list[str]) -> None:
         for i in range(0, len(keys), 1000):
             batch = [{"Key": self._key(k)} for k in keys[i:i + 1000]]
@@ -229,6 +266,8 @@ class FileStorage(Storage):
         tmp = final.with_name(f".{final.name}.partial-{uuid.uuid4().hex[:8]}")
         try:
             with open(tmp, "wb") as out:
+                out.write(stream.read(4 * MiB))
+                failpoint("backup.mid_upload")
                 shutil.copyfileobj(stream, out, 4 * MiB)
                 out.flush()
                 os.fsync(out.fileno())
@@ -265,6 +304,26 @@ class FileStorage(Storage):
                 out.append(ObjectInfo(key, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
         return sorted(out, key=lambda o: o.key)
 
+    def incomplete(self, prefix: str) -> list[Incomplete]:
+        if not self.root.exists():
+            return []
+        out = []
+        for path in self.root.rglob(".*.partial-*"):
+            key = path.parent.joinpath(path.name[1:].split(".partial-")[0]).relative_to(self.root).as_posix()
+            if key.startswith(prefix):
+                out.append(Incomplete(key, str(path), datetime.fromtimestamp(path.stat().st_mtime, timezone.utc)))
+        return sorted(out, key=lambda u: u.ref)
+
+    def discard_incomplete(self, uploads: list[Incomplete]) -> None:
+        for up in uploads:
+            Path(up.ref).unlink(missing_ok=True)
+
     def delete(self, keys: list[str]) -> None:
         for k in keys:
             self._path(k).unlink(missing_ok=True)
+
+
+def _part_uploaded(**_kwargs) -> None:
+    """botocore event hook: a multipart upload's part was stored (the failpoint kills a backup
+    while its upload stands unfinished in the bucket)."""
+    failpoint("backup.mid_upload")

@@ -41,6 +41,7 @@ from prefect import task
 from dataops.dsn import Dsn
 from dataops.errors import BadInput, OperationFailed, SafetyRefusal, first_line
 from dataops.settings import Environment, MigrationSettings, Settings
+from dataops.tasks import pg
 from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
 
 log = logging.getLogger("dataops.migrate")
@@ -216,8 +217,6 @@ def connection(mt: MigrationTarget, *, who: str | None = None) -> Iterator:
     from sqlalchemy import create_engine, text
     from sqlalchemy.pool import NullPool
 
-    from dataops.tasks import pg
-
     app_name = f"dataops-migrate {who or who_am_i()}"[:63]
 
     def creator():
@@ -250,7 +249,6 @@ def current_revision(conn) -> str | None:
 
 def read_current(dsn: Dsn, timeout: int = 10) -> str | None:
     """The database's revision, read without writing anything (no schema, no table created)."""
-    from dataops.tasks import pg
 
     with pg.connect(dsn, autocommit=True, timeout=timeout) as conn:
         if conn.execute("SELECT to_regclass(%s)", (f"{VERSION_SCHEMA}.alembic_version",)).fetchone()[0] is None:
@@ -270,13 +268,6 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(a)s AND l.objid = 
 LIMIT 1"""
 
 
-def _holder_words(row) -> str:
-    if row is None:
-        return "a session that has just let it go"
-    pid, app, user, addr, since = row
-    return f"pid {pid}, application_name {app or '-'}, user {user}{', from ' + addr if addr else ''}, since {since}"
-
-
 def _busy(label: str, holder: str) -> OperationFailed:
     return OperationFailed(f"another migration holds the lock on {label} ({holder}); "
                            "wait for it to finish, or end that session if it is stuck")
@@ -294,7 +285,7 @@ def migration_lock(conn, label: str, wait_s: float = 0.0) -> Iterator[None]:
     deadline = time.monotonic() + wait_s
     while not conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", keys).scalar():
         if time.monotonic() >= deadline:
-            holder = _holder_words(conn.exec_driver_sql(_HOLDER, keys).fetchone())
+            holder = pg.holder_words(conn.exec_driver_sql(_HOLDER, keys).fetchone())
             conn.commit()
             raise _busy(label, holder)
         conn.commit()
@@ -317,14 +308,13 @@ def lock_is_free(mt: MigrationTarget) -> str | None:
     """None if no migration holds the lock right now, else who does (as an error sentence).
     A hint for preflight only; the lock taken before applying is what guarantees one run at
     a time. Writes nothing."""
-    from dataops.tasks import pg
 
     keys = {"a": LOCK_KEY[0], "b": LOCK_KEY[1]}
     with pg.connect(mt.dsn, autocommit=True, timeout=mt.connect_timeout) as conn:
         if conn.execute("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", keys).fetchone()[0]:
             conn.execute("SELECT pg_advisory_unlock(%(a)s, %(b)s)", keys)
             return None
-        return _busy(mt.name, _holder_words(conn.execute(_HOLDER, keys).fetchone())).message
+        return _busy(mt.name, pg.holder_words(conn.execute(_HOLDER, keys).fetchone())).message
 
 
 # -- reading: status and plan -------------------------------------------------------------------
@@ -577,7 +567,6 @@ def round_trip(mt: MigrationTarget, check: Callable[[Dsn], list[str]] | None = N
     """Every revision, oldest first, on `mt.dsn` (a scratch database): up, check, down, compare
     the schema fingerprint with the one before, up again. Stops at the first revision whose
     downgrade does not give back exactly the schema it started from."""
-    from dataops.tasks import pg
     from dataops.tasks.migration.checks import database_problems
     from dataops.tasks.schema import catalog_snapshot, diff_snapshots
 
