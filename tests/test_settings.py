@@ -189,3 +189,16 @@ def test_every_command_has_help():
                 ["demo", "--help"]):
         r = run_cli(*cmd)
         assert r.returncode == 0 and "Usage:" in r.stdout, (cmd, r.stderr)
+
+
+COMMANDS = [["backup", "production"], ["deploy"], ["migrate", "production", "up"], ["transform", "production", "list"],
+            ["refresh-staging"], ["anonymize", "production"], ["validate", "production"], ["prune", "production"]]
+
+
+@pytest.mark.parametrize("argv", COMMANDS, ids=[" ".join(c) for c in COMMANDS])
+def test_every_command_refuses_a_config_with_a_typo_and_writes_nothing(argv, tmp_path, db, s3_bucket, s3_endpoint,
+                                                                       s3_client):
+    label, text, message = CLI_BAD[0]
+    r = run_cli("--config", str(_config(tmp_path, text, db, s3_bucket, s3_endpoint)), *argv)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and message in r.stderr, r.stderr
+    assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0

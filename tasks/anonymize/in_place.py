@@ -26,6 +26,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.errors import OperationFailed, SafetyRefusal
+from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.anonymize.leak_scan import Collector, LeakReport, Workspace, build_report, match_digests
@@ -109,7 +110,9 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
         if not report.leaks.ok:
             conn.rollback()
             raise OperationFailed(f"anonymize {env.name} rolled back: {report.leaks.summary()}")
+        failpoint("anonymize.before_commit")  # a kill here: every delete and update rolls back, nothing masked
         conn.commit()
+    failpoint("anonymize.after_commit")  # masked, but the old row versions are in the files until the VACUUM FULL
     if vacuum and report.tables:
         v0 = time.monotonic()
         with pg.connect(env.database_url, autocommit=True) as conn:

@@ -25,6 +25,7 @@ from psycopg import sql
 from pydantic import ValidationError
 
 from dataops.errors import BadInput, TransientError
+from dataops.failpoints import failpoint
 from dataops.settings import TransformSettings
 from dataops.tasks.transform.spec import Target, TransformSpec
 from dataops.tasks.transform.state import EXAMPLES_KEPT, BatchCounts, RangeState, checkpoint
@@ -345,9 +346,10 @@ class RangeOutcome:
 
 
 def process_range(conn: psycopg.Connection, batcher: Batcher, r: RangeState, opts: Options, *,
-                  label: str = "") -> RangeOutcome:
+                  label: str = "", revert: bool = False) -> RangeOutcome:
     """Apply batches to one key range from its checkpoint to its end. `conn` is autocommit;
-    each batch is an explicit transaction holding the change and the checkpoint."""
+    each batch is an explicit transaction holding the change and the checkpoint.
+    `revert` only names the failpoints: a revert's batches are a run's batches."""
     t_start = time.monotonic()
     size, failures, batches, longest, stop = opts.batch_size, 0, 0, 0.0, False
     while not r.finished:
@@ -365,8 +367,17 @@ def process_range(conn: psycopg.Connection, batcher: Batcher, r: RangeState, opt
                     deadline.disarm(conn)
                 else:
                     counts = BatchCounts()
+                # a kill here: the batch's change is rolled back with its checkpoint, never left without it
+                if revert:
+                    failpoint("revert.before_checkpoint")
+                else:
+                    failpoint("transform.before_checkpoint")
                 stop = checkpoint(conn, r, new_last, counts, time.monotonic() - t0, finished=n < size)
             tx = time.monotonic() - t0
+            if revert:  # committed: the next run starts after this batch
+                failpoint("revert.after_checkpoint")
+            else:
+                failpoint("transform.after_checkpoint")
         except _RETRYABLE as exc:
             failures += 1
             if failures > MAX_RETRIES:

@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from prefect import get_run_logger, task
 
 from dataops.errors import BadInput, OperationFailed, is_transient
+from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.retries import RETRY_TRANSIENT
@@ -131,7 +132,8 @@ def run_range(settings: Settings, env: Environment, name: str, run_id: int, rang
         else:
             batcher = batcher_for_revert(run.params["method"], spec, target, run.snapshot, run.reverts)
         try:
-            return process_range(conn, batcher, r, opts, label=f"{run.action} {name} on {env.name}")
+            return process_range(conn, batcher, r, opts, label=f"{run.action} {name} on {env.name}",
+                                 revert=run.action == "revert")
         except Exception as exc:
             if not is_transient(exc) and not conn.closed and not conn.broken:
                 request_stop(conn, run_id)  # no retry will help: the other ranges stop after their current batch
@@ -147,6 +149,7 @@ def finish_run(settings: Settings, env: Environment, name: str, run_id: int) -> 
             raise OperationFailed(f"run {run_id} of {name} has {len(run.pending)} unfinished range(s); "
                                   f"run it again to resume: dataops transform {env.name} run {name}")
         target = bind(conn, spec)
+        failpoint("transform.before_checks")  # every batch committed, the run not yet marked: `run` checks it
         problems = post_checks(settings, env, conn, spec, target, run.baseline)
         set_status(conn, run_id, CHECKS_FAILED if problems else COMPLETED, "; ".join(problems) or None)
         return load_run(conn, run_id), problems
