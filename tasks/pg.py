@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -207,6 +208,25 @@ def try_lock(conn: psycopg.Connection, key: str) -> bool:
     """A session advisory lock named by `key`, held until the connection closes (a killed process
     lets it go with its connection)."""
     return conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (key,)).fetchone()[0]
+
+
+@contextlib.contextmanager
+def held_lock(dsn: Dsn, key: str, *, who: str, busy: str, dbname: str | None = None,
+              timeout: int = 10) -> Iterator[psycopg.Connection]:
+    """Hold the session lock `key` for the block, on a connection named `who` (what the holder is
+    called when someone else asks); taken already, OperationFailed: `busy` and who holds it."""
+    with connect(dsn, autocommit=True, dbname=dbname, timeout=timeout, application_name=who[:63]) as conn:
+        if not try_lock(conn, key):
+            raise OperationFailed(f"{busy} ({lock_holder(conn, key)}); wait for it to finish")
+        yield conn
+
+
+def replacement_lock(dsn: Dsn, env_name: str, what: str, timeout: int = 10):
+    """One operation that replaces a whole database (a restore, a staging refresh) per target at a
+    time, held on the server's maintenance database: the target itself is renamed away meanwhile."""
+    return held_lock(dsn, f"dataops-replace:{dsn.database}", dbname=MAINTENANCE_DB, timeout=timeout,
+                     who=f"dataops-{what} {env_name} pid {os.getpid()} on {socket.gethostname()}",
+                     busy=f"another restore or refresh of '{env_name}' (database \"{dsn.database}\") is running")
 
 
 def lock_holder(conn: psycopg.Connection, key: str) -> str:

@@ -315,3 +315,36 @@ def test_a_second_backup_of_the_same_environment_is_refused_naming_the_first(res
             backup(settings, settings.env("production"))
     finally:
         assert first.wait(120) == 0, first.stderr.read()[-2000:]
+
+
+def test_a_restore_into_staging_while_a_refresh_of_staging_runs_is_refused_naming_it(restore_world):
+    """Both replace the whole database: one at a time per target, the second refused with the
+    first one's session, and the target left as the first one makes it."""
+    from dataops.errors import OperationFailed
+    from dataops.tasks.backup.catalog import get_backup
+    from dataops.tasks.backup.restore import restore
+    from dataops.tasks.backup.storage import open_storage
+
+    w = restore_world
+    cfg = w["cfg"].parent / "with-rules.yaml"
+    import yaml
+
+    body = yaml.safe_load(w["cfg"].read_text())
+    body["anonymize"] = ANON
+    cfg.write_text(yaml.safe_dump(body))
+    env = {**os.environ, "DATAOPS_FAILPOINTS": "refresh.after_copy=pause(6)"}
+    refreshing = subprocess.Popen([sys.executable, "-c", CHILD["refresh"].format(cfg=str(cfg))], env=env,
+                                  stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not [d for d in leftovers(w["server"]) if "__dataops_refresh_" in d]:
+            assert time.monotonic() < deadline and refreshing.poll() is None, "the refresh never built its copy"
+            time.sleep(0.2)
+        settings = load_settings(cfg)
+        storage = open_storage(settings.storage)
+        with pytest.raises(OperationFailed, match=r"another restore or refresh of 'staging' .* is running \(pid \d+, "
+                                                  r"application_name dataops-refresh staging pid \d+ on "):
+            restore(settings, storage, get_backup(storage, "production", "latest"), settings.env("staging"))
+    finally:
+        assert refreshing.wait(180) == 0, refreshing.stderr.read()[-2000:]
+    assert leftovers(w["server"]) == []

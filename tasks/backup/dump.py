@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from prefect import task
 
 import dataops
-from dataops.errors import DataopsError, Kind, OperationFailed
+from dataops.errors import DataopsError, Kind
 from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
@@ -118,13 +118,9 @@ def backup_lock(settings: Settings, env: Environment) -> Iterator[list[str]]:
     its manifest are written; a second one is refused with the holder's name. Holding it, the
     leftovers of killed backups of this environment are discarded (catalog.discard_leftovers):
     nothing live can be writing them. Yields what was discarded."""
-    key = f"dataops-backup:{env.name}"
-    who = f"dataops-backup {env.name} pid {os.getpid()} on {socket.gethostname()}"[:63]
-    with pg.connect(env.database_url, autocommit=True, timeout=settings.postgres.connect_timeout,
-                    application_name=who) as conn:
-        if not pg.try_lock(conn, key):
-            raise OperationFailed(f"another backup of '{env.name}' is running ({pg.lock_holder(conn, key)}); "
-                                  "wait for it to finish")
+    with pg.held_lock(env.database_url, f"dataops-backup:{env.name}", timeout=settings.postgres.connect_timeout,
+                      who=f"dataops-backup {env.name} pid {os.getpid()} on {socket.gethostname()}",
+                      busy=f"another backup of '{env.name}' is running"):
         yield discard_leftovers(open_storage(settings.storage), env.name)
 
 

@@ -111,6 +111,12 @@ def restore(settings: Settings, storage: Storage, manifest: Manifest, target: En
     guard_target(target, confirm)
     verify_checksum(storage, manifest)
     dsn = target.database_url
+    with pg.replacement_lock(dsn, target.name, "restore", settings.postgres.connect_timeout):
+        return _restore_locked(settings, storage, manifest, target)
+
+
+def _restore_locked(settings: Settings, storage: Storage, manifest: Manifest, target: Environment) -> RestoreResult:
+    dsn = target.database_url
     discarded = discard_leftovers(dsn)
     with owned_scratch(dsn, dsn.database, "restore") as name:
         failpoint("restore.after_scratch_created")

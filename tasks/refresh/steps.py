@@ -89,23 +89,9 @@ def source_snapshot(settings: Settings, env: Environment) -> Iterator[SourceSnap
                 conn.execute("ROLLBACK")
 
 
-@contextlib.contextmanager
-def target_lock(settings: Settings, env: Environment) -> Iterator[None]:
-    """One refresh per target at a time: a session advisory lock on the target's server."""
-    dsn = env.database_url
-    with pg.connect(dsn, autocommit=True, dbname=pg.MAINTENANCE_DB, timeout=settings.postgres.connect_timeout,
-                    application_name="dataops-refresh-lock") as conn:
-        got = conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))",
-                           (f"dataops-refresh:{dsn.database}",)).fetchone()[0]
-        if not got:
-            raise OperationFailed(f"another refresh of '{env.name}' (database \"{dsn.database}\") is running; "
-                                  "wait for it to finish")
-        yield
-
-
 def discard_leftovers(env: Environment) -> list[str]:
-    """Discard the copies of earlier runs that died before their switch (call with the target
-    lock held, so a copy still being built by a live run is never taken)."""
+    """Discard the copies of earlier runs that died before their switch (call with the
+    replacement lock held (pg.replacement_lock), so a copy still being built by a live run is never taken)."""
     dsn = env.database_url
     prefix = scratch_prefix(dsn.database)
     with pg.connect(dsn, autocommit=True, dbname=pg.MAINTENANCE_DB) as conn:
@@ -581,7 +567,7 @@ def refresh(settings: Settings, source: Environment, target: Environment, *, ste
             report.backup_id = steps.backup(settings, target)
             report.phases["backup of the target"] = time.monotonic() - phase
             say(f"backed up {target.name}: {report.backup_id}")
-        with target_lock(settings, target):
+        with pg.replacement_lock(target.database_url, target.name, "refresh", settings.postgres.connect_timeout):
             report.cleaned = steps.discard_leftovers(target)
             phase = time.monotonic()
             new = steps.create_copy(settings, plan, snap, target)
