@@ -11,6 +11,11 @@ masked columns to the leak scan; a leak rolls everything back. User triggers are
 during the update (an `updated_at` trigger would stamp every row). Afterwards VACUUM FULL
 rewrites the tables, since an UPDATE leaves the old row versions, personal data included,
 in the table's files until they are reused.
+
+So a process killed before the commit leaves the database as it was, and one killed after it
+leaves it masked with those old row versions still on disk: running it again masks the masked
+values once more (no original comes back, but they no longer match a refresh's) and vacuums;
+VACUUM FULL of the tables alone is enough too.
 """
 
 from __future__ import annotations
