@@ -252,3 +252,23 @@ def deployed(prefect_server):
         if worker:
             stop_process(worker, 20)
         dev_down(root)
+
+
+# -- the crash matrix's counts, printed at the end of every run ------------------------------------
+
+def pytest_terminal_summary(terminalreporter):
+    """How much of the crash matrix ran: failpoints in the code, and the kill-and-recover cells of
+    tests/test_crash_*.py that passed and failed (CI's log shows it after every run)."""
+    stats = terminalreporter.stats
+    cells = {k: [r for r in stats.get(k, []) if getattr(r, "when", "call") == "call" and "test_crash_" in r.nodeid]
+             for k in ("passed", "failed")}
+    if not (cells["passed"] or cells["failed"]):
+        return
+    try:
+        from test_failpoints import failpoints_in_code
+
+        points = len(failpoints_in_code())
+    except Exception:  # noqa: BLE001 - the count is a report, never a failure
+        points = "?"
+    terminalreporter.write_line(f"crash matrix: {points} failpoints in the code; {len(cells['passed'])} crash cells "
+                                f"passed, {len(cells['failed'])} failed")
