@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Optional
 
 import typer
@@ -26,20 +27,32 @@ def backup(env: str = env_arg()):
 @app.command("backups")
 def list_backups_cmd(env: str = env_arg(),
                      as_json: bool = typer.Option(False, "--json", help="print a JSON list of manifests")):
-    """List the complete backups of ENV, newest last."""
+    """List the complete backups of ENV, newest last, with each one's age and verification."""
     settings = load_cli_settings(env)
-    from dataops.tasks.backup.catalog import list_backups
+    from dataops.tasks.backup.catalog import age_hours, age_text, list_backups
     from dataops.tasks.backup.storage import open_storage
 
     manifests = list_backups(open_storage(settings.storage), env)
+    now = datetime.now(timezone.utc)
     if as_json:
-        echo(json.dumps([m.model_dump(mode="json") for m in manifests], indent=2))
+        echo(json.dumps([{**m.model_dump(mode="json"), "age_hours": round(age_hours(m, now), 2),
+                          "verified": m.verified} for m in manifests], indent=2))
         return
     if not manifests:
         echo(f"no backups of {env} yet; run `dataops backup {env}`")
         return
-    rows = [m.summary() for m in manifests]
-    echo(text_table(rows))
+    echo(text_table([_row(m, age_text(age_hours(m, now))) for m in manifests]))
+
+
+def _row(m, age: str) -> dict:
+    """A manifest's summary, its age after finished_at, and when it was verified: "yes, 2026-12-03 04:10Z",
+    "FAILED, ..." or "no"."""
+    row = {**m.summary(), "age": age}
+    v = m.verification
+    if v is not None:
+        when = f"{v.verified_at.astimezone(timezone.utc):%Y-%m-%d %H:%M}Z"
+        row["verified"] = f"{row['verified']}, {when}"
+    return {k: row[k] for k in ("id", "database", "size_mib", "rows", "tables", "finished_at", "age", "verified")}
 
 
 @app.command()

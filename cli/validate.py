@@ -16,16 +16,22 @@ from dataops.redact import redact
 def validate(env: str = env_arg(),
              against: Optional[str] = typer.Option(None, "--against", help="another environment to compare with "
                                                    "(schema diff, row counts, checksums)", show_default=False),
-             as_json: bool = typer.Option(False, "--json", help="print the report as JSON")):
+             as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+             backups: bool = typer.Option(
+                 False, "--backups",
+                 help="also fail when ENV has no verified backup younger than backups.max_age_hours (the "
+                      "scheduled daily-production-validation always looks, for the roles in "
+                      "backups.freshness_roles)")):
     """Check ENV's integrity (foreign keys, unique keys, sequences, indexes, configured checks);
-    with --against, also whether two environments agree. Exit 0 when all pass, 1 when one fails."""
+    with --against, also whether two environments agree; with --backups, whether a recent verified
+    backup exists. Exit 0 when all pass, 1 when one fails."""
     load_cli_settings(env, *([against] if against else []))
     if against == env:
         raise BadInput(f"--against must name another environment than {env}")
     from dataops.flows.validate_database import validate_database
     from dataops.tasks.validation.validate import ValidationFailed, format_report
 
-    run = validate_database(env, against=against, config=state.config, return_state=True)
+    run = validate_database(env, against=against, config=state.config, check_backups=backups or None, return_state=True)
     outcome = run.result(raise_on_failure=False)
     if isinstance(outcome, ValidationFailed) and outcome.report:
         report = outcome.report

@@ -110,6 +110,13 @@ class BackupSettings(Strict):
     scratch_database_url: Dsn | None = Field(
         default=None, description="server for scratch databases (verify); default: the environment's own server"
     )
+    max_age_hours: int = Field(
+        default=26, ge=1, description="the scheduled validation fails when no verified backup is younger than this "
+                                      "(a nightly backup and its verification, plus two hours of slack)")
+    freshness_roles: list[Role] = Field(
+        default_factory=lambda: [Role.PRODUCTION],
+        description="roles whose scheduled validation checks backup freshness; environments never backed up "
+                    "(development) stay out of it")
 
 
 class PostgresSettings(Strict):

@@ -37,7 +37,7 @@ def test_deploy_registers_everything_idempotently(prefect_server, deploy_config)
         automations = client.read_automations_by_name("dataops: alert on failed or crashed runs")
     assert pool.type == "process"
     expected = {"nightly-staging-refresh", "nightly-production-backup", "daily-production-validation",
-                "production-migration", "restore-backup", "run-transform", "weekly-backup-verification",
+                "production-migration", "restore-backup", "run-transform", "nightly-backup-verification",
                 "daily-backup-retention", "revert-transform", "rollback-migration", "downgrade-migration",
                 "anonymize-staging"}
     assert expected == set(deps)

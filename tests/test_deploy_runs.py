@@ -105,8 +105,8 @@ def test_a_deployment_run_of_every_data_flow(deployed):
         names_before = conn.execute("SELECT sum(hashtext(coalesce(first_name, '') || last_name)) FROM users").fetchone()[0]
     steps = [
         ("backup-database/nightly-production-backup", {}),
+        ("verify-backup/nightly-backup-verification", {}),  # before the validation: it checks freshness
         ("validate-database/daily-production-validation", {}),
-        ("verify-backup/weekly-backup-verification", {}),
         ("prune-backups/daily-backup-retention", {"dry_run": True}),
         ("restore-database/restore-backup", {}),
         ("run-transform/run-transform", {}),

@@ -1,4 +1,4 @@
-"""The backup catalog: manifests in storage, listing, lookup, verification marks, retention.
+"""The backup catalog: manifests in storage, listing, lookup, verification marks, retention, freshness.
 
 Layout under the storage prefix, one folder per backup:
     <env>/<backup id>/dump.pgc[.zst]   the pg_dump custom-format archive (written first)
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Literal
 
@@ -18,7 +19,7 @@ from prefect import task
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dataops.errors import BadInput, OperationFailed
-from dataops.settings import Settings
+from dataops.settings import Environment, Settings
 from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.retries import RETRY_TRANSIENT
 
@@ -199,9 +200,98 @@ def retention_plan(manifests: list[Manifest], keep_last: int, keep_days: int,
     return keep, delete, reasons
 
 
+# -- freshness: is there a verified backup recent enough to restore from? --------------------
+
+def age_hours(manifest: Manifest, now: datetime | None = None) -> float:
+    """Hours since the backup finished (never negative: a clock a little ahead is not a future backup)."""
+    now = now or datetime.now(timezone.utc)
+    return max((now - manifest.finished_at).total_seconds() / 3600, 0.0)
+
+
+def age_text(hours: float) -> str:
+    """An age for a person: "40 min", "3 h", "2 d"."""
+    if hours < 1:
+        return f"{int(hours * 60)} min"
+    if hours < 48:
+        return f"{int(hours)} h"
+    return f"{int(hours // 24)} d"
+
+
+def verification_text(manifest: Manifest) -> str:
+    """"verified 2026-12-03 04:10Z", "FAILED verification 2026-12-03 04:10Z" or "not verified"."""
+    v = manifest.verification
+    if v is None:
+        return "not verified"
+    when = f"{v.verified_at.astimezone(timezone.utc):%Y-%m-%d %H:%M}Z"
+    return f"verified {when}" if v.ok else f"FAILED verification {when}"
+
+
+@dataclass(frozen=True)
+class Freshness:
+    """The answer to "could we restore `env` from a verified backup younger than max_age_hours?"."""
+
+    environment: str
+    max_age_hours: int
+    ok: bool
+    detail: str  # one line; when not ok, it says what is missing and what to run
+    newest_verified: str | None = None  # its id
+    newest_verified_age_hours: float | None = None
+
+
+def freshness(manifests: list[Manifest], env: str, max_age_hours: int, now: datetime | None = None) -> Freshness:
+    """Only a verified backup counts: an unverified one may not restore, and one that failed
+    verification does not. Age is counted from the end of the dump, as retention counts it."""
+    now = now or datetime.now(timezone.utc)
+    ordered = sorted(manifests, key=lambda m: (m.finished_at, m.id))
+    verified = [m for m in ordered if m.verified]
+    newest = verified[-1] if verified else None
+    age = age_hours(newest, now) if newest else None
+    if newest is not None and age <= max_age_hours:
+        return Freshness(env, max_age_hours, True, f"newest verified backup of {env} is {newest.id}, "
+                         f"{_age(age, max_age_hours)} old (limit {max_age_hours} h)", newest.id, age)
+    latest = ordered[-1] if ordered else None
+    if latest is None:
+        found = "it has no backups"
+    else:
+        status = f"{_age(age_hours(latest, now), max_age_hours)} old and {verification_text(latest)}"
+        if latest.verification and latest.verification.problems:
+            status += f" ({latest.verification.problems[0]})"
+        if newest is not None:
+            found = f"the newest verified is {newest.id}, {_age(age, max_age_hours)} old"
+            if latest is not newest:
+                found += f"; the newest backup, {latest.id}, is {status}"
+        elif len(ordered) == 1:
+            found = f"its only backup, {latest.id}, is {status}"
+        else:
+            found = f"none of its {len(ordered)} backups is verified; the newest, {latest.id}, is {status}"
+    if latest is not None and latest.verification is None and age_hours(latest, now) <= max_age_hours:
+        todo = f"dataops verify-backup {env} {latest.id}"  # a fresh backup only waits for its verification
+    else:
+        todo = f"dataops backup {env} && dataops verify-backup {env}"
+    return Freshness(env, max_age_hours, False, f"no verified backup of {env} younger than {max_age_hours} h: "
+                     f"{found}; run {todo}", newest.id if newest else None, age)
+
+
+def _age(hours: float, limit: int) -> str:
+    """Whole hours (minutes under one), unless rounding would put an age on the wrong side of the limit."""
+    if hours < 1:
+        return f"{int(hours * 60)} min"
+    whole = f"{hours:.0f} h"
+    return whole if (round(hours) <= limit) == (hours <= limit) else f"{hours:.1f} h"
+
+
+def check_freshness(storage: Storage, env: str, max_age_hours: int, now: datetime | None = None) -> Freshness:
+    return freshness(list_backups(storage, env), env, max_age_hours, now)
+
+
 # -- Prefect tasks --------------------------------------------------------------------
 
 @task(name="delete-backup", **RETRY_TRANSIENT)
 def delete_task(settings: Settings, manifest: Manifest) -> str:
     delete_backup(open_storage(settings.storage), manifest)
     return manifest.id
+
+
+@task(name="backup-freshness", **RETRY_TRANSIENT)
+def freshness_task(settings: Settings, env: Environment) -> Freshness:
+    return check_freshness(open_storage(settings.storage), env.name, settings.backups.max_age_hours)

@@ -85,7 +85,7 @@ class CheckResult:
 KIND_LABELS = {"foreign_key": "foreign key", "logical_foreign_key": "logical foreign key", "unique": "unique key",
                "unique_set": "unique set", "sequence": "sequence", "invalid_index": "invalid index",
                "not_valid": "not valid constraint", "not_null": "not null", "row_count": "row count",
-               "custom": "custom"}
+               "custom": "custom", "backup_freshness": "backup freshness"}
 
 
 @dataclass

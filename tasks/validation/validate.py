@@ -22,7 +22,7 @@ import contextlib
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -183,8 +183,6 @@ def _errored(check: Check, detail: str) -> CheckResult:
 
 
 def _with_seconds(r: CheckResult, seconds: float) -> CheckResult:
-    from dataclasses import replace
-
     return replace(r, seconds=round(seconds, 4))
 
 
@@ -439,9 +437,14 @@ def compare_with_expected(db: Database, tables: Mapping[str, int], expected_fing
 # -- the report of `dataops validate` ----------------------------------------------------------
 
 def build_report(checks: CheckReport, comparison: EnvironmentComparison | None = None,
-                 started_at: datetime | None = None) -> dict[str, Any]:
+                 started_at: datetime | None = None, *, also: Sequence[CheckResult] = ()) -> dict[str, Any]:
+    """`also`: results found outside the database's snapshot (backup freshness). They count as
+    checks, and a failed one's detail joins the verdict: the verdict is the failed run's message,
+    which is what the alert shows, and these details name their own remedy."""
+    if also:
+        checks = replace(checks, results=[*checks.results, *also])
     ok = checks.ok and (comparison is None or comparison.ok)
-    parts = [checks.summary()]
+    parts = [checks.summary(), *(r.detail for r in also if r.failed)]
     if comparison is not None:
         parts.append(comparison.summary())
     verdict = ("OK: " if ok else "FAILED: ") + f"{checks.environment}: " + "; ".join(parts)
