@@ -175,7 +175,7 @@ def plan_markdown(pre: Preflight) -> str:
 
 
 def _publish_plan(env: str, pre: Preflight, dry_run: bool) -> None:
-    checks = "\n".join(f"- {p}" for p in pre.problems) or "- all passed"
+    checks = "\n".join([*(f"- {p}" for p in pre.problems), *(f"- note: {n}" for n in pre.notes)]) or "- all passed"
     publish_markdown(
         f"migration-plan-{env}",
         f"# Migration plan for {env}{' (dry run)' if dry_run else ''}\n\n"

@@ -4,7 +4,11 @@ Started by migrate-database's on_failure hook (`start_rollback`), or by hand wit
 run's id. What "before" means is read from that run's audit row: the revision, the schema
 fingerprint and the backup taken before anything changed.
 
-1. Downgrade to the recorded revision, under the migration lock.
+1. Downgrade to the recorded revision, under the migration lock. If the run stopped inside a
+   `transactional = False` revision (killed, or a statement failed), the statements it committed
+   stay without the revision being recorded: that revision's downgrade runs first (it must be
+   safe to re-run, as its upgrade must), so an index it built, or an INVALID one an interrupted
+   CREATE INDEX CONCURRENTLY left, goes too, instead of ending in a restore.
 2. Check: the schema fingerprint equals the one before the run, and the checks pass. Data
    checksums are not compared: the application kept writing during the run, so they differ
    legitimately, and restoring over those writes to make them match would lose data.
@@ -76,7 +80,7 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
         return finish("nothing-to-undo", None, "the failed run changed nothing; the database was not touched")
 
     save(dsn, me)
-    downgraded, why = _downgrade(settings, environment, parent.from_revision, steps, logger)
+    downgraded, why = _downgrade(settings, environment, parent.from_revision, steps, logger, parent.to_revision)
     state = check_task(settings, environment) if downgraded else None
     problems = _problems(parent, state) if state else [why]
     if downgraded and not problems:
@@ -111,16 +115,17 @@ def rollback_migration(env: str, run_id: str, config: str | None = None) -> dict
 
 
 def _downgrade(settings: Settings, env: Environment, revision: str | None, steps: list[str],
-               logger) -> tuple[bool, str]:
+               logger, interrupted_target: str | None) -> tuple[bool, str]:
     """(done, why not). Waits a little for the lock: the failed run may still be letting go."""
     try:
         result = migrate.downgrade_task(settings, env, revision or "base", None, f"{migrate.who_am_i()} rollback",
-                                        lock_wait_s=LOCK_WAIT_S)
+                                        lock_wait_s=LOCK_WAIT_S, interrupted_target=interrupted_target)
     except DataopsError as exc:
         steps.append(f"downgrade to {revision or 'base'} failed: {exc.message}")
         logger.error("downgrade of %s to %s failed: %s", env.name, revision or "base", exc.message)
         return False, exc.message
-    undone = ", ".join(result.revisions) or "nothing (already there)"
+    undone = ", ".join(f"{s.revision} (unfinished, never recorded)" if s.unfinished else s.revision
+                       for s in result.steps) or "nothing (already there)"
     steps.append(f"downgraded {env.name} from {result.from_revision or 'base'} to {result.to_revision or 'base'}: "
                  f"undid {undone}")
     return True, ""

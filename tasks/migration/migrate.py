@@ -15,6 +15,13 @@ live database:
   another connection can deadlock against the lock holder's transaction.
 - The version table and the audit table live in `dataops_migrations`, which fingerprints and
   table lists leave out.
+- A run killed in the middle (kill -9, an evicted pod) leaves whole revisions only, except
+  inside a `transactional = False` revision, whose statements commit one by one. The server
+  is told to end the session as soon as the client is gone (`client_connection_check_interval`),
+  so a dead run's DDL neither runs on nor keeps the lock. What an unfinished non-transactional
+  revision left is cleaned by the next run either way: going up, an INVALID index the revision
+  builds is dropped before it runs (CREATE INDEX CONCURRENTLY IF NOT EXISTS would keep it);
+  going back (the rollback), the revision's downgrade runs first, without a version change.
 
 Everything here is a plain function taking a `MigrationTarget` first, so the CLI, the tests
 and the dev stack use them without Prefect; the Prefect tasks at the bottom take the
@@ -40,6 +47,7 @@ from prefect import task
 
 from dataops.dsn import Dsn
 from dataops.errors import BadInput, OperationFailed, SafetyRefusal, first_line
+from dataops.failpoints import failpoint
 from dataops.settings import Environment, MigrationSettings, Settings
 from dataops.tasks import pg
 from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
@@ -47,6 +55,11 @@ from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
 log = logging.getLogger("dataops.migrate")
 
 VERSION_SCHEMA = "dataops_migrations"
+# How often (ms) the server checks, while a statement of ours runs, that this process is still
+# there: a killed run's CREATE INDEX CONCURRENTLY or table rewrite then ends within a second,
+# letting go of its locks, instead of running to the end for nobody (PostgreSQL 14 and later).
+CLIENT_CHECK_MS = 1000
+
 # Two int4 halves of the advisory lock key, 'data' and 'migr' in ASCII, so that the lock is
 # easy to recognise in pg_locks (classid, objid; objsubid 2 for the two-key form).
 LOCK_KEY = (0x64617461, 0x6D696772)
@@ -108,6 +121,7 @@ class StepResult:
     direction: str  # up | down
     seconds: float
     attempts: int
+    unfinished: bool = False  # down: a revision never recorded as applied, undone after an interrupted run
 
 
 @dataclass
@@ -230,6 +244,9 @@ def connection(mt: MigrationTarget, *, who: str | None = None) -> Iterator:
         with engine.connect() as conn:
             conn.execute(text("SELECT set_config('lock_timeout', :lt, false), set_config('statement_timeout', :st, false)"),
                          {"lt": mt.options.lock_timeout, "st": mt.options.statement_timeout})
+            conn.execute(text("SELECT set_config('client_connection_check_interval', :ms, false) "
+                              "WHERE current_setting('server_version_num')::int >= 140000"),
+                         {"ms": str(CLIENT_CHECK_MS)})
             conn.execute(text(f"CREATE SCHEMA IF NOT EXISTS {VERSION_SCHEMA}"))
             conn.commit()
             yield conn
@@ -385,13 +402,18 @@ def _pg_error(exc: BaseException) -> BaseException | None:
 
 def _run_step(conn, mt: MigrationTarget, rev: Revision, direction: str, destination: str | None) -> StepResult:
     """One revision, one way, with lock-timeout retries. Transactional revisions run in a
-    transaction begun here (Alembic joins it), so a failure leaves nothing of the revision."""
+    transaction begun here (Alembic joins it), so a failure leaves nothing of the revision.
+
+    direction "undo": the downgrade of a non-transactional revision the database does not
+    record as applied, which an interrupted run may have left partly done (see downgrade())."""
     from alembic import command
     from sqlalchemy import text
 
     opts = mt.options
     attempts = opts.lock_retries + 1
     t0 = time.monotonic()
+    if direction == "up" and not rev.transactional:
+        _drop_invalid_leftovers(conn, mt, rev)
     for attempt in range(1, attempts + 1):
         cfg = alembic_config(mt.path, connection=conn)
         try:
@@ -400,12 +422,13 @@ def _run_step(conn, mt: MigrationTarget, rev: Revision, direction: str, destinat
                     conn.execute(text("SELECT set_config('lock_timeout', :lt, true), "
                                       "set_config('statement_timeout', :st, true)"),
                                  {"lt": opts.lock_timeout, "st": opts.statement_timeout})
-                    _alembic_step(command, cfg, direction, destination)
+                    _alembic_step(command, cfg, direction, destination, rev)
             else:
-                _alembic_step(command, cfg, direction, destination)
+                _alembic_step(command, cfg, direction, destination, rev)
                 if conn.in_transaction():
                     conn.commit()
-            return StepResult(rev.revision, direction, round(time.monotonic() - t0, 3), attempt)
+            return StepResult(rev.revision, "up" if direction == "up" else "down", round(time.monotonic() - t0, 3),
+                              attempt, unfinished=direction == "undo")
         except Exception as exc:  # noqa: BLE001 - classified below
             if conn.in_transaction():
                 conn.rollback()
@@ -420,12 +443,109 @@ def _run_step(conn, mt: MigrationTarget, rev: Revision, direction: str, destinat
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _alembic_step(command, cfg, direction: str, destination: str | None) -> None:
-    with _ALEMBIC:
-        if direction == "up":
-            command.upgrade(cfg, destination)
-        else:
-            command.downgrade(cfg, destination or "base")
+def _alembic_step(command, cfg, direction: str, destination: str | None, rev: Revision) -> None:
+    from sqlalchemy import event
+
+    conn = cfg.attributes["connection"]
+    event.listen(conn, "after_execute", _statement_done)
+    try:
+        with _ALEMBIC:
+            if direction == "up":
+                command.upgrade(cfg, destination)
+            elif direction == "down":
+                command.downgrade(cfg, destination or "base")
+            else:
+                _downgrade_unrecorded(conn, cfg, rev)
+    finally:
+        event.remove(conn, "after_execute", _statement_done)
+
+
+def _statement_done(conn, clause, *args) -> None:
+    """After each statement of a revision itself (its SQL and DDL, not Alembic's reads and
+    writes of the version table): a transactional revision's are still open, a
+    non-transactional one's committed, the revision not yet recorded."""
+    from sqlalchemy.sql.ddl import ExecutableDDLElement
+    from sqlalchemy.sql.elements import TextClause
+
+    if isinstance(clause, TextClause) or (
+            isinstance(clause, ExecutableDDLElement)
+            and getattr(getattr(clause, "element", None), "name", None) != "alembic_version"):
+        failpoint("migrate.inside_revision")
+
+
+def _downgrade_unrecorded(conn, cfg, rev: Revision) -> None:
+    """Run a revision's downgrade() as Alembic would, but leave the version table alone: the
+    database never recorded the revision as applied."""
+    from alembic.operations import Operations
+    from alembic.runtime.migration import MigrationContext
+
+    module = script_directory(Path(cfg.get_main_option("script_location"))).get_revision(rev.revision).module
+    ctx = MigrationContext.configure(conn, opts={"version_table_schema": VERSION_SCHEMA,
+                                                 "transaction_per_migration": True})
+    with Operations.context(ctx), ctx.begin_transaction(_per_migration=True):
+        module.downgrade()
+
+
+_INVALID_LEFTOVER = """
+SELECT format('%%I.%%I', n.nspname, c.relname)
+FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname = %(schema)s AND c.relname = %(name)s AND NOT i.indisvalid
+  AND NOT EXISTS (SELECT 1 FROM pg_stat_progress_create_index p WHERE p.index_relid = i.indexrelid)"""
+
+
+def concurrent_indexes(sql: str) -> list[tuple[str, str]]:
+    """(schema, index) of each named index that CREATE INDEX CONCURRENTLY builds in `sql`
+    (an index lives in its table's schema); [] if the SQL does not parse."""
+    from pglast import parse_sql
+    from pglast.parser import ParseError
+
+    try:
+        stmts = parse_sql(sql)
+    except ParseError:
+        return []
+    return [(s.stmt.relation.schemaname or "public", s.stmt.idxname) for s in stmts
+            if type(s.stmt).__name__ == "IndexStmt" and s.stmt.concurrent and s.stmt.idxname]
+
+
+def built_concurrently(mt: MigrationTarget, rev: Revision) -> list[tuple[str, str]]:
+    """(schema, index) of each named index the revision's upgrade builds with CREATE INDEX
+    CONCURRENTLY, read from its SQL rendered offline; [] if it does not render."""
+    try:
+        plans = plan(mt, rev.revision, current=rev.down_revision)
+    except BadInput:
+        return []
+    return [ix for p in plans for ix in concurrent_indexes(p.sql)]
+
+
+def _drop_invalid_leftovers(conn, mt: MigrationTarget, rev: Revision) -> None:
+    """Drop the INVALID indexes a non-transactional revision builds, before it runs.
+
+    An interrupted CREATE INDEX CONCURRENTLY (a killed run, a cancelled or failed build) leaves
+    its index behind, INVALID: never used by queries, still paid for by every write. Running the
+    revision again would fail on "already exists", or, with IF NOT EXISTS, succeed and keep it
+    INVALID for good. Only the revision's own index names are touched, under the migration lock,
+    and none whose build is running right now."""
+    names = built_concurrently(mt, rev)
+    if not names:
+        return
+    raw = conn.connection.dbapi_connection
+    if conn.in_transaction():
+        conn.commit()
+    raw.autocommit = True  # DROP INDEX CONCURRENTLY cannot run in a transaction
+    try:
+        for schema, name in names:
+            row = raw.execute(_INVALID_LEFTOVER, {"schema": schema, "name": name}).fetchone()
+            if row:
+                log.warning("revision %s: dropping the INVALID index %s left by an interrupted build, so that it is "
+                            "built again", rev.revision, row[0])
+                raw.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {row[0]}")
+    except psycopg.Error as exc:
+        raise OperationFailed(f"revision {rev.revision} on {mt.name}: could not drop the INVALID index an interrupted "
+                              f"build left ({first_line(exc)}); nothing of the revision was run this time; drop it "
+                              "with DROP INDEX CONCURRENTLY, or retry when it is quieter") from None
+    finally:
+        if not raw.closed:
+            raw.autocommit = False
 
 
 def _step_error(mt: MigrationTarget, rev: Revision, direction: str, exc: BaseException,
@@ -465,7 +585,10 @@ def upgrade(mt: MigrationTarget, to: str = "head", *, expect_from: str | None | 
         if on_start and path:
             on_start()  # from here on this run may change the schema; before, it has not
         for rev in path:
+            failpoint("migrate.before_revision")
             step = _run_step(conn, mt, rev, "up", rev.revision)
+            # Committed with its version row; the caller's audit (on_step) does not list it yet.
+            failpoint("migrate.after_revision")
             log.info("applied %s to %s in %.2f s (%d attempt(s))", rev, mt.name, step.seconds, step.attempts)
             steps.append(step)
             if on_step:
@@ -501,16 +624,53 @@ def guard_downgrade(env: Environment, confirm: str | None) -> None:
                             f"confirm='{env.name}') if you mean it")
 
 
+def unfinished_revision(mt: MigrationTarget, current: str | None, target: str | None) -> Revision | None:
+    """The revision a run going up from `current` to `target` was applying when it stopped, if
+    it is non-transactional (its committed statements stay); None otherwise."""
+    if target is None or current == target:
+        return None
+    try:
+        path = upgrade_path(mt, current, target)
+    except (BadInput, OperationFailed):  # the database is elsewhere: not that run's doing
+        return None
+    return path[0] if path and not path[0].transactional else None
+
+
 def downgrade(mt: MigrationTarget, to: str | None = None, *, steps: int | None = None, who: str | None = None,
-              on_step: Callable[[StepResult], None] | None = None, lock_wait_s: float = 0.0) -> ApplyResult:
+              on_step: Callable[[StepResult], None] | None = None, lock_wait_s: float = 0.0,
+              interrupted_target: str | None = None) -> ApplyResult:
     """Undo revisions, newest first, one transaction each, under the migration lock (waited
-    for up to `lock_wait_s`)."""
+    for up to `lock_wait_s`).
+
+    `interrupted_target`: the target of a run going up that failed or was killed (the rollback
+    passes it). If the revision it was applying is non-transactional, part of it may be there
+    without being recorded; its downgrade, which like its upgrade must be safe to run again,
+    runs first. If that fails, the rest still runs and the caller's schema check decides.
+    """
     t0 = time.monotonic()
     with connection(mt, who=who) as conn, migration_lock(conn, mt.name, lock_wait_s):
         current = current_revision(conn)
         done = []
-        for rev in downgrade_path(mt, current, to, steps):
+        undo = downgrade_path(mt, current, to, steps)
+        unfinished = unfinished_revision(mt, current, interrupted_target)
+        if unfinished is not None:
+            failpoint("migrate.before_downgrade")
+            try:
+                step = _run_step(conn, mt, unfinished, "undo", None)
+            except OperationFailed as exc:
+                log.warning("could not undo what the interrupted run left of %s on %s: %s", unfinished, mt.name,
+                            exc.message)
+            else:
+                failpoint("migrate.after_downgrade")
+                log.info("undid the unrecorded part of %s on %s in %.2f s", unfinished, mt.name, step.seconds)
+                done.append(step)
+                if on_step:
+                    on_step(step)
+        for rev in undo:
+            failpoint("migrate.before_downgrade")
             step = _run_step(conn, mt, rev, "down", rev.down_revision)
+            # Committed with its version row; the caller's audit does not list it yet.
+            failpoint("migrate.after_downgrade")
             log.info("undid %s on %s in %.2f s", rev, mt.name, step.seconds)
             done.append(step)
             if on_step:
@@ -618,5 +778,6 @@ def upgrade_task(settings: Settings, env: Environment, to: str, expect_from: str
 
 @task(name="downgrade-migrations", **RUN_ONCE)
 def downgrade_task(settings: Settings, env: Environment, to: str | None, steps: int | None, who: str,
-                   lock_wait_s: float = 0.0) -> ApplyResult:
-    return downgrade(target_for(settings, env), to, steps=steps, who=who, lock_wait_s=lock_wait_s)
+                   lock_wait_s: float = 0.0, interrupted_target: str | None = None) -> ApplyResult:
+    return downgrade(target_for(settings, env), to, steps=steps, who=who, lock_wait_s=lock_wait_s,
+                     interrupted_target=interrupted_target)

@@ -4,6 +4,11 @@ Status (where the database is, what is pending), the plan (the SQL, rendered off
 the database's own checks with its schema fingerprint and table checksums (what a rollback
 must get back to), and whether another migration holds the lock right now. Every problem is
 collected rather than the first one raised, so a person fixes them in one go.
+
+One failed check is not a problem here: an INVALID index that a pending `transactional = False`
+revision builds concurrently. An interrupted run of that revision left it, and applying drops it
+and builds it again (see migrate._drop_invalid_leftovers); refusing would leave the way forward
+to a hand-typed DROP INDEX.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ class Preflight:
     findings: list[Finding]
     state: DatabaseState
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what applying will fix by itself
 
     @property
     def ok(self) -> bool:
@@ -49,12 +55,20 @@ def preflight(settings: Settings, env: Environment, to: str = "head") -> Preflig
     lint_errors = errors_sentence(findings)
     if lint_errors:
         problems.append(f"lint: {lint_errors}")
-    problems += [f"check: {p}" for p in state.problems]
+    rebuilt = {(ix if schema == "public" else f"{schema}.{ix}") for p in plans if not p.transactional
+               for schema, ix in migrate.concurrent_indexes(p.sql)}
+    notes = []
+    for r in state.results:
+        if r.failed and r.kind == "invalid_index" and r.constraint in rebuilt:
+            notes.append(f"INVALID index {r.constraint} (left by an interrupted build) is dropped and built again "
+                         "by a pending revision")
+        elif r.failed:
+            problems.append(f"check: {r.line()}")
     if plans:
         holder = migrate.lock_is_free(mt)
         if holder:
             problems.append(holder)
-    return Preflight(env.name, status.current, target, plans, findings, state, problems)
+    return Preflight(env.name, status.current, target, plans, findings, state, problems, notes)
 
 
 # -- Prefect tasks ---------------------------------------------------------------------------------
