@@ -21,7 +21,9 @@ def deploy():
 def server(host: str = typer.Option("127.0.0.1", "--host", help="address for the Prefect API and UI"),
            port: int = typer.Option(4200, "--port", help="port for the Prefect API and UI"),
            no_deploy: bool = typer.Option(False, "--no-deploy", help="do not register deployments on start")):
-    """Start a local Prefect server (UI at http://127.0.0.1:4200) and a worker for the dataops pool."""
+    """Start a local Prefect server (UI at http://127.0.0.1:4200) and a worker for the dataops pool.
+
+    Ctrl-C, SIGTERM (systemd, docker stop) or SIGHUP stops both, frees the port and exits 0."""
     import os
 
     from dataops.deployments.register import serve

@@ -15,7 +15,9 @@ updated when it differs.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -310,46 +312,213 @@ def _deployment_state(client) -> dict:
 
 # -- a local server and worker -------------------------------------------------------------
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+STOP_GRACE_S = 5.0  # per process group, between SIGTERM and SIGKILL
+
+
+class StopRequested(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """SIGTERM (systemd, `docker stop`), SIGINT (Ctrl-C) and SIGHUP (the terminal closed) as one
+    StopRequested raised in the main thread, once. Any signal after that, or while the children
+    are being stopped for another reason, does not interrupt the stopping (that would leave
+    children behind); it only makes it kill at once, as a second Ctrl-C does elsewhere. One that
+    lands while a child is being started is raised as soon as the child is on the list of those
+    to stop: raised inside Popen it would lose the child. A signal ignored on entry (`nohup`'s
+    SIGHUP, SIGINT of a background job) stays ignored."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.hurry = False
+        self._stopping = False
+        self._holding = 0
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        for sig in STOP_SIGNALS:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self._stopping or self.signum is not None:
+            self.hurry = True
+        else:
+            self.signum = signum
+        self._raise_if_due()
+
+    def _raise_if_due(self) -> None:
+        if self.signum is not None and not self._holding and not self._stopping:
+            self._stopping = True
+            raise StopRequested(self.signum)
+
+    @contextlib.contextmanager
+    def held(self):
+        self._holding += 1
+        try:
+            yield
+        finally:
+            self._holding -= 1
+        self._raise_if_due()
+
+    def stopping(self) -> None:
+        """From now on signals only hurry the stop along."""
+        self._stopping = True
+
+
+def start_child(procs: list[subprocess.Popen], stop: StopSignals, args: list[str], **kwargs) -> subprocess.Popen:
+    """Start a child in a session of its own and add it to `procs`.
+
+    Its own session (so its own process group) because a signal to this process alone (`kill`,
+    `docker stop`) never reaches children: stop_child stops the whole group, the grandchildren
+    too (a worker's flow runs). And Ctrl-C at the terminal then reaches only this process, which
+    stops the children in order instead of all at once."""
+    with stop.held():
+        proc = subprocess.Popen(args, start_new_session=True, **kwargs)
+        procs.append(proc)
+    return proc
+
+
+def stop_child(proc: subprocess.Popen, grace: float = STOP_GRACE_S, hurry=lambda: False) -> None:
+    """SIGTERM to the child's process group, SIGKILL to whatever of it is left after `grace` s;
+    returns once the group is empty (a few seconds at most after the kill)."""
+    group = proc.pid  # a session leader leads its own group
+    if not _signal_group(proc, group, signal.SIGTERM):
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and not hurry():
+        if not _group_alive(proc, group):
+            return
+        time.sleep(0.1)
+    _signal_group(proc, group, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while _group_alive(proc, group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _group_alive(proc: subprocess.Popen, group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        members = _live_member(group)
+    except ProcessLookupError:
+        members = False
+    except PermissionError:  # a member that changed its user: alive, and not ours to kill
+        members = True
+    return proc.poll() is None or members  # polled last: a leader dead at the scan is reaped now
+
+
+def _live_member(group: int) -> bool:
+    """killpg finds zombies too, and a grandchild whose parent died first stays one until init
+    reaps it (up to seconds with some inits): only a member still running counts. Without
+    /proc, whatever killpg finds counts."""
+    try:
+        pids = [entry for entry in os.listdir("/proc") if entry.isdigit()]
+    except OSError:
+        return True
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state, _ppid, pgrp = f.read().rsplit(b")", 1)[1].split()[:3]
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if int(pgrp) == group and state not in (b"Z", b"X"):
+            return True
+    return False
+
+
+def _signal_group(proc: subprocess.Popen, group: int, sig: int) -> bool:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        proc.poll()
+        return False
+    return True
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on: its health check would answer for a server
+    that never started (ours would fail to bind and exit). Bound with SO_REUSEADDR, as uvicorn
+    binds, so connections of a server stopped a moment ago (TIME_WAIT) do not count."""
+    import errno
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, IndexError):
+        return  # let the server report the bad host
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise OperationFailed(f"port {port} on {host} is in use: another `dataops server` or Prefect "
+                                      "server? Stop it or pass --port") from None
+            raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror}; check --host and --port") from None
+
+
 def serve(host: str, port: int, config_path: str, out, deploy_settings=None) -> int:
-    """Run `prefect server start` and a process worker until interrupted; returns an exit code."""
+    """Run `prefect server start` and a process worker until stopped; returns the exit code.
+
+    SIGTERM, SIGINT (Ctrl-C) and SIGHUP all stop both: the worker's process group first (its
+    flow runs can still report Crashed to the server), then the server's, each asked with
+    SIGTERM and killed STOP_GRACE_S later if still there, so the port is free when this returns
+    and the next `dataops server` can start at once. Such a requested stop returns 0: the
+    command did what it was asked, and systemd counts 0 as a clean stop where it would count
+    143 as a failure (unless told SuccessExitStatus=143). The server or the worker exiting on
+    its own is an OperationFailed (exit 1), after the other one is stopped the same way.
+    """
+    check_port_free(host, port)
     env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1",
            "DATAOPS_CONFIG": config_path, "DATAOPS_HOME": str(REPO_ROOT),
            "PREFECT_UI_URL": f"http://{host}:{port}",  # so alerts link to the run's page
            "PREFECT_UI_API_URL": f"http://{host}:{port}/api"}  # the browser's API, also behind a proxy
     url = f"http://{host}:{port}/api"
-    server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    procs = [server]
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                check_server(url, timeout=1)
-                break
-            except TransientError:
+    procs: list[subprocess.Popen] = []
+    names: dict[int, str] = {}
+    with StopSignals() as stop:
+        try:
+            server = start_child(procs, stop, [sys.executable, "-m", "prefect", "server", "start", "--host", host,
+                                               "--port", str(port)],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+            names[server.pid] = "server"
+            deadline = time.monotonic() + 60
+            while True:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise OperationFailed(f"Prefect server did not start on {host}:{port}; is the port free?") from None
-                time.sleep(0.5)
-        env["PREFECT_API_URL"] = url
-        os.environ["PREFECT_API_URL"] = url
-        if deploy_settings is not None:
-            for line in deploy(deploy_settings, config_path).lines():
-                out(line)
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", WORK_POOL,
-                                   "--type", "process"], env=env, cwd=REPO_ROOT)
-        procs.append(worker)
-        out(f"Prefect UI: http://{host}:{port}  (deployments: http://{host}:{port}/deployments)")
-        out(f"Worker polling pool {WORK_POOL}. Ctrl-C stops both.")
-        while all(p.poll() is None for p in procs):
-            time.sleep(1)
-        return 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
+                    raise OperationFailed(f"Prefect server did not start on {host}:{port}; is the port free?")
                 try:
-                    p.wait(10)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+                    check_server(url, timeout=1)
+                    break
+                except TransientError:
+                    time.sleep(0.5)
+            env["PREFECT_API_URL"] = url
+            os.environ["PREFECT_API_URL"] = url
+            if deploy_settings is not None:
+                for line in deploy(deploy_settings, config_path).lines():
+                    out(line)
+            worker = start_child(procs, stop, [sys.executable, "-m", "prefect", "worker", "start", "--pool",
+                                               WORK_POOL, "--type", "process"], env=env, cwd=REPO_ROOT)
+            names[worker.pid] = "worker"
+            out(f"Prefect UI: http://{host}:{port}  (deployments: http://{host}:{port}/deployments)")
+            out(f"Worker polling pool {WORK_POOL}. Ctrl-C (or SIGTERM) stops both.")
+            while all(p.poll() is None for p in procs):
+                time.sleep(1)
+            dead = next(p for p in procs if p.returncode is not None)
+            raise OperationFailed(f"the Prefect {names[dead.pid]} exited on its own (exit {dead.returncode}); "
+                                  "stopped the rest")
+        except StopRequested as req:
+            out(f"{req}: stopping the worker and the server")
+        finally:
+            stop.stopping()
+            for p in reversed(procs):
+                stop_child(p, hurry=lambda: stop.hurry)
+    out("stopped")
+    return 0

@@ -84,11 +84,20 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
             stream = compress_reader(raw, cfg.compression_level, cfg.compression_threads) \
                 if cfg.compression == "zstd" else raw
             stored = HashingReader(stream, on_eof=finished)
-            with ThreadPoolExecutor(1) as pool:
+            with ThreadPoolExecutor(2) as pool:
                 # Counting shares the exported snapshot; it runs while the upload streams.
                 stats = pool.submit(_snapshot_stats, conn)
-                storage.upload_stream(key, stored)
-                tables, fp = stats.result()
+                upload = pool.submit(storage.upload_stream, key, stored)
+                try:
+                    upload.result()
+                    tables, fp = stats.result()
+                except BaseException:
+                    # A stop (SIGTERM) or a failed upload must not wait for a pg_dump or a count that
+                    # waits on a table lock: pg_dump killed, its stream ends unfinished and the
+                    # upload aborts (finished() raises); the count is cancelled.
+                    dump.kill()
+                    conn.cancel_safe()
+                    raise
             dump.check()
         finally:
             dump.close()
