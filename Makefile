@@ -3,13 +3,19 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install browser bench bench-refresh clean
+.PHONY: demo test test-crash install browser bench bench-refresh clean
 
 demo: install
 	$(BIN)/dataops demo
 
 test: install browser
 	$(BIN)/pytest -q
+
+# The tests marked `extended`: every cell of the crash matrix beyond make test's sample (make test runs
+# every restore, verify and migrate cell and a fixed sample of the others), the fault and signal tests,
+# the concurrency refusals and the freshness alert through a deployment. CI runs it after make test.
+test-crash: install browser
+	$(BIN)/pytest -q -m extended
 
 # The UI test drives Debian's chromium with playwright (no `playwright install`, no download).
 browser:

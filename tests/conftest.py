@@ -254,6 +254,19 @@ def deployed(prefect_server):
         dev_down(root)
 
 
+# -- make test runs a fixed sample of the crash matrix; make test-crash the rest, with the fault and signal
+# tests (marked `extended`); CI runs both, and make test stays under 15 minutes on 2 cores -------------
+
+EXTENDED = pytest.mark.extended
+
+
+def sampled(values, sample) -> list:
+    """Parameters of a crash test: those in `sample` run in `make test` (CI), the others carry the
+    extended mark and run in `make test-crash`. Restore, verify and migrate cells are all sampled."""
+    return [v if v in sample else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=EXTENDED)
+            for v in values]
+
+
 # -- the crash matrix's counts, printed at the end of every run ------------------------------------
 
 def pytest_terminal_summary(terminalreporter):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import sampled
 from test_refresh_staging import ANON
 
 from dataops.dev.sample_app import create_schema, seed
@@ -215,7 +216,7 @@ def masked_copy_of_production(w) -> bool:
     return same_ids and not leaked
 
 
-@pytest.mark.parametrize("point", list(REFRESH_CELLS))
+@pytest.mark.parametrize("point", sampled(list(REFRESH_CELLS), {"refresh.between_renames"}))
 def test_refresh_killed_at_each_failpoint_loses_nothing_and_recovers(refresh_world, point):
     w = refresh_world
     killed = run_child("refresh", w["cfg"], point)
@@ -233,7 +234,7 @@ def test_refresh_killed_at_each_failpoint_loses_nothing_and_recovers(refresh_wor
 
 # -- backup -------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["s3", "file"])
+@pytest.fixture(params=sampled(["s3", "file"], {"s3"}))
 def backup_world(request, make_db, write_config, tmp_path, pg_server_dsn, s3_bucket, s3_endpoint):
     """production with a table of incompressible text (a dump of several 5 MiB parts, so S3 takes
     it as a multipart upload), and one good backup already listed."""
@@ -269,8 +270,8 @@ def stored(w):
             sorted(f for f, names in folders.items() if MANIFEST not in names))
 
 
-@pytest.mark.parametrize("point", BACKUP_CELLS)
-@pytest.mark.parametrize("recovery", ["backup", "prune"])
+@pytest.mark.parametrize("point", sampled(BACKUP_CELLS, {"backup.mid_upload"}))
+@pytest.mark.parametrize("recovery", sampled(["backup", "prune"], {"backup"}))
 def test_backup_killed_at_each_failpoint_lists_nothing_new_and_the_next_run_discards_what_it_left(
         backup_world, point, recovery):
     w = backup_world
@@ -297,6 +298,7 @@ def test_backup_killed_at_each_failpoint_lists_nothing_new_and_the_next_run_disc
     assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
 
 
+@pytest.mark.extended
 def test_a_second_backup_of_the_same_environment_is_refused_naming_the_first(restore_world):
     from dataops.errors import OperationFailed
     from dataops.tasks.backup.dump import backup
@@ -317,6 +319,7 @@ def test_a_second_backup_of_the_same_environment_is_refused_naming_the_first(res
         assert first.wait(120) == 0, first.stderr.read()[-2000:]
 
 
+@pytest.mark.extended
 def test_a_restore_into_staging_while_a_refresh_of_staging_runs_is_refused_naming_it(restore_world):
     """Both replace the whole database: one at a time per target, the second refused with the
     first one's session, and the target left as the first one makes it."""

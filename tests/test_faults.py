@@ -21,6 +21,8 @@ from dataops.dev.sample_app import create_schema, seed
 from dataops.settings import load_settings
 from dataops.tasks import pg
 
+pytestmark = pytest.mark.extended  # make test-crash (CI runs it after make test)
+
 
 def _blobs(dsn, rows: int) -> None:
     """Incompressible rows, so that a dump spans several 5 MiB parts and a restore takes a while."""

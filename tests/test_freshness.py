@@ -264,6 +264,7 @@ def test_backups_shows_age_and_verification(folder_config):
 
 # -- (c) the scheduled run alerts ---------------------------------------------------------------------
 
+@pytest.mark.extended
 def test_the_daily_validation_alerts_when_backups_are_stale(deployed, webhook_receiver, tmp_path):
     """daily-production-validation as the schedule starts it, on the worker, over a store whose only
     verified backup is 50 h old: the run fails and the server's automation on failed runs sends the

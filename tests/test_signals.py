@@ -27,6 +27,8 @@ from dataops.tasks import pg
 
 STOP_WITHIN_S = 20
 
+pytestmark = pytest.mark.extended  # make test-crash (CI runs it after make test)
+
 
 _started: list[subprocess.Popen] = []
 
