@@ -232,6 +232,14 @@ def test_refresh_killed_at_each_failpoint_loses_nothing_and_recovers(refresh_wor
     assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
 
 
+def add_blobs(dsn, rows: int) -> None:
+    """Incompressible rows, so that a dump spans several 5 MiB parts and a restore takes a while."""
+    with pg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE blobs AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) || md5(random()::text) "
+                     "AS body FROM generate_series(1, %s) g", (rows,))
+        conn.commit()
+
+
 # -- backup -------------------------------------------------------------------------------------
 
 @pytest.fixture(params=sampled(["s3", "file"], {"s3"}))
@@ -243,10 +251,7 @@ def backup_world(request, make_db, write_config, tmp_path, pg_server_dsn, s3_buc
     prod = make_db("prod")
     create_schema(prod)
     seed(prod, users=40)
-    with pg.connect(prod) as conn:
-        conn.execute("CREATE TABLE blobs AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) || md5(random()::text) "
-                     "AS body FROM generate_series(1, 250000) g")
-        conn.commit()
+    add_blobs(prod, 250000)
     storage = ({"url": f"s3://{s3_bucket}/b", "endpoint_url": s3_endpoint, "region": "us-east-1",
                 "access_key_id": "testing", "secret_access_key": "testing", "multipart_chunk_mb": 5}
                if request.param == "s3" else {"url": f"file://{tmp_path}/store"})

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import free_port
-from test_crash_matrix import CHILD, content, leftovers, schema
+from test_crash_matrix import CHILD, add_blobs, content, leftovers, schema
 
 from dataops.dev.sample_app import create_schema, seed
 from dataops.settings import load_settings
@@ -24,12 +24,6 @@ from dataops.tasks import pg
 pytestmark = pytest.mark.extended  # make test-crash (CI runs it after make test)
 
 
-def _blobs(dsn, rows: int) -> None:
-    """Incompressible rows, so that a dump spans several 5 MiB parts and a restore takes a while."""
-    with pg.connect(dsn) as conn:
-        conn.execute("CREATE TABLE blobs AS SELECT g AS id, md5(g::text) || md5((g * 7)::text) || md5(random()::text) "
-                     "AS body FROM generate_series(1, %s) g", (rows,))
-        conn.commit()
 
 
 @pytest.fixture
@@ -58,7 +52,7 @@ def test_s3_dying_mid_upload_fails_the_backup_cleanly_and_the_next_one_cleans_up
     prod = make_db("prod")
     create_schema(prod)
     seed(prod, users=30)
-    _blobs(prod, 250000)
+    add_blobs(prod, 250000)
     cfg = write_config({"production": ("production", prod)},
                        storage={"url": "s3://faults/b", "endpoint_url": own_s3["endpoint"], "region": "us-east-1",
                                 "access_key_id": "testing", "secret_access_key": "testing", "multipart_chunk_mb": 5})
@@ -98,7 +92,7 @@ def test_a_restore_whose_connection_is_ended_leaves_the_target_and_retries_clean
     prod, stg = make_db("prod"), make_db("stg")
     create_schema(prod)
     seed(prod, users=40)
-    _blobs(prod, 400000)
+    add_blobs(prod, 400000)
     create_schema(stg)
     seed(stg, users=20, seed=3)
     cfg = write_config({"production": ("production", prod), "staging": ("staging", stg)},
