@@ -7,10 +7,17 @@ anonymized in place and one refreshed from the same source agree value for value
 
 One transaction: sensitive rows are deleted (`anonymize.delete`), then each table is
 updated in one statement whose RETURNING clause streams every (old, new) pair of the
-masked columns to the leak scan; a leak rolls everything back. User triggers are off
-during the update (an `updated_at` trigger would stamp every row). Afterwards VACUUM FULL
-rewrites the tables, since an UPDATE leaves the old row versions, personal data included,
-in the table's files until they are reused.
+masked columns to the leak scan; a leak rolls everything back. A partitioned table is
+updated through its parent, so its rules reach every partition. User triggers and rewrite
+rules on UPDATE are off during the update (an `updated_at` trigger would stamp every row,
+an audit rule would copy the old values elsewhere); generated columns are recomputed by
+PostgreSQL from the masked values. Foreign keys over masked columns are dropped for the
+updates and added back (and so checked) before the commit: the rules check found both
+sides masked alike. Large objects whose ids a masked oid column held are unlinked.
+Row-level security is off for the session (a policy that hid rows would leave them
+unmasked: PostgreSQL refuses instead). Afterwards VACUUM FULL rewrites the tables, since
+an UPDATE leaves the old row versions, personal data included, in the table's files
+until they are reused.
 
 So a process killed before the commit leaves the database as it was, and one killed after it
 leaves it masked with those old row versions still on disk: running it again masks the masked
@@ -30,7 +37,7 @@ from prefect import task
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from dataops.errors import OperationFailed, SafetyRefusal
+from dataops.errors import OperationFailed, SafetyRefusal, first_line
 from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
@@ -77,8 +84,9 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
                     application_name="dataops-anonymize") as conn:
         for name, value in STABLE_OUTPUT.items():
             conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+        conn.execute("SET LOCAL row_security = off")  # a policy that would hide rows is an error, not a gap
         tables = read_tables(conn)
-        plan = plan_masking(settings, conn, tables)
+        plan = plan_masking(settings, conn, tables, in_place=True)
         if plan.unmasked_personal:
             raise SafetyRefusal(plan.guard_message(f"anonymize {env.name}"))
         report.masked = plan.masked_columns()
@@ -97,6 +105,9 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
             report.deleted[label] = cur.rowcount
             say(f"deleted {cur.rowcount:,} rows of {label}")
         _load_pools(conn, plan)
+        keys = _drop_keys(conn, plan)
+        rules = _disable_rules(conn, plan)
+        large_objects = _large_objects(conn, plan)
         names: list[tuple[str, str]] = []
         unchanged: dict[int, int] = {}
         values: dict[int, int] = {}
@@ -112,6 +123,10 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
                         sql_checked[f"{label}.{col}"] = _sql_check(conn, tm, col)
                 say(f"masked {len(tm.maskers)} columns of {label} in {rows:,} rows")
             report.leaks = build_report(plan, names, unchanged, values, match_digests(plan, names, ws), sql_checked)
+        for stmt in rules:
+            conn.execute(stmt)
+        _add_keys(conn, keys)
+        unlinked = _unlink(conn, large_objects)
         if not report.leaks.ok:
             conn.rollback()
             raise OperationFailed(f"anonymize {env.name} rolled back: {report.leaks.summary()}")
@@ -123,10 +138,97 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
         with pg.connect(env.database_url, autocommit=True) as conn:
             for label in list(report.tables) + [t for t in report.deleted if t not in report.tables]:
                 conn.execute(sql.SQL("VACUUM (FULL, ANALYZE) {}").format(tables[label].qualified))
+            if unlinked:  # the unlinked objects' pages are dead rows of pg_largeobject until it is rewritten
+                try:
+                    conn.execute("VACUUM (FULL) pg_catalog.pg_largeobject")
+                except psycopg.Error as exc:
+                    log.warning("could not VACUUM FULL pg_largeobject (%s); the %d unlinked large objects stay in "
+                                "its files until a superuser does", first_line(exc), unlinked)
         report.vacuum_seconds = time.monotonic() - v0
     report.seconds = time.monotonic() - t0
     say(report.summary())
     return report
+
+
+def _drop_keys(conn: psycopg.Connection, plan: MaskingPlan) -> list[tuple[str, str, str]]:
+    """Drop the foreign keys over masked columns (either side); returns (table, name,
+    definition) to add them back. Updated one table at a time, a masked key would point at
+    no row in between (or be rewritten twice by ON UPDATE CASCADE)."""
+    masked = [(tm.table.schema, tm.table.name, col) for tm in plan.tables.values() for col in tm.maskers]
+    if not masked:
+        return []
+    rows = conn.cursor(row_factory=tuple_row).execute(
+        """
+        SELECT DISTINCT co.conrelid::regclass::text, co.conname, pg_get_constraintdef(co.oid)
+        FROM pg_constraint co
+        WHERE co.contype = 'f' AND co.conparentid = 0 AND EXISTS (
+            SELECT 1 FROM (VALUES %s) m(s, t, c)
+            JOIN pg_class mc ON mc.relname = m.t JOIN pg_namespace mn ON mn.oid = mc.relnamespace AND mn.nspname = m.s
+            JOIN pg_attribute a ON a.attname = m.c
+            WHERE (a.attrelid = co.conrelid AND a.attnum = ANY (co.conkey)
+                   OR a.attrelid = co.confrelid AND a.attnum = ANY (co.confkey))
+              AND (a.attrelid = mc.oid OR a.attrelid IN (SELECT relid FROM pg_partition_tree(mc.oid))))
+        """.replace("%s", ", ".join(["(%s, %s, %s)"] * len(masked))), [v for m in masked for v in m]).fetchall()
+    for table, name, _ in rows:
+        conn.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(sql.SQL(table), sql.Identifier(name)))
+    return rows
+
+
+def _add_keys(conn: psycopg.Connection, keys: list[tuple[str, str, str]]) -> None:
+    for table, name, definition in keys:
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+                    sql.SQL(table), sql.Identifier(name), sql.SQL(definition)))
+        except psycopg.Error as exc:
+            raise OperationFailed(f"anonymize rolled back: foreign key {name} on {table} no longer holds after "
+                                  f"masking ({first_line(exc)}); give both of its columns the same rule") from None
+
+
+def _disable_rules(conn: psycopg.Connection, plan: MaskingPlan) -> list[sql.Composed]:
+    """Disable the rewrite rules ON UPDATE of the updated tables (and their partitions): an
+    audit rule would copy the old values elsewhere, an INSTEAD rule would swallow the
+    update. Returns the statements that enable them again."""
+    labels = [(tm.table.schema, tm.table.name) for tm in plan.tables.values()]
+    if not labels:
+        return []
+    rows = conn.cursor(row_factory=tuple_row).execute(
+        """
+        SELECT r.ev_class::regclass::text, r.rulename, r.ev_enabled FROM pg_rewrite r
+        JOIN pg_class c ON c.oid = r.ev_class
+        WHERE r.ev_type = '2' AND r.ev_enabled <> 'D' AND r.ev_class IN (
+            SELECT pt.relid FROM (VALUES %s) m(s, t)
+            JOIN pg_namespace n ON n.nspname = m.s JOIN pg_class mc ON mc.relnamespace = n.oid AND mc.relname = m.t
+            CROSS JOIN LATERAL (SELECT mc.oid AS relid UNION SELECT relid FROM pg_partition_tree(mc.oid)) pt)
+        """.replace("%s", ", ".join(["(%s, %s)"] * len(labels))), [v for x in labels for v in x]).fetchall()
+    again = []
+    for table, rule, enabled in rows:
+        conn.execute(sql.SQL("ALTER TABLE {} DISABLE RULE {}").format(sql.SQL(table), sql.Identifier(rule)))
+        how = {"O": "", "R": "REPLICA ", "A": "ALWAYS "}[enabled]
+        again.append(sql.SQL("ALTER TABLE {} ENABLE " + how + "RULE {}").format(sql.SQL(table), sql.Identifier(rule)))
+    return again
+
+
+def _large_objects(conn: psycopg.Connection, plan: MaskingPlan) -> list[int]:
+    """Ids of the large objects that masked oid columns point at now (their data would stay
+    readable by id after the column is nulled)."""
+    found: set[int] = set()
+    for tm in plan.tables.values():
+        for col, m in tm.maskers.items():
+            if m.column.base == "oid":
+                query = sql.SQL("SELECT DISTINCT {c} FROM {t} WHERE {c} IS NOT NULL").format(
+                    c=sql.Identifier(col), t=tm.table.qualified)
+                found |= {r[0] for r in conn.cursor(row_factory=tuple_row).execute(query)}
+    return sorted(found)
+
+
+def _unlink(conn: psycopg.Connection, oids: list[int]) -> int:
+    """Unlink the large objects that exist among `oids`; returns how many."""
+    if not oids:
+        return 0
+    return len(conn.execute("SELECT lo_unlink(o) FROM unnest(%s::oid[]) o "
+                            "WHERE EXISTS (SELECT 1 FROM pg_largeobject_metadata m WHERE m.oid = o)",
+                            (oids,)).fetchall())
 
 
 def _load_pools(conn: psycopg.Connection, plan: MaskingPlan) -> None:

@@ -38,7 +38,11 @@ TEXT_TYPES = {"text", "varchar", "bpchar", "citext", "name"}
 INT_RANGES = {"int2": 1 << 15, "int4": 1 << 31, "int8": 1 << 56}
 DATE_TYPES = {"date", "timestamp", "timestamptz"}
 INET_TYPES = {"inet", "cidr"}
+HASHABLE = TEXT_TYPES | set(INT_RANGES) | INET_TYPES | {"uuid"}  # the types the hash rule takes
 SUFFIX_BYTES = 8  # unique suffix: 16 hex digits, so a million values collide with odds ~3e-8
+SUFFIX_CHARS = SUFFIX_BYTES * 2 + 1  # "-" or "." and the hex digits
+FIT_CALLS = 4  # a pool filtered to a column's width calls its provider at most this many times its size
+MIN_DISTINCT = 20  # a filtered pool with fewer distinct values than this (or than the provider gives) is refused
 
 
 # -- COPY text format ----------------------------------------------------------------------
@@ -191,25 +195,52 @@ def _check_provider(provider: str, locale: str) -> None:
         raise BadInput(f'Faker provider "{provider}" needs arguments; use one that takes none') from None
 
 
-def faker_pool(keyed: Keyed, provider: str, locale: str, size: int) -> list[str]:
+def faker_pool(keyed: Keyed, provider: str, locale: str, size: int, max_chars: int | None = None) -> list[str]:
     """`size` values of one provider, the same for the same salt, provider, locale and size.
 
-    Faker's own output for a seed may change between Faker versions; pin Faker to keep
-    staging identical from night to night.
+    With `max_chars`, only values of at most that many characters: the provider is called
+    on from the same seed (its first `size` values are the unfiltered pool's) until `size`
+    values fit or FIT_CALLS times `size` calls were made, so the filtered pool is as
+    deterministic as the plain one and needs no database. It may hold fewer than `size`
+    values (see fit_stats). Faker's own output for a seed may change between Faker
+    versions; pin Faker to keep staging identical from night to night.
     """
-    key = (keyed.fingerprint, provider, locale, size)
+    return _pool_and_calls(keyed, provider, locale, size, max_chars)[0]
+
+
+def fit_stats(keyed: Keyed, provider: str, locale: str, size: int, max_chars: int) -> tuple[int, int, int, int]:
+    """(values kept, distinct values kept, provider calls made, distinct values of the
+    unfiltered pool) of the pool filtered to `max_chars` characters."""
+    pool, calls = _pool_and_calls(keyed, provider, locale, size, max_chars)
+    return len(pool), len(set(pool)), calls, len(set(faker_pool(keyed, provider, locale, size)))
+
+
+def _pool_and_calls(keyed: Keyed, provider: str, locale: str, size: int,
+                    max_chars: int | None) -> tuple[list[str], int]:
+    key = (keyed.fingerprint, provider, locale, size, max_chars)
     with _POOL_LOCK:
-        pool = _POOLS.get(key)
-        if pool is None:
+        found = _POOLS.get(key)
+        if found is None:
             check_provider(provider, locale)
             fake = _faker(locale)
             fake.seed_instance(keyed.seed("pool", provider, locale, str(size)))
             fn = getattr(fake, provider)
-            pool = [_render(fn()) for _ in range(size)]
+            if max_chars is None:
+                pool = [_render(fn()) for _ in range(size)]
+                calls = size
+            else:
+                pool, calls = [], 0
+                while len(pool) < size and calls < size * FIT_CALLS:
+                    v = _render(fn())
+                    calls += 1
+                    if len(v) <= max_chars:  # characters, as varchar(n) and char(n) count them
+                        pool.append(v)
+                    if calls == size and len(pool) * 100 < size:
+                        break  # under 1% fit: calling on would not make a usable pool
             if len(_POOLS) > 64:
                 _POOLS.clear()
-            _POOLS[key] = pool
-        return pool
+            found = _POOLS[key] = (pool, calls)
+        return found
 
 
 # -- partial masks and date shifts -----------------------------------------------------------
@@ -257,7 +288,9 @@ class Column:
     base: str  # base type name after domains, e.g. varchar
     not_null: bool
     unique: bool  # part of a unique index or constraint
-    max_length: int | None  # varchar(n)/char(n)
+    max_length: int | None  # characters of varchar(n)/char(n), also through a domain
+    domain: str | None = None  # the domain's name when the column's type is one (its checks apply)
+    identity: str = ""  # pg_attribute.attidentity: a (ALWAYS), d (BY DEFAULT) or ""
 
 
 # -- compiled rules ----------------------------------------------------------------------------
@@ -280,11 +313,13 @@ class Masker:
     kind: str
     unique: bool
     keyed: Keyed
-    pool_spec: tuple[str, str, int] | None = None  # Faker (provider, locale, size)
+    pool_spec: tuple[str, str, int, int | None] | None = None  # Faker (provider, locale, size, max characters)
     in_sql: bool = False
     constant: str | None = None
     locale: str | None = None
     refs: dict[str, int] = field(default_factory=dict)  # template column -> field index
+    where: str = ""  # where the rule was given (anonymize.rules.users.email), for errors
+    pool_note: str = ""  # why the pool holds fewer values than its provider gives, for the label
     _py: Callable[[bytes, bytes, list[bytes]], str] | None = field(default=None, repr=False, compare=False)
     _pool: list[str] | None = field(default=None, repr=False, compare=False)
 
@@ -298,6 +333,37 @@ class Masker:
             self._pool = faker_pool(self.keyed, *self.pool_spec)
         return self._pool
 
+    def set_pool(self, pool: list[str], note: str) -> None:
+        """Replace the pool by a filtered one (it goes along when the masker is pickled)."""
+        self._pool, self._py = pool, None
+        self.pool_note = note
+
+    @property
+    def signature(self) -> tuple:
+        """What decides a value's output: maskers with equal signatures mask a value alike
+        (a foreign key's two sides must)."""
+        return (self.kind, self.rule.model_dump_json(exclude={"unique", "locale"}), self.unique,
+                tuple(self.pool) if self.pool_spec else None, self.constant)
+
+    def room(self) -> int | None:
+        """Characters left for a Faker value in this column, or None when unbounded."""
+        if not self.column.max_length:
+            return None
+        return self.column.max_length - (SUFFIX_CHARS if self.unique else 0)
+
+    def make_unique(self) -> None:
+        """Add the keyed suffix (the other side of a foreign key has it); refits the pool."""
+        self.unique, self._py = True, None
+        if self.pool_spec and self.column.max_length:
+            self.fit_room(self.room())
+
+    def fit_room(self, room: int) -> bool:
+        """Keep the Faker values of at most `room` characters; True when the pool changed."""
+        before = self.pool_spec
+        self.pool_spec, self._pool, self._py = (*self.pool_spec[:3], None), None, None
+        _fit_pool(self, *self.pool_spec[:3], lambda msg: BadInput(f"{self.where}: {msg}"), room=room)
+        return self.pool_spec != before
+
     @property
     def py(self) -> Callable[[bytes, bytes, list[bytes]], str]:
         if self._py is None:
@@ -308,7 +374,10 @@ class Masker:
     def label(self) -> str:
         r = self.rule
         if self.kind == "faker":
-            return f"faker {r.faker}" + (f" ({self.locale})" if self.locale else "") + (" unique" if self.unique else "")
+            fitted = self.pool_spec[3] if self.pool_spec else None
+            return (f"faker {r.faker}" + (f" ({self.locale})" if self.locale else "")
+                    + (" unique" if self.unique else "") + (f", values of up to {fitted} characters" if fitted else "")
+                    + (f", {self.pool_note}" if self.pool_note else ""))
         if self.kind == "template":
             return f"template {r.template}" + (" unique" if self.unique else "")
         if self.kind == "constant":
@@ -334,15 +403,19 @@ class Masker:
             pool_table, sql.Literal(pool_id), _sql_int56(d), sql.Literal(len(self.pool)))
 
     def sql(self, col: sql.Composable, d: sql.Composable | None = None, pick: sql.Composable | None = None,
-            refs: dict[str, sql.Composable] | None = None) -> sql.Composable:
+            refs: dict[str, sql.Composable] | None = None, cast: bool = True) -> sql.Composable:
         """An expression giving the masked value of `col` (NULL stays NULL), cast to the column type.
 
         `d` refers to the value's digest (digest_sql) and `pick` to its pool entry (pick_sql),
         computed once per row by the caller; `refs` maps template columns to expressions.
+        `cast=False`: the value before the cast (an explicit cast to varchar(n) would cut
+        a value that is too long instead of refusing it), for the rule checks.
         """
         typ = sql.SQL(self.column.type)
         if self.kind == "null":
             return sql.SQL("NULL::{}").format(typ)
+        if self.column.base in TEXT_TYPES:  # text, which the column takes by assignment: a value too long for
+            typ = sql.SQL("text")           # varchar(n) is an error there, where an explicit cast would cut it
         if self.kind == "keep":
             return col
         text = sql.SQL("concat({})").format(col)  # concat() prints with the output function, like COPY
@@ -390,10 +463,14 @@ class Masker:
                 off = sql.SQL("(CASE WHEN {k} < {n} THEN {k} - {n} ELSE {k} - {n} + 1 END)::int").format(
                     k=k, n=sql.Literal(n))
                 step = off if self.column.base == "date" else sql.SQL("make_interval(days => {})").format(off)
+                if not cast:
+                    return sql.SQL("CASE WHEN NOT isfinite({c}) THEN {c} ELSE {c} + {s} END").format(c=col, s=step)
                 return sql.SQL("CASE WHEN {c} IS NULL OR NOT isfinite({c}) THEN {c} ELSE ({c} + {s})::{t} END").format(
                     c=col, s=step, t=typ)
             else:  # pragma: no cover - settings admit no other kind
                 raise AssertionError(self.kind)
+        if not cast:
+            return sql.SQL("CASE WHEN {} IS NULL THEN NULL ELSE ({}) END").format(col, expr)
         return sql.SQL("CASE WHEN {} IS NULL THEN NULL ELSE ({})::{} END").format(col, expr, typ)
 
 
@@ -410,13 +487,15 @@ def compile_rule(rule: ColumnRule, column: Column, *, keyed: Keyed, locale: str,
     kind = rule.kind
     base = column.base
     unique = rule.unique or (column.unique and kind == "faker")
-    m = Masker(column=column, rule=rule, kind=kind, unique=unique, keyed=keyed)
+    m = Masker(column=column, rule=rule, kind=kind, unique=unique, keyed=keyed, where=where)
 
     def bad(msg: str) -> BadInput:
         return BadInput(f"{where}: {msg}")
 
     if kind == "keep":
         return m
+    if base == "oid" and kind not in ("null", "constant"):
+        raise bad(f"column is {column.type}, the id of a large object (or a system object); use null")
     if kind == "null":
         if column.not_null:
             raise bad("column is NOT NULL; the null rule cannot apply (use constant, hash or faker)")
@@ -426,6 +505,8 @@ def compile_rule(rule: ColumnRule, column: Column, *, keyed: Keyed, locale: str,
             raise bad("column is unique; a constant would repeat (use hash or faker with unique: true)")
         c = rule.constant
         m.constant = ("true" if c else "false") if isinstance(c, bool) else str(c)
+        if column.max_length and base in TEXT_TYPES and len(m.constant) > column.max_length:
+            raise bad(f"the constant has {len(m.constant)} characters, more than {column.type} holds")
         m.in_sql = True
     elif kind == "partial":
         if base not in TEXT_TYPES:
@@ -458,19 +539,60 @@ def compile_rule(rule: ColumnRule, column: Column, *, keyed: Keyed, locale: str,
             if name in masked:
                 raise bad(f'template names column "{name}", which is masked itself; use unmasked columns or {{hash}}')
             m.refs[name] = columns[name]
+        if column.max_length:  # the fixed part alone; values of the columns it names are tried on a sample
+            shortest = sum(len(lit) + (2 * 8 if name == "hash" else 0) for lit, name, _, _ in
+                           _template_parts(rule.template)) + (SUFFIX_CHARS if unique else 0)
+            if shortest > column.max_length:
+                raise bad(f"template values have at least {shortest} characters ({{hash}} gives 16, unique adds "
+                          f"{SUFFIX_CHARS}), more than {column.type} holds; shorten the template or use "
+                          f"hash: {{length: {column.max_length}}}")
     elif kind == "faker":
         loc = rule.locale or locale
         try:
             check_provider(rule.faker, loc)
         except BadInput as exc:
             raise bad(exc.message) from None
-        m.pool_spec = (rule.faker, loc, pool_size)
+        m.pool_spec = (rule.faker, loc, pool_size, None)
         m.locale = loc if rule.locale else None
         if column.max_length:  # then the pool is needed now, to check its values fit
-            longest = max(len(p) for p in m.pool) + (SUFFIX_BYTES * 2 + 1 if unique else 0)
-            if longest > column.max_length:
-                raise bad(f"Faker {rule.faker} values reach {longest} characters, more than {column.type} holds")
+            _fit_pool(m, rule.faker, loc, pool_size, bad)
     return m
+
+
+def _fit_pool(m: Masker, provider: str, locale: str, pool_size: int, bad: Callable[[str], BadInput],
+              room: int | None = None) -> None:
+    """Keep only the Faker values that fit the column (with the unique suffix when there is
+    one), counted in characters as varchar(n)/char(n) count them. A pool where all fit is
+    left as it is, so the column masks like a text column under the same rule. Refused only
+    when too few fit to be a pool: fewer than MIN_DISTINCT distinct values (or than the
+    provider gives at all)."""
+    column, unique = m.column, m.unique
+    room = m.room() if room is None else room
+    width = min(column.max_length or room, 64)
+    if width < 8:  # shorter than a hash rule gives
+        hint = "use a template (with {hash} only if the column is wide enough), "
+    elif unique:
+        hint = f"use hash: {{length: {width}}} (a keyed hex string, distinct for distinct values), "
+    else:
+        hint = f"use a template or hash: {{length: {width}}}, "
+    if room < 1:
+        raise bad(f"unique Faker values end in a {SUFFIX_CHARS}-character keyed suffix, which leaves no room in "
+                  f"{column.type}; {hint}or widen the column")
+    if max(len(v) for v in m.pool) <= room:
+        return
+    kept, distinct, calls, provider_distinct = fit_stats(m.keyed, provider, locale, pool_size, room)
+    need = min(MIN_DISTINCT, provider_distinct)
+    if distinct < need:
+        if room == column.max_length:
+            what = column.type
+        elif room == m.room():
+            what = f"{room} characters ({column.type} less the {SUFFIX_CHARS}-character unique suffix)"
+        else:
+            what = f"{room} characters (the narrower column of a foreign key)"
+        raise bad(f"only {kept:,} of {calls:,} Faker {provider} values fit {what} ({distinct} distinct, at least "
+                  f"{need} needed); {hint}a wider column, or another Faker provider")
+    m.pool_spec = (provider, locale, pool_size, room)
+    m._pool = None
 
 
 def fill_pools(maskers) -> None:

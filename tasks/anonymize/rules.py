@@ -2,13 +2,14 @@
 
 Everything that can make a masking run fail is found here, before a single row moves:
 unknown tables and columns, unknown Faker providers, rules that cannot fit their column
-(null on NOT NULL, a constant on a unique column, Faker values longer than varchar(n)),
-and personal-looking columns nobody wrote a rule for. The last is the PII guard: a new
+(null on NOT NULL, a constant on a unique column, too few Faker values short enough for
+varchar(n), values a domain's CHECK refuses, a rule on a generated column), key columns
+masked on one side of a foreign key only, and personal-looking columns nobody wrote a
+rule for. The last is the PII guard (detection in dataops.tasks.anonymize.pii): a new
 column `users.passport_no` must stop the nightly refresh, not reach staging unmasked.
 
-Detection is by column name (a list of words that mark personal data), by type (inet,
-macaddr) and by content (a sample of values that look like emails, phone numbers or IP
-addresses), so `notes.contact` full of emails is caught even though its name is harmless.
+Faker pools are fitted to the column: a `{faker: city}` rule on varchar(15) picks among
+the Faker cities of at most 15 characters; it is refused only when too few fit.
 """
 
 from __future__ import annotations
@@ -21,12 +22,24 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from dataops.errors import BadInput
+from dataops.errors import BadInput, first_line
 from dataops.settings import AnonymizeSettings, ColumnRule, Settings
-from dataops.tasks.anonymize.masking import TEXT_TYPES, Column, Keyed, Masker, compile_rule
+from dataops.tasks.anonymize.masking import (
+    DATE_TYPES,
+    HASHABLE,
+    MIN_DISTINCT,
+    TEXT_TYPES,
+    Column,
+    Keyed,
+    Masker,
+    compile_rule,
+    uniquify,
+)
+from dataops.tasks.anonymize.pii import content_reasons, name_reason, table_reasons  # noqa: F401 (re-exported)
 
 # Schemas never read or copied: the tool's table snapshots hold raw copies of production rows.
 SKIPPED_SCHEMAS = ("pg_catalog", "information_schema", "dataops_snapshots")
+OUTPUT_SAMPLE = 200  # rows a rule is tried on when its output may not fit the column
 
 
 @dataclass(frozen=True)
@@ -37,6 +50,8 @@ class TableInfo:
     columns: tuple[Column, ...]  # stored columns in attnum order (generated ones left out: COPY skips them)
     pages: int
     est_rows: int
+    generated: tuple[str, ...] = ()  # GENERATED ALWAYS AS (...) STORED columns: computed, never copied or masked
+    partitions: tuple[str, ...] = ()  # labels of its partitions at every level (a partitioned table)
 
     @property
     def label(self) -> str:
@@ -78,22 +93,40 @@ def split_label(label: str) -> tuple[str, str]:
 # -- reading the catalog --------------------------------------------------------------------
 
 def read_tables(conn: psycopg.Connection) -> dict[str, TableInfo]:
-    """User tables with their copyable columns, keyed by label ('users', 'audit.events')."""
+    """User tables with their copyable columns, keyed by label ('users', 'audit.events').
+
+    A column's base type and length limit are read through domains, nested ones too: a
+    domain over a domain over varchar(10) is varchar with 10 characters."""
     cur = conn.cursor(row_factory=tuple_row)
     rows = cur.execute(
         """
+        WITH RECURSIVE dom AS (
+            SELECT t.oid AS top, t.typbasetype AS base, t.typtypmod AS mod, 1 AS depth
+            FROM pg_type t WHERE t.typtype = 'd'
+            UNION ALL
+            SELECT dom.top, t.typbasetype, CASE WHEN dom.mod <> -1 THEN dom.mod ELSE t.typtypmod END, dom.depth + 1
+            FROM dom JOIN pg_type t ON t.oid = dom.base AND t.typtype = 'd'
+        ), resolved AS (
+            SELECT DISTINCT ON (top) top, base, mod FROM dom ORDER BY top, depth DESC
+        )
         SELECT n.nspname, c.relname, c.relkind, c.relpages, c.reltuples::bigint,
                a.attname, format_type(a.atttypid, a.atttypmod), bt.typname, a.attnotnull,
-               CASE WHEN bt.typname IN ('varchar', 'bpchar') AND coalesce(nullif(t.typtypmod, -1), a.atttypmod) > 4
-                    THEN coalesce(nullif(t.typtypmod, -1), a.atttypmod) - 4 END,
+               CASE WHEN bt.typname IN ('varchar', 'bpchar') AND coalesce(nullif(r.mod, -1), a.atttypmod) > 4
+                    THEN coalesce(nullif(r.mod, -1), a.atttypmod) - 4 END,
                EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisunique
                        AND (a.attnum = ANY (i.indkey) OR EXISTS (
                             SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-                            AND d.objid = i.indexrelid AND d.refobjid = c.oid AND d.refobjsubid = a.attnum)))
+                            AND d.objid = i.indexrelid AND d.refobjid = c.oid AND d.refobjsubid = a.attnum))),
+               t.typtype = 'd', a.attidentity, a.attgenerated,
+               ARRAY(SELECT CASE WHEN pn.nspname = 'public' THEN pc.relname ELSE pn.nspname || '.' || pc.relname END
+                     FROM pg_partition_tree(c.oid) pt
+                     JOIN pg_class pc ON pc.oid = pt.relid JOIN pg_namespace pn ON pn.oid = pc.relnamespace
+                     WHERE pt.level > 0 AND c.relkind = 'p' AND a.attnum = 1)
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attgenerated = ''
+        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
         JOIN pg_type t ON t.oid = a.atttypid
-        JOIN pg_type bt ON bt.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
+        LEFT JOIN resolved r ON r.top = t.oid
+        JOIN pg_type bt ON bt.oid = coalesce(r.base, t.oid)
         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
           AND n.nspname <> ALL (%s) AND n.nspname NOT LIKE 'pg\\_%%'
           AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
@@ -101,11 +134,18 @@ def read_tables(conn: psycopg.Connection) -> dict[str, TableInfo]:
         ORDER BY n.nspname, c.relname, a.attnum
         """, (list(SKIPPED_SCHEMAS),)).fetchall()
     tables: dict[str, dict] = {}
-    for schema, name, kind, pages, est, col, typ, base, not_null, max_len, unique in rows:
+    for (schema, name, kind, pages, est, col, typ, base, not_null, max_len, unique, is_domain, identity, generated,
+         parts) in rows:
         t = tables.setdefault(label_of(schema, name), {"schema": schema, "name": name, "relkind": kind,
-                                                        "pages": max(pages, 0), "est_rows": max(est, 0), "columns": []})
-        t["columns"].append(Column(col, typ, base, not_null, unique, max_len))
-    return {label: TableInfo(**{**t, "columns": tuple(t["columns"])}) for label, t in tables.items()}
+                                                        "pages": max(pages, 0), "est_rows": max(est, 0), "columns": [],
+                                                        "generated": [], "partitions": []})
+        t["partitions"] += parts
+        if generated:
+            t["generated"].append(col)
+            continue
+        t["columns"].append(Column(col, typ, base, not_null, unique, max_len, typ if is_domain else None, identity))
+    return {label: TableInfo(**{**t, "columns": tuple(t["columns"]), "generated": tuple(t["generated"]),
+                                "partitions": tuple(t["partitions"])}) for label, t in tables.items()}
 
 
 def read_foreign_keys(conn: psycopg.Connection) -> list[ForeignKey]:
@@ -127,90 +167,40 @@ def read_foreign_keys(conn: psycopg.Connection) -> list[ForeignKey]:
             for name, cs, ct, ps, pt, valid, ccols, pcols in rows]
 
 
+_QUOTED_NAME = re.compile(r'\s*(?:"((?:[^"]|"")*)"|([^".]+))\s*(?:\.|$)')
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    """'users', 'audit.events', or with SQL quotes for names that hold dots or capitals:
+    '"Odd.Schema"."Mixed Case.Table"' (a key without quotes splits at its last dot)."""
+    if '"' not in key:
+        return split_label(key)
+    parts, pos = [], 0
+    while pos < len(key):
+        m = _QUOTED_NAME.match(key, pos)
+        if not m or m.end() == pos:
+            return split_label(key)
+        parts.append(m.group(1).replace('""', '"') if m.group(1) is not None else m.group(2).strip())
+        pos = m.end()
+    if len(parts) == 1:
+        return "public", parts[0]
+    return (parts[0], parts[1]) if len(parts) == 2 else split_label(key)
+
+
 def resolve_table(key: str, tables: dict[str, TableInfo], where: str) -> str:
-    """A table named in the config ('users', 'public.users', 'audit.events') to its label."""
-    schema, table = split_label(key.strip())
+    """A table named in the config ('users', 'public.users', 'audit.events',
+    '"Odd.Schema"."Mixed Case.Table"') to its label."""
+    schema, table = _split_key(key.strip())
     label = label_of(schema, table)
     if label not in tables:
+        parent = next((t for t, info in tables.items() if label in info.partitions), None)
+        if parent is not None:
+            raise BadInput(f'{where}: table "{schema}.{table}" is a partition of {parent}; write its rules on '
+                           f"{parent}, they apply to every partition")
         close = difflib.get_close_matches(label, list(tables), n=1)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise BadInput(f'{where}: table "{schema}.{table}" does not exist{hint}')
     return label
-
-
-# -- what looks personal ----------------------------------------------------------------------
-
-_NAME_HINTS: list[tuple[re.Pattern, str]] = [(re.compile(p), why) for p, why in (
-    (r"(^|_)ip($|_)|ip_?addr|remote_addr|client_ip|mac_?addr", "IP/MAC address"),
-    (r"e_?mail", "email"),
-    (r"(^|_)(first|last|full|given|family|middle|maiden|display|legal|real|user|nick|sur|fore|contact|customer)_?names?($|_)"
-     r"|^(surname|forename|username|nickname)$", "person name"),
-    (r"phone|mobile|(^|_)tel($|_)|telephone|(^|_)fax($|_)|msisdn", "phone"),
-    (r"address|street|(^|_)city($|_)|(^|_)zip(_?code)?($|_)|postal|postcode", "address"),
-    (r"birth|(^|_)dob($|_)", "birth date"),
-    (r"(^|_)ssn($|_)|social_security|national_id|passport|tax_?id|driver_?licen[cs]e|id_?number|(^|_)nin($|_)",
-     "national id"),
-    (r"password|passwd|(^|_)pwd($|_)|secret|token|api_?key|access_?key|private_?key|credential|(^|_)otp($|_)",
-     "secret"),
-    (r"iban|account_?(number|no)($|_)|card_?(number|no)($|_)|credit_?card|(^|_)cvv($|_)", "financial"),
-    (r"latitude|longitude|(^|_)geo_?(location|point)?($|_)|(^|_)(lat|lng|lon)($|_)", "location"),
-    (r"user_?agent", "user agent"),
-    (r"gender|ethnic|religio|medical|diagnos|health|salary", "sensitive"),
-)]
-# A bare `name` is personal in tables about people, not in `products` or `feature_flags`.
-_PEOPLE_TABLES = re.compile(r"user|customer|person|people|member|employee|contact|patient|author|account|profile"
-                            r"|client|student|staff|subscriber|applicant|candidate")
-_PERSONAL_TYPES = {"inet": "IP address", "cidr": "IP address", "macaddr": "MAC address", "macaddr8": "MAC address"}
-_CONTENT_HINTS = [
-    (re.compile(r"^[^@\s]+@[^@\s]+\.[A-Za-z]{2,}$"), "values look like emails"),
-    (re.compile(r"^\d{3}-\d{2}-\d{4}$"), "values look like SSNs"),
-    (re.compile(r"^\d{1,3}(\.\d{1,3}){3}$"), "values look like IP addresses"),
-    (re.compile(r"^(?=(?:\D*\d){7,15}\D*$)\+?[\d\s().-]{7,}(\s*(x|ext\.?)\s*\d+)?$"), "values look like phone numbers"),
-]
-CONTENT_SAMPLE = 200
-
-
-_TEXTUAL = TEXT_TYPES | {"json", "jsonb", "bytea", "xml"}
-_NUMERIC = {"int2", "int4", "int8", "numeric"}
-# Which types can hold what a name suggests: `email_verified boolean` holds no email.
-_CAN_HOLD = {"email": _TEXTUAL, "person name": _TEXTUAL, "address": _TEXTUAL, "user agent": _TEXTUAL,
-             "secret": _TEXTUAL, "phone": _TEXTUAL | _NUMERIC, "national id": _TEXTUAL | _NUMERIC,
-             "financial": _TEXTUAL | _NUMERIC, "birth date": _TEXTUAL | {"date", "timestamp", "timestamptz"},
-             "IP/MAC address": _TEXTUAL | {"inet", "cidr", "macaddr", "macaddr8"},
-             "location": _TEXTUAL | _NUMERIC | {"float4", "float8", "point", "geometry", "geography"}}
-
-
-def name_reason(table: str, column: str, base_type: str) -> str | None:
-    """Why a column looks personal from its name or type alone, or None."""
-    lowered = column.lower()
-    for pattern, why in _NAME_HINTS:
-        if pattern.search(lowered) and base_type in _CAN_HOLD.get(why, {base_type}):
-            return f"name suggests {why}"
-    if lowered == "name" and _PEOPLE_TABLES.search(table.lower()) and base_type in _TEXTUAL:
-        return "name suggests person name"
-    if base_type in _PERSONAL_TYPES:
-        return f"type {base_type} holds {_PERSONAL_TYPES[base_type]}es"
-    return None
-
-
-def content_reasons(conn: psycopg.Connection, table: TableInfo, columns: list[Column]) -> dict[str, str]:
-    """Columns of `table` whose sampled values mostly look personal (emails, phones, IPs, SSNs)."""
-    text_cols = [c for c in columns if c.base in TEXT_TYPES]
-    if not text_cols:
-        return {}
-    query = sql.SQL("SELECT {} FROM {} LIMIT {}").format(
-        sql.SQL(", ").join(sql.Identifier(c.name) for c in text_cols), table.qualified, sql.Literal(CONTENT_SAMPLE))
-    rows = conn.cursor(row_factory=tuple_row).execute(query).fetchall()
-    found = {}
-    for i, col in enumerate(text_cols):
-        values = [r[i].strip() for r in rows if r[i] is not None and r[i].strip()]
-        if len(values) < 5:
-            continue
-        for pattern, why in _CONTENT_HINTS:
-            if sum(1 for v in values if pattern.match(v)) * 2 >= len(values):
-                found[col.name] = why
-                break
-    return found
 
 
 # -- the plan -----------------------------------------------------------------------------------
@@ -230,6 +220,7 @@ class TableMasking:
     table: TableInfo
     maskers: dict[str, Masker] = field(default_factory=dict)  # column -> masker, keep rules left out
     kept: list[str] = field(default_factory=list)  # columns with an explicit keep rule
+    where: dict[str, str] = field(default_factory=dict)  # column -> where its rule was given, for errors
 
     @property
     def in_python(self) -> list[Masker]:
@@ -263,11 +254,13 @@ def require_salt(cfg: AnonymizeSettings) -> Keyed:
 
 
 def plan_masking(settings: Settings, conn: psycopg.Connection, tables: dict[str, TableInfo],
-                 copied: set[str] | None = None, sample_content: bool = True) -> MaskingPlan:
+                 copied: set[str] | None = None, sample_content: bool = True, in_place: bool = False) -> MaskingPlan:
     """Check every rule against the database behind `conn` and compile it.
 
     `copied`: the tables whose rows will be written (default: all); personal columns of
-    the others (excluded, truncated) need no rule. Reads only: safe on production.
+    the others (excluded, truncated) need no rule. `in_place`: the rules will be applied
+    by UPDATE (dataops anonymize), which cannot change GENERATED ALWAYS identity columns.
+    Reads only: safe on production.
     """
     cfg = settings.anonymize
     keyed = require_salt(cfg)
@@ -275,14 +268,25 @@ def plan_masking(settings: Settings, conn: psycopg.Connection, tables: dict[str,
     rules: dict[str, dict[str, tuple[ColumnRule, str]]] = {}
     for key, cols in cfg.rules.items():
         label = resolve_table(key, tables, f"anonymize.rules.{key}")
+        table = tables[label]
         for col, rule in cols.items():
             where = f"anonymize.rules.{key}.{col}"
-            if tables[label].column(col) is None:
-                names = [c.name for c in tables[label].columns]
+            column = table.column(col)
+            if col in table.generated:
+                if rule.kind == "keep":
+                    continue
+                raise BadInput(f'{where}: column "{col}" is generated (GENERATED ALWAYS AS ... STORED): it is computed '
+                               "from other columns, never copied or updated; mask the columns it is computed from and "
+                               "drop this rule")
+            if column is None:
+                names = [c.name for c in table.columns]
                 close = difflib.get_close_matches(col, names, n=1)
                 hint = f"; did you mean {close[0]}?" if close else ""
-                raise BadInput(f'{where}: column "{col}" does not exist in table "{tables[label].schema}.'
-                               f'{tables[label].name}"{hint}')
+                raise BadInput(f'{where}: column "{col}" does not exist in table "{table.schema}.'
+                               f'{table.name}"{hint}')
+            if in_place and column.identity == "a" and rule.kind != "keep":
+                raise BadInput(f"{where}: column is GENERATED ALWAYS AS IDENTITY, which an UPDATE cannot change; "
+                               "anonymize in place cannot mask it (keep it, or use refresh-staging)")
             rules.setdefault(label, {})[col] = (rule, where)
 
     unmasked, defaulted = [], []
@@ -292,21 +296,23 @@ def plan_masking(settings: Settings, conn: psycopg.Connection, tables: dict[str,
             continue  # the tool's own metadata (migration versions and audit), not application data
         ruled = rules.get(label, {})
         open_cols = [c for c in table.columns if c.name not in ruled]
-        found = {c.name: r for c in open_cols if (r := name_reason(table.name, c.name, c.base))}
+        found = table_reasons(table.name, table.columns, only={c.name for c in open_cols},
+                              kept={c for c, (r, _) in ruled.items() if r.kind == "keep"})
         if sample_content:
             rest = [c for c in open_cols if c.name not in found]
             found.update(content_reasons(conn, table, rest))
         for col_name, reason in found.items():
             finding = Finding(label, col_name, reason)
-            col = table.column(col_name)
             if cfg.default == "fail":
                 unmasked.append(finding)
                 continue
-            rule = ColumnRule(null=True) if cfg.default == "null" and not col.not_null else ColumnRule(hash={})
-            rules.setdefault(label, {})[col_name] = (rule, f"anonymize.default ({label}.{col_name})")
+            where = f"anonymize.default ({label}.{col_name})"
+            rule = default_rule(cfg.default, table.column(col_name), where, reason)
+            rules.setdefault(label, {})[col_name] = (rule, where)
             defaulted.append(Finding(label, col_name, f"{reason}; masked by default: {rule.kind}"))
 
     plan: dict[str, TableMasking] = {}
+    compile_args = {"keyed": keyed, "locale": cfg.locale, "pool_size": cfg.pool_size}
     for label, cols in rules.items():
         table = tables[label]
         index = {c.name: i for i, c in enumerate(table.columns)}
@@ -316,36 +322,183 @@ def plan_masking(settings: Settings, conn: psycopg.Connection, tables: dict[str,
             if rule.kind == "keep":
                 tm.kept.append(col_name)
                 continue
-            tm.maskers[col_name] = compile_rule(rule, table.column(col_name), keyed=keyed, locale=cfg.locale,
-                                                pool_size=cfg.pool_size, columns=index, masked=masked, where=where)
+            tm.maskers[col_name] = compile_rule(rule, table.column(col_name), columns=index, masked=masked,
+                                                where=where, **compile_args)
+            tm.where[col_name] = where
         if tm.maskers or tm.kept:
             plan[label] = tm
-    check_casts(conn, plan)
+    pairs = key_pairs(read_foreign_keys(conn), copied, tables)
+    agree_keys(pairs, plan)
+    check_outputs(conn, plan)
+    check_keys(pairs, plan)
     deletes = {resolve_table(k, tables, f"anonymize.delete.{k}"): v for k, v in cfg.delete.items()}
     for label, cond in deletes.items():
         check_condition(conn, tables[label], cond, f"anonymize.delete.{label}")
     return MaskingPlan(keyed, {k: v for k, v in plan.items() if v.maskers}, unmasked, defaulted, deletes)
 
 
-def check_casts(conn: psycopg.Connection, plan: dict[str, TableMasking]) -> None:
-    """Faker values and constants must be valid input for their column's type: try a sample
-    now rather than fail in the middle of a COPY."""
-    cur = conn.cursor(row_factory=tuple_row)
+def default_rule(default: str, col: Column, where: str, reason: str) -> ColumnRule:
+    """The rule anonymize.default (null or hash) gives a personal column without one: null
+    where the column allows it and null was asked for, else the keyed hash where the type
+    takes one, a date shift for dates, null, or an empty bytea."""
+    if default == "null" and not col.not_null:
+        return ColumnRule(null=True)
+    if col.base in HASHABLE:  # as long as the column takes, up to the usual 16 hex digits
+        return ColumnRule(hash={"length": min(16, col.max_length)} if col.max_length else {})
+    if col.base in DATE_TYPES:
+        return ColumnRule(shift_days=365)
+    if not col.not_null:
+        return ColumnRule(null=True)
+    if col.base == "bytea":
+        return ColumnRule(constant="")
+    raise BadInput(f"{where}: {reason}; anonymize.default {default} cannot mask a NOT NULL {col.type} column; "
+                   "write a rule for it under anonymize.rules")
+
+
+def check_outputs(conn: psycopg.Connection, plan: dict[str, TableMasking]) -> None:
+    """Masked values must be valid for their column, found now rather than in the middle of
+    a COPY or an UPDATE: Faker pools are tried whole (a domain's CHECKs may refuse some
+    values: the pool keeps the ones they accept), constants as they are, and the other
+    rules on a sample of real rows when the column is a domain or a template fills
+    varchar(n). Text is valid input for any undomained text column (lengths are checked by
+    the rule)."""
     for label, tm in plan.items():
         for col, m in tm.maskers.items():
-            if m.column.base in TEXT_TYPES:  # any text is valid input (lengths are checked by the rule)
-                continue
-            samples = m.pool[:20] if m.pool else ([m.constant] if m.constant is not None else [])
-            if not samples:
-                continue
-            for value in samples:
+            c, where = m.column, tm.where.get(col, f"anonymize.rules.{label}.{col}")
+            plain_text = c.base in TEXT_TYPES and c.domain is None
+            if m.kind == "faker" and not plain_text:
+                _fit_pool_to_type(conn, m, where)
+            elif m.kind == "constant" and not (plain_text and c.max_length is None):
+                bad = invalid_values(conn, [m.constant], c)
+                if bad:
+                    raise BadInput(f"{where}: the constant {m.constant!r} is not a valid {c.type} ({bad[0][1]}); "
+                                   "pick one that fits the column")
+            elif m.kind in ("template", "hash", "partial", "shift_days") and (
+                    c.domain is not None or (m.kind == "template" and c.max_length)):
+                query = sql.SQL("SELECT DISTINCT v FROM (SELECT concat({}) AS v FROM {} AS x LIMIT {}) s "
+                                "WHERE v <> ''").format(m.sql(sql.Identifier(col), cast=False), tm.table.qualified,
+                                                        sql.Literal(OUTPUT_SAMPLE))
                 try:
                     with conn.transaction():
-                        cur.execute(sql.SQL("SELECT CAST({} AS {})").format(sql.Literal(value), sql.SQL(m.column.type)))
+                        values = [r[0] for r in conn.cursor(row_factory=tuple_row).execute(query)]
                 except psycopg.Error as exc:
-                    first = str(exc).strip().splitlines()[0]
-                    raise BadInput(f"anonymize.rules.{label}.{col}: {m.label} gives {value!r}, not a valid "
-                                   f"{m.column.type} ({first}); pick a rule that fits the column") from None
+                    raise BadInput(f"{where}: {m.label} fails on the column's values: {first_line(exc)}") from None
+                bad = invalid_values(conn, values, c)
+                if bad:
+                    raise BadInput(f"{where}: {m.label} gives {bad[0][0]!r} for a row, not a valid {c.type} "
+                                   f"({bad[0][1]}); pick a rule that fits the column")
+
+
+def _fit_pool_to_type(conn: psycopg.Connection, m: Masker, where: str) -> None:
+    c = m.column
+    values = [uniquify(v, m.keyed.digest(v.encode())) if m.unique else v for v in m.pool]
+    bad = invalid_values(conn, values, c)
+    if not bad:
+        return
+    if c.domain is None:  # a Faker provider that does not give this type at all
+        raise BadInput(f"{where}: {m.label} gives {bad[0][0]!r}, not a valid {c.type} ({bad[0][1]}); pick a rule "
+                       "that fits the column")
+    refused = {v for v, _ in bad}
+    keep = [p for p, v in zip(m.pool, values) if v not in refused]
+    distinct, need = len(set(keep)), min(MIN_DISTINCT, len(set(m.pool)))
+    if distinct < need:
+        raise BadInput(f"{where}: only {len(keep):,} of {len(values):,} Faker {m.rule.faker} values pass the checks "
+                       f"of {c.type} ({distinct} distinct, at least {need} needed; refused: {bad[0][0]!r}: "
+                       f"{bad[0][1]}); use a template, hash or another Faker provider")
+    m.set_pool(keep, f"values {c.type} accepts")
+
+
+def invalid_values(conn: psycopg.Connection, values: list[str], column: Column) -> list[tuple[str, str]]:
+    """(value, why) for each distinct value that is not valid input for the column's type:
+    too long for varchar(n), refused by a domain's CHECK, not parseable."""
+    distinct = list(dict.fromkeys(values))
+    if not distinct:
+        return []
+    if conn.info.server_version >= 160000:  # pg_input_is_valid: all at once, no error raised
+        rows = conn.cursor(row_factory=tuple_row).execute(
+            "SELECT v FROM unnest(%s::text[]) AS v WHERE NOT pg_input_is_valid(v, %s)", (distinct, column.type)
+        ).fetchall()
+        suspects = [r[0] for r in rows]
+    else:
+        suspects = distinct
+    bad = []
+    for v in suspects:  # the reason, by a cast (older servers: the test itself, one value at a time)
+        if column.max_length and column.base in TEXT_TYPES and len(v) > column.max_length:
+            bad.append((v, f"{len(v)} characters"))  # an explicit cast would cut it, not refuse it
+            continue
+        try:
+            with conn.transaction():
+                conn.execute(sql.SQL("SELECT CAST({} AS {})").format(sql.Literal(v), sql.SQL(column.type)))
+        except psycopg.Error as exc:
+            bad.append((v, first_line(exc)))
+    return bad
+
+
+def key_pairs(fks: list[ForeignKey], copied: set[str],
+              tables: dict[str, TableInfo]) -> list[tuple[ForeignKey, str, str]]:
+    """(foreign key, child column, parent column) of every key whose rows are written; a key
+    declared on a partition counts as its partitioned table's (whose rules mask it)."""
+    root = {p: label for label, t in tables.items() for p in t.partitions}
+    pairs = []
+    for fk in fks:
+        fk = ForeignKey(fk.name, root.get(fk.child, fk.child), fk.child_columns, root.get(fk.parent, fk.parent),
+                        fk.parent_columns, fk.validated)
+        if fk.child in copied:
+            pairs += [(fk, cc, pc) for cc, pc in zip(fk.child_columns, fk.parent_columns)]
+    return pairs
+
+
+def _masker(plan: dict[str, TableMasking], label: str, col: str) -> Masker | None:
+    tm = plan.get(label)
+    return tm.maskers.get(col) if tm else None
+
+
+def agree_keys(pairs: list[tuple[ForeignKey, str, str]], plan: dict[str, TableMasking]) -> None:
+    """Faker rules on the two sides of a foreign key that differ only in what their columns
+    force (the unique suffix of a key, the width of varchar(n)) are made to agree: both get
+    the suffix and the narrower width, so a value masks alike on both sides."""
+    for _ in range(len(pairs) + 1):  # agreeing may ripple along a chain of keys
+        changed = False
+        for fk, cc, pc in pairs:
+            mc, mp = _masker(plan, fk.child, cc), _masker(plan, fk.parent, pc)
+            if mc is None or mp is None or mc.kind != "faker" or mp.kind != "faker":
+                continue
+            if mc.pool_spec[:3] != mp.pool_spec[:3] or mc.signature == mp.signature:
+                continue
+            for one, other in ((mc, mp), (mp, mc)):
+                if other.unique and not one.unique:
+                    one.make_unique()
+                    changed = True
+            rooms = [r for r in (mc.room(), mp.room()) if r is not None]
+            if rooms:
+                for m in (mc, mp):
+                    changed |= m.fit_room(min(rooms))
+        if not changed:
+            return
+
+
+def check_keys(pairs: list[tuple[ForeignKey, str, str]], plan: dict[str, TableMasking]) -> None:
+    """A masked column on either side of a foreign key needs the same masking on the other
+    side, or the written rows point at no row (a NULL child is fine)."""
+    for fk, cc, pc in pairs:
+        mc, mp = _masker(plan, fk.child, cc), _masker(plan, fk.parent, pc)
+        if mc is None and mp is None:
+            continue
+        link = f"{fk.child}.{cc} references {fk.parent}.{pc} ({fk.name})"
+        if mp is None:
+            if mc.kind == "null":
+                continue
+            raise BadInput(f"{plan[fk.child].where[cc]}: {link}, which is not masked: the masked values would point "
+                           f"at no row; give {fk.parent}.{pc} the same rule (or use null here)")
+        if mc is None:
+            raise BadInput(f"{plan[fk.parent].where[pc]}: {link}; give {fk.child}.{cc} the same rule, or its rows "
+                           "would point at no row")
+        if mc.kind == "template" and (mc.refs or mp.refs):
+            raise BadInput(f"{plan[fk.child].where[cc]}: {link}; a template that names other columns gives different "
+                           "values in the two tables; use {hash} only, or the same hash or faker rule on both")
+        if mc.signature != mp.signature:
+            raise BadInput(f"{plan[fk.child].where[cc]}: {link}, masked differently ({mc.label} here, {mp.label} "
+                           "there); give both the same rule so the masked values still match")
 
 
 def check_condition(conn: psycopg.Connection, table: TableInfo, condition: str, where: str) -> None:
