@@ -3,16 +3,32 @@
 `str()` and `repr()` give the masked form, so a DSN can be logged, put in an error or an
 artifact without thought. Only `secret()` and `conninfo()` give the real thing, and only
 code that opens a connection or starts pg_dump calls them.
+
+Both also switch row-level security off for the session (`-c row_security=off`, what pg_dump
+does): a role that a policy would hide rows from then gets an error instead of a silently
+short table, so a backup, checksum, validation or copy never reports on part of a table as if
+it were the whole of it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import psycopg.conninfo
 from pydantic_core import core_schema
 
 from dataops.redact import redact_url, register_secret
+
+ROW_SECURITY_OFF = "-c row_security=off"
+
+
+def with_row_security_off(options: str | None) -> str:
+    """libpq `options` with row_security=off last (a later -c wins), keeping the user's own."""
+    options = (options or "").strip()
+    if re.search(r"(^|\s)(-c\s*|--)row_security=off\s*$", options):
+        return options
+    return f"{options} {ROW_SECURITY_OFF}".strip()
 
 
 class Dsn:
@@ -40,16 +56,21 @@ class Dsn:
         return self._raw
 
     def conninfo(self, **overrides: Any) -> str:
-        """keyword=value conninfo, with overrides (dbname=..., connect_timeout=...)."""
-        return psycopg.conninfo.make_conninfo(self._raw, **overrides)
+        """keyword=value conninfo, with overrides (dbname=..., connect_timeout=...), and
+        row_security=off added to `options` (the URL's or the override's)."""
+        options = overrides.pop("options", None)
+        options = with_row_security_off(options if options is not None else self._params.get("options"))
+        return psycopg.conninfo.make_conninfo(self._raw, **overrides, options=options)
 
     def libpq_args(self) -> tuple[str, dict[str, str]]:
         """A conninfo without the password, and the environment that carries it.
 
         pg_dump and pg_restore get the password through PGPASSWORD so that it never
-        appears on a command line (visible to every user through `ps`).
+        appears on a command line (visible to every user through `ps`). row_security=off is
+        in the conninfo's `options`, for pg_restore and psql as for our own connections.
         """
         params = dict(self._params)
+        params["options"] = with_row_security_off(params.get("options"))
         password = params.pop("password", None)
         env = {"PGPASSWORD": password} if password else {}
         return psycopg.conninfo.make_conninfo("", **params), env

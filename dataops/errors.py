@@ -6,6 +6,7 @@ operation is 1) and whether a retry can help (only transient faults are retried)
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 
 
@@ -72,6 +73,42 @@ def first_line(exc: BaseException) -> str:
 
     text = redact(str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+# What PostgreSQL says when row_security = off (every connection of ours, and pg_dump's) meets a
+# table whose policies would filter the rows of the current role.
+_ROW_SECURITY = re.compile(r'query would be affected by row-level security policy for table "((?:[^"]|"")+)"')
+ROW_SECURITY_FIX = "grant the role BYPASSRLS, or connect as the table's owner"
+
+
+def row_security_table(error: BaseException | str) -> str | None:
+    """The table a row-level-security refusal names (unqualified, as PostgreSQL says it), or None."""
+    m = _ROW_SECURITY.search(str(error))
+    return m.group(1).replace('""', '"') if m else None
+
+
+def row_security_error(error: BaseException | str, *, role: str | None = None,
+                       table: str | None = None) -> BadInput | None:
+    """The one-line BadInput for a row-level-security refusal (an exception, or the stderr of
+    pg_dump, pg_restore or psql), or None when `error` is something else.
+
+    Reading through a policy would see only some rows, and a backup, checksum or copy of some
+    rows is worse than none: dataops switches row security off and lets PostgreSQL refuse."""
+    named = row_security_table(error)
+    if named is None:
+        return None
+    shown = table or f'"{named}"'  # `table`: the caller's qualified name for it, when it found one
+    who = f"role {role}" if role else "the role dataops connects as"
+    return BadInput(f"row-level security on table {shown} would hide rows from {who}; {ROW_SECURITY_FIX}")
+
+
+def classify(exc: BaseException) -> BaseException:
+    """`exc` as the DataopsError an operator can act on, when we know one (a row-level-security
+    refusal is bad input: exit 2); otherwise `exc` itself. For the edges (CLI, flows) that catch
+    what a task raised."""
+    if isinstance(exc, DataopsError):
+        return exc
+    return row_security_error(exc) or exc
 
 
 def is_transient(exc: BaseException) -> bool:

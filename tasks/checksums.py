@@ -37,6 +37,9 @@ used only where equal means identical, and is corrected where it is not:
   char(n), ...) by its text form, with the output settings pinned (floats print the
   shortest exact form, so -0 and 0 differ).
 
+Each table's own rows are summed: an inheritance parent's without its children's (they are
+tables of their own, checksummed apart), a partitioned table's with all its partitions'.
+
 Not detected: trailing spaces in a `character` column without a length (its cast to text
 trims them), and any difference the type's text form hides. A type change (int to
 numeric, timestamp to timestamptz) changes the checksum even if the values print alike, and
@@ -58,11 +61,12 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.errors import BadInput
-from dataops.tasks.pg import qualified, table_label, user_tables
+from dataops.tasks.pg import row_source, table_label, user_tables
 from dataops.tasks.schema import STABLE_OUTPUT, pinned_settings
 
 # Recorded next to stored checksums, so a verifier can tell a changed method from changed data.
-METHOD = "sum64(chain of typed hashes over NOT NULL columns by name, seeded by the xor of the others) v3"
+METHOD = ("sum64(chain of typed hashes over NOT NULL columns by name, seeded by the xor of the others) v4 "
+          "(an inheritance parent's own rows)")
 
 _TWO_64 = 1 << 64
 _RELKINDS = {"r", "p", "m", "v", "f"}  # anything a SELECT can read rows from
@@ -233,7 +237,10 @@ def checksum_sql(conn: psycopg.Connection, schema: str, table: str, columns: lis
                  exclude: list[str] | None = None) -> tuple[sql.Composed, tuple[str, ...]]:
     """The query that checksums a table, and the columns it hashes (for EXPLAIN and benchmarks)."""
     row, chosen = row_hash_sql(conn, schema, table, columns, exclude)
-    query = sql.SQL("SELECT count(*), sum({row}) FROM {table}").format(row=sql.SQL(row), table=qualified(schema, table))
+    # An inheritance parent's own rows only (its children are tables of their own); a partitioned
+    # table's rows, which are its partitions'.
+    query = sql.SQL("SELECT count(*), sum({row}) FROM {table}").format(row=sql.SQL(row),
+                                                                        table=row_source(conn, schema, table))
     return query, chosen
 
 

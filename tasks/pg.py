@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from dataops.dsn import Dsn
-from dataops.errors import BadInput, OperationFailed, TransientError
+from dataops.errors import ROW_SECURITY_FIX, BadInput, OperationFailed, TransientError, row_security_error
 from dataops.failpoints import failpoint
 from dataops.redact import redact
 
@@ -37,7 +37,11 @@ log = logging.getLogger("dataops.pg")
 @contextlib.contextmanager
 def connect(dsn: Dsn, *, autocommit: bool = False, timeout: int = 10, dbname: str | None = None,
             application_name: str = "dataops") -> Iterator[psycopg.Connection]:
-    """Open a connection, turning libpq's failures into errors that say what to fix."""
+    """Open a connection, turning libpq's failures into errors that say what to fix.
+
+    The session runs with row_security = off (Dsn.conninfo): a query that a row-level-security
+    policy would filter fails instead, and that failure, raised out of the block, becomes the
+    one-line BadInput naming the table and the fix."""
     overrides = {"connect_timeout": timeout, "application_name": application_name}
     if dbname:
         overrides["dbname"] = dbname
@@ -54,8 +58,69 @@ def connect(dsn: Dsn, *, autocommit: bool = False, timeout: int = 10, dbname: st
                              "check that the server is running and database_url is right") from None
     try:
         yield conn
+    except psycopg.errors.InsufficientPrivilege as exc:
+        err = row_security_error(exc, role=_role(conn), table=_rls_table(conn, exc))
+        if err is None:
+            raise
+        raise err from None
     finally:
         conn.close()
+
+
+def _rls_table(conn: psycopg.Connection, exc: BaseException) -> str | None:
+    """The qualified name of the table a row-level-security refusal names (PostgreSQL gives the
+    bare name), when exactly one such table exists; the failed transaction is rolled back for it."""
+    from dataops.errors import row_security_table
+
+    name = row_security_table(exc)
+    if name is None or conn.closed or conn.broken:
+        return None
+    try:
+        conn.rollback()
+        found = [r[0] for r in conn.execute(
+            "SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname) FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relname = %s AND c.relrowsecurity", (name,))]
+        conn.rollback()
+    except psycopg.Error:
+        return None
+    return found[0] if len(found) == 1 else None
+
+
+def _role(conn: psycopg.Connection) -> str | None:
+    try:
+        return conn.info.user
+    except Exception:  # noqa: BLE001 - a closed connection: the message does without the name
+        return None
+
+
+# -- row-level security ----------------------------------------------------------------------
+
+def row_security_blockers(conn: psycopg.Connection) -> list[str]:
+    """Tables whose row-level security would hide rows from the current role: RLS is enabled
+    and the role neither owns the table (FORCE ROW LEVEL SECURITY applies to the owner too)
+    nor is a superuser or BYPASSRLS. Quoted qualified names, sorted. With row_security = off a
+    read of one of them fails; call this before starting, to refuse before anything is written."""
+    return [r[0] for r in conn.execute(
+        """
+        SELECT quote_ident(n.nspname) || '.' || quote_ident(c.relname)
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE c.relrowsecurity AND c.relkind IN ('r', 'p')
+          AND n.nspname <> 'information_schema' AND n.nspname !~ '^pg_'
+          AND NOT (SELECT r.rolsuper OR r.rolbypassrls FROM pg_roles r WHERE r.rolname = current_user)
+          AND (c.relforcerowsecurity OR NOT pg_has_role(current_user, c.relowner, 'USAGE'))
+        ORDER BY 1
+        """).fetchall()]
+
+
+def require_all_rows(conn: psycopg.Connection, doing: str) -> None:
+    """BadInput (exit 2) when row-level security would hide rows of some table from this role:
+    `doing` names the operation ("validate production")."""
+    blocked = row_security_blockers(conn)
+    if not blocked:
+        return
+    shown = ", ".join(blocked[:5]) + (f" and {len(blocked) - 5} more" if len(blocked) > 5 else "")
+    raise BadInput(f"cannot {doing}: row-level security would hide rows of {shown} from role "
+                   f"{_role(conn) or 'the connecting role'}; {ROW_SECURITY_FIX}")
 
 
 def server_version(dsn: Dsn, timeout: int = 10) -> tuple[int, str]:
@@ -279,10 +344,22 @@ def table_label(schema: str, table: str) -> str:
     return table if schema == "public" else f"{schema}.{table}"
 
 
+def row_source(conn: psycopg.Connection, schema: str, table: str) -> sql.Composed:
+    """What to read a table's own rows from: `ONLY t` for a plain table (an inheritance parent's
+    rows without its children's, which are counted as tables of their own), `t` for a
+    partitioned table (its rows are its partitions')."""
+    kind = conn.execute("SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE n.nspname = %s AND c.relname = %s", (schema, table)).fetchone()
+    if kind and kind[0] == "r":
+        return sql.SQL("ONLY {}").format(qualified(schema, table))
+    return qualified(schema, table)
+
+
 def row_counts(conn: psycopg.Connection) -> dict[str, int]:
-    """Exact row counts of every user table (count(*), not the planner's estimate)."""
+    """Exact row counts of every user table (count(*), not the planner's estimate); an inheritance
+    parent counts its own rows only."""
     counts = {}
     for schema, table in user_tables(conn):
         counts[table_label(schema, table)] = conn.execute(
-            sql.SQL("SELECT count(*) FROM {}").format(qualified(schema, table))).fetchone()[0]
+            sql.SQL("SELECT count(*) FROM {}").format(row_source(conn, schema, table))).fetchone()[0]
     return counts

@@ -82,6 +82,7 @@ _FUNCTION_KINDS = {"f": "function", "p": "procedure", "a": "aggregate", "w": "wi
 _VOLATILITY = {"i": "immutable", "s": "stable", "v": "volatile"}
 _TRIGGER_STATES = {"O": "enabled", "D": "disabled", "R": "replica", "A": "always"}
 _IDENTITY = {"a": "always", "d": "by default"}
+_POLICY_COMMANDS = {"*": "all", "r": "select", "a": "insert", "w": "update", "d": "delete"}
 _GENERATED = {"s": "stored", "v": "virtual"}
 
 _COLLATION = ("CASE WHEN {coll} <> 0 AND {coll} <> {default} THEN "
@@ -120,6 +121,9 @@ def catalog_snapshot(conn: psycopg.Connection) -> dict[str, Any]:
             "triggers": _triggers(q),
             "enums": _enums(q),
             "domains": _domains(q),
+            # Added in a later version of this snapshot, and only when the database has any: the
+            # fingerprint of a database without them is what it was, so older manifests still match.
+            **{k: v for k, v in (("types", _types(q)), ("policies", _policies(q)), ("rules", _rules(q))) if v},
         }
 
 
@@ -131,13 +135,14 @@ def _extensions(q) -> dict:
 
 def _tables(q) -> dict:
     tables: dict[str, dict] = {}
-    for schema, name, kind, persistence, parents, parent, bound, key in q(f"""
+    for schema, name, kind, persistence, parents, parent, bound, key, rls, forced in q(f"""
             SELECT n.nspname, c.relname, c.relkind, c.relpersistence,
                    ARRAY(SELECT pn.nspname || '.' || p.relname FROM pg_inherits i
                          JOIN pg_class p ON p.oid = i.inhparent JOIN pg_namespace pn ON pn.oid = p.relnamespace
                          WHERE i.inhrelid = c.oid ORDER BY i.inhseqno),
                    c.relispartition, pg_get_expr(c.relpartbound, c.oid),
-                   CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END
+                   CASE WHEN c.relkind = 'p' THEN pg_get_partkeydef(c.oid) END,
+                   c.relrowsecurity, c.relforcerowsecurity
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
             WHERE c.relkind IN ('r', 'p') AND {_REL} ORDER BY 1, 2"""):
         entry: dict[str, Any] = {"kind": "partitioned table" if kind == "p" else "table",
@@ -149,6 +154,8 @@ def _tables(q) -> dict:
             entry["inherits"] = parents
         if key:
             entry["partition_key"] = key
+        if rls:  # only when on, so that the entry of a table without it is what it always was
+            entry["row_security"] = "forced" if forced else "enabled"
         tables[f"{schema}.{name}"] = entry
 
     columns: dict[str, dict] = {}
@@ -270,6 +277,50 @@ def _domains(q) -> dict:
             ORDER BY 1, 2""")}
 
 
+def _types(q) -> dict:
+    """Composite and range types (enums and domains have keys of their own)."""
+    out: dict[str, dict] = {}
+    for schema, name, attributes in q(f"""
+            SELECT n.nspname, t.typname,
+                   ARRAY(SELECT quote_ident(a.attname) || ' ' || format_type(a.atttypid, a.atttypmod)
+                         FROM pg_attribute a WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+                         ORDER BY a.attnum)
+            FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_class c ON c.oid = t.typrelid
+            WHERE t.typtype = 'c' AND c.relkind = 'c' AND {_USER_NS} AND {_not_extension_member('pg_type', 't.oid')}
+            ORDER BY 1, 2"""):
+        out[f"{schema}.{name}"] = {"kind": "composite", "attributes": list(attributes)}
+    for schema, name, subtype in q(f"""
+            SELECT n.nspname, t.typname, format_type(r.rngsubtype, NULL)
+            FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace JOIN pg_range r ON r.rngtypid = t.oid
+            WHERE t.typtype = 'r' AND {_USER_NS} AND {_not_extension_member('pg_type', 't.oid')}
+            ORDER BY 1, 2"""):
+        out[f"{schema}.{name}"] = {"kind": "range", "subtype": subtype}
+    return out
+
+
+def _policies(q) -> dict:
+    return {f"{schema}.{table}.{name}": {"table": f"{schema}.{table}", "command": _POLICY_COMMANDS.get(command, command),
+                                          "permissive": permissive,
+                                          "roles": sorted(roles), "using": using, "check": check}
+            for schema, table, name, command, permissive, roles, using, check in q(f"""
+            SELECT n.nspname, c.relname, p.polname, p.polcmd, p.polpermissive,
+                   ARRAY(SELECT CASE WHEN r = 0 THEN 'public' ELSE pg_get_userbyid(r)::text END
+                         FROM unnest(p.polroles) r),
+                   pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid)
+            FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE {_REL} ORDER BY 1, 2, 3""")}
+
+
+def _rules(q) -> dict:
+    # A view's own "_RETURN" rule is its definition, already under views.
+    return {f"{schema}.{table}.{name}": {"table": f"{schema}.{table}", "definition": definition,
+                                          "enabled": _TRIGGER_STATES.get(state, state)}
+            for schema, table, name, definition, state in q(f"""
+            SELECT n.nspname, c.relname, r.rulename, pg_get_ruledef(r.oid), r.ev_enabled
+            FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE r.rulename <> '_RETURN' AND {_REL} ORDER BY 1, 2, 3""")}
+
+
 # -- fingerprints -------------------------------------------------------------------------
 
 def fingerprint(snapshot: Mapping[str, Any]) -> str:
@@ -297,10 +348,10 @@ class Difference:
 
 # (snapshot key, kind as shown), in the order a reader wants them: containers first.
 _KINDS = [("extensions", "extension"), ("schemas", "schema"),
-          ("enums", "enum"), ("domains", "domain"), ("tables", "table"), ("columns", "column"),
-          ("constraints", "constraint"), ("indexes", "index"), ("triggers", "trigger"),
-          ("sequences", "sequence"), ("views", "view"), ("functions", "function")]
-_TABLE_CHILDREN = {"columns", "constraints", "indexes", "triggers"}
+          ("enums", "enum"), ("domains", "domain"), ("types", "type"), ("tables", "table"), ("columns", "column"),
+          ("constraints", "constraint"), ("indexes", "index"), ("triggers", "trigger"), ("policies", "policy"),
+          ("rules", "rule"), ("sequences", "sequence"), ("views", "view"), ("functions", "function")]
+_TABLE_CHILDREN = {"columns", "constraints", "indexes", "triggers", "policies", "rules"}
 
 
 def diff_snapshots(a: Mapping[str, Any], b: Mapping[str, Any], a_name: str = "a",
@@ -365,6 +416,10 @@ def _summary(value: Any) -> str:
         return f"{value['kind']}, {n} column{'s' if n != 1 else ''}"
     if "labels" in value:
         return ", ".join(value["labels"])
+    if "permissive" in value:  # a policy
+        return (f"{'permissive' if value['permissive'] else 'restrictive'} for {value['command']} to "
+                f"{', '.join(value['roles'])}" + (f" using {value['using']}" if value["using"] else "")
+                + (f" with check {value['check']}" if value["check"] else ""))
     for field in ("type", "kind"):
         if value.get(field):
             return str(value[field])

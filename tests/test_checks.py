@@ -271,3 +271,49 @@ def test_rows_of_a_table_without_a_key_are_shown_by_ctid(conn):
     plant = "CREATE TABLE loose (v text); INSERT INTO loose VALUES ('a'), (NULL), (NULL)"
     (r,) = run(conn, [NotNullCheck(parse_column("loose.v"))], plant)
     assert (r.status, r.rows, r.examples) == ("fail", 2, ("ctid=(0,2)", "ctid=(0,3)"))
+
+
+def test_an_inheritance_parents_keys_do_not_cover_its_childrens_rows(conn):
+    """A primary key or a foreign key of an inheritance parent constrains its own rows only: a child
+    may repeat the parent's ids and hold values the parent's foreign key would refuse. Reading the
+    parent with its children would report duplicates and orphans that are not there."""
+    plant = """CREATE TABLE vehicle (id int PRIMARY KEY, owner_id bigint REFERENCES users (id));
+               CREATE TABLE car (seats int) INHERITS (vehicle);
+               INSERT INTO vehicle SELECT g, (SELECT min(id) FROM users) FROM generate_series(1, 5) g;
+               INSERT INTO car SELECT g, 999999, 4 FROM generate_series(3, 8) g"""
+    results = run(conn, [DeclaredForeignKeys(), DeclaredUniqueKeys()], plant)
+    assert by_constraint(results, "vehicle_pkey").status == "pass"
+    assert by_constraint(results, "vehicle_owner_id_fkey").status == "pass"
+    # an orphan among the parent's own rows is still found, and only it
+    results = run(conn, [DeclaredForeignKeys()], plant + "; SET LOCAL session_replication_role = replica; "
+                  "INSERT INTO vehicle VALUES (6, 888888)")
+    r = by_constraint(results, "vehicle_owner_id_fkey")
+    assert (r.status, r.rows, r.examples) == ("fail", 1, ("id=6, owner_id=888888",))
+
+
+def test_one_failing_object_of_a_group_errors_alone(conn):
+    plant = """CREATE FUNCTION picky(t text) RETURNS text LANGUAGE plpgsql IMMUTABLE AS $$
+               BEGIN IF current_setting('enable_indexscan') = 'off' THEN RAISE EXCEPTION 'picky'; END IF;
+               RETURN t; END $$;
+               CREATE UNIQUE INDEX users_picky ON users (picky(email))"""
+    results = run(conn, [DeclaredUniqueKeys()], plant)
+    assert by_constraint(results, "users_picky").status == "error"
+    assert by_constraint(results, "users_picky").detail == "could not run: picky"
+    assert [r.status for r in results if r.constraint != "users_picky"] == ["pass"] * (len(results) - 1)
+
+
+def test_an_unpopulated_materialized_view_is_skipped_by_every_check(conn):
+    from dataops.tasks.validation.checks import NOT_POPULATED
+
+    plant = """CREATE MATERIALIZED VIEW user_ids AS SELECT id FROM users WITH NO DATA;
+               CREATE UNIQUE INDEX user_ids_id ON user_ids (id)"""
+    checks = [DeclaredUniqueKeys(), RowCountCheck(TableRef("public", "user_ids"), RowCountBounds(min=1)),
+              UniqueSetCheck(parse_columns("user_ids(id)")),
+              CustomSqlCheck(CustomCheck(name="reads it", sql="SELECT id FROM user_ids WHERE id < 0"))]
+    results = run(conn, checks, plant)
+    skipped = [r for r in results if r.status == "skip"]
+    assert [(r.kind, r.table) for r in skipped] == [("unique", "user_ids"), ("row_count", "user_ids"),
+                                                    ("unique_set", "user_ids"), ("custom", None)]
+    assert skipped[0].detail == NOT_POPULATED and skipped[1].detail == f"user_ids: {NOT_POPULATED}"
+    assert skipped[3].detail.startswith(NOT_POPULATED)
+    assert all(r.status == "pass" for r in results if r.status != "skip")

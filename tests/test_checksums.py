@@ -206,3 +206,22 @@ def test_an_enum_is_matched_most_common_label_first_with_the_same_checksum(make_
         assert table_checksum(conn, "public", "t") == before
         conn.execute("UPDATE t SET m = 'happy' WHERE id = 7")  # and a change still shows
         assert table_checksum(conn, "public", "t") != before
+
+
+def test_an_inheritance_parent_counts_its_own_rows_and_a_partitioned_table_its_partitions(conn):
+    with conn.transaction(force_rollback=True):
+        conn.execute("""CREATE TABLE vehicle (id int, make text);
+                        CREATE TABLE car (seats int) INHERITS (vehicle);
+                        CREATE TABLE parts (id int, region text) PARTITION BY LIST (region);
+                        CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu');
+                        CREATE TABLE parts_other PARTITION OF parts DEFAULT;
+                        INSERT INTO vehicle VALUES (1, 'a'), (2, 'b');
+                        INSERT INTO car VALUES (3, 'c', 4), (4, 'd', 2), (5, 'e', 7);
+                        INSERT INTO parts VALUES (1, 'eu'), (2, 'us'), (3, 'eu')""")
+        sums = table_checksums(conn, ["vehicle", "car", "parts"])
+        assert {t: c.rows for t, c in sums.items()} == {"vehicle": 2, "car": 3, "parts": 3}
+        counts = pg.row_counts(conn)
+        assert (counts["vehicle"], counts["car"], counts["parts"]) == (2, 3, 3) and "parts_eu" not in counts
+        before = sums["vehicle"].checksum
+        conn.execute("DELETE FROM car WHERE id = 5")
+        assert table_checksum(conn, "public", "vehicle").checksum == before  # a child's change is the child's

@@ -56,3 +56,31 @@ def test_errors_keep_their_kind_through_pickling():
 
     err = pickle.loads(pickle.dumps(TransientError("retry me")))
     assert isinstance(err, TransientError) and is_transient(err) and err.message == "retry me"
+
+
+# -- row-level security: an error, never a filter -------------------------------------------------
+
+def test_every_connection_turns_row_security_off_keeping_the_users_options(db):
+    dsn = Dsn(psycopg.conninfo.make_conninfo(db.secret(), options="-c statement_timeout=7s"))
+    conninfo, env = dsn.libpq_args()
+    assert "-c statement_timeout=7s -c row_security=off" in conninfo and "password" not in conninfo
+    assert dsn.conninfo(options="-c work_mem=8MB").count("row_security=off") == 1
+    with pg.connect(dsn) as conn:
+        assert conn.execute("SELECT current_setting('row_security'), current_setting('statement_timeout')"
+                            ).fetchone() == ("off", "7s")
+    with psycopg.connect(dsn.conninfo()) as conn:  # anyone's connection made from the DSN, not only ours
+        assert conn.execute("SHOW row_security").fetchone()[0] == "off"
+
+
+def test_a_row_security_refusal_is_bad_input_naming_the_table_and_the_fix():
+    from dataops.errors import classify, row_security_error
+
+    stderr = ('pg_dump: error: query failed: ERROR:  query would be affected by row-level security policy for '
+              'table "Odd ""Notes"""\npg_dump: detail: Query was: COPY ...')
+    err = row_security_error(stderr, role="reporting")
+    assert isinstance(err, BadInput) and err.exit_code == 2
+    assert err.message == ('row-level security on table "Odd "Notes"" would hide rows from role reporting; '
+                           "grant the role BYPASSRLS, or connect as the table's owner")
+    assert row_security_error("permission denied for table users") is None
+    other = ValueError("something else")
+    assert classify(other) is other and classify(BadInput("x")).message == "x"

@@ -8,7 +8,14 @@ Each check is a small object with a stated contract:
 - `run(ctx)`: one or more `CheckResult`s. Never writes: the caller runs every check in
   one READ ONLY REPEATABLE READ transaction (one snapshot for all of them), each check in
   its own savepoint so that one that errors (a statement timeout, a broken custom query)
-  is reported as `error` and the others still run.
+  is reported as `error` ("could not run: ...") and the others still run. A check that
+  covers many objects (every foreign key, every unique index) runs each in a savepoint of
+  its own too: one statement that fails marks that one object, not the whole group.
+
+A materialized view that was never populated (`WITH NO DATA`, or a restore that left it so)
+has no rows to check and cannot be read: every check skips it, reported as `skip`
+("skipped: not populated"), never as an error. A row-level-security refusal is not a check
+that could not run but a role that cannot validate: it is raised (BadInput), never reported.
 
 Built in, found from the database itself: orphaned rows of every declared foreign key
 (NOT VALID ones included), duplicates under every unique index and constraint, sequences
@@ -23,7 +30,7 @@ aggregate over a sequential scan is what these queries want anyway).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -32,7 +39,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from dataops.errors import BadInput
+from dataops.errors import BadInput, first_line, row_security_error
 from dataops.validation_settings import (
     BUILTIN_KINDS,
     ColumnsRef,
@@ -45,8 +52,9 @@ from dataops.validation_settings import (
     parse_table,
 )
 
-PASS, FAIL, WARN, ERROR = "pass", "fail", "warn", "error"
-_SEVERITY = {ERROR: 0, FAIL: 1, WARN: 2, PASS: 3}
+PASS, FAIL, WARN, ERROR, SKIP = "pass", "fail", "warn", "error", "skip"
+_SEVERITY = {ERROR: 0, FAIL: 1, WARN: 2, PASS: 3, SKIP: 4}
+NOT_POPULATED = "skipped: not populated (a materialized view created WITH NO DATA; REFRESH MATERIALIZED VIEW fills it)"
 _VALUE_WIDTH = 60
 
 # User schemas: not the system's, not this tool's own (dataops_*), not an extension's objects.
@@ -61,7 +69,7 @@ class CheckResult:
     kind: str  # foreign_key, unique, sequence, invalid_index, not_valid, not_null, row_count, custom, ...
     table: str | None  # 'users', 'app.events'
     constraint: str | None  # constraint, index or sequence name, if there is one
-    status: str  # pass, fail, warn, error
+    status: str  # pass, fail, warn, error, skip
     rows: int = 0  # rows at fault (or counted, for row_count)
     examples: tuple[str, ...] = ()  # a few keys of the rows at fault, e.g. "id=5, user_id=999"
     detail: str = ""
@@ -78,7 +86,7 @@ class CheckResult:
 
     def line(self) -> str:
         where = " ".join(x for x in (self.table, self.constraint) if x)
-        eg = f" (e.g. {'; '.join(self.examples[:3])})" if self.examples and self.status != PASS else ""
+        eg = f" (e.g. {'; '.join(self.examples[:3])})" if self.examples and self.status not in (PASS, SKIP) else ""
         return f"{self.status.upper()} {KIND_LABELS.get(self.kind, self.kind)} {where or self.name}: {self.detail}{eg}"
 
 
@@ -93,6 +101,7 @@ class CheckContext:
     conn: psycopg.Connection
     examples: int = 5
     _keys: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    _kinds: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def cursor(self) -> psycopg.Cursor:
         return self.conn.cursor(row_factory=tuple_row)
@@ -101,6 +110,30 @@ class CheckContext:
         value = "on" if on else "off"
         self.cursor().execute("SELECT set_config('enable_indexscan', %s, true), set_config('enable_indexonlyscan', %s, true), "
                               "set_config('enable_bitmapscan', %s, true)", (value, value, value))
+
+    def source(self, ref: TableRef, own_rows: bool = False) -> sql.Composable:
+        """What to read `ref`'s rows from. `own_rows`: a plain table's rows without its inheritance
+        children's (`ONLY`), as a declared constraint sees them: a primary key, a unique index or a
+        foreign key of an inheritance parent does not cover its children's rows. A partitioned
+        table is always read whole (its rows are its partitions')."""
+        if own_rows:
+            k = (ref.schema, ref.table)
+            if k not in self._kinds:
+                row = self.cursor().execute(
+                    "SELECT c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = %s AND c.relname = %s", k).fetchone()
+                self._kinds[k] = row[0] if row else ""
+            if self._kinds[k] == "r":
+                return sql.SQL("ONLY {}").format(_qualified(ref))
+        return _qualified(ref)
+
+    def unpopulated(self, ref: TableRef) -> bool:
+        """Whether `ref` is a materialized view that holds no data (reading it is an error)."""
+        row = self.cursor().execute(
+            """SELECT c.relkind = 'm' AND NOT c.relispopulated FROM pg_class c
+               JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s""",
+            (ref.schema, ref.table)).fetchone()
+        return bool(row and row[0])
 
     def key_columns(self, ref: TableRef) -> list[str]:
         """Columns that identify a row in examples: the primary key, else a unique index
@@ -135,6 +168,63 @@ class Check:
     def table_label(self) -> str | None:
         """The table this check is about, if it is about one."""
         return None
+
+    def reads(self) -> list[TableRef]:
+        """The tables or views this check reads (a configured check): when one of them is an
+        unpopulated materialized view, the check is skipped instead of run."""
+        return []
+
+
+def not_populated(check: Check, ref: TableRef) -> CheckResult:
+    return CheckResult(check.describe(), check.kind, check.table_label(), None, SKIP, 0, (),
+                       f"{ref.label}: {NOT_POPULATED}")
+
+
+def isolated(ctx: CheckContext, fallback: Callable[[str, str], CheckResult],
+             run: Callable[[], CheckResult | list[CheckResult]]) -> list[CheckResult]:
+    """`run()` in a savepoint of its own. A statement that fails rolls back that savepoint only
+    and becomes `fallback(status, detail)`: an error ("could not run: ..."; "did not finish" for
+    the statement timeout), or a skip when it read an unpopulated materialized view. A lost
+    connection and a row-level-security refusal are raised: nothing after them can be trusted."""
+    conn = ctx.conn
+    try:
+        with conn.transaction():
+            found = run()
+    except psycopg.errors.QueryCanceled as exc:
+        if conn.closed or conn.broken:
+            raise
+        return [fallback(ERROR, f"did not finish within statement_timeout_s: {first_line(exc)}")]
+    except psycopg.errors.ObjectNotInPrerequisiteState as exc:
+        if conn.closed or conn.broken:
+            raise
+        if "has not been populated" in str(exc):
+            return [fallback(SKIP, f"{NOT_POPULATED}: {first_line(exc)}")]
+        return [fallback(ERROR, f"could not run: {first_line(exc)}")]
+    except psycopg.Error as exc:
+        refused = row_security_error(exc, role=conn.info.user if not conn.closed else None)
+        if refused is not None:
+            raise refused from None
+        if conn.closed or conn.broken:
+            raise
+        return [fallback(ERROR, f"could not run: {first_line(exc)}")]
+    return found if isinstance(found, list) else [found]
+
+
+def run_check(ctx: CheckContext, check: Check) -> list[CheckResult]:
+    """One check, isolated: skipped when it reads an unpopulated materialized view."""
+    for ref in check.reads():
+        if ctx.unpopulated(ref):
+            return [not_populated(check, ref)]
+
+    def fallback(status: str, detail: str) -> CheckResult:
+        return CheckResult(check.describe(), check.kind, check.table_label(), None, status, 0, (), detail)
+
+    return isolated(ctx, fallback, lambda: check.run(ctx))
+
+
+def _item(name: str, kind: str, table: str | None, constraint: str | None) -> Callable[[str, str], CheckResult]:
+    """The fallback result of one object of a group check (one foreign key, one index)."""
+    return lambda status, detail: CheckResult(name, kind, table, constraint, status, 0, (), detail)
 
 
 # -- catalog lookups -------------------------------------------------------------------------
@@ -184,7 +274,7 @@ def _plural(n: int, word: str) -> str:
 
 
 def _example_rows(ctx: CheckContext, ref: TableRef, where: sql.Composable, extra: Sequence[str] = (),
-                  alias: str = "c") -> tuple[str, ...]:
+                  alias: str = "c", own_rows: bool = False) -> tuple[str, ...]:
     """Keys (plus `extra` columns) of up to ctx.examples rows of `ref` matching `where`."""
     if ctx.examples <= 0:
         return ()
@@ -199,20 +289,21 @@ def _example_rows(ctx: CheckContext, ref: TableRef, where: sql.Composable, extra
             sql.SQL("({})::text").format(e) for e in _cols(extra, alias)]
         order = sql.SQL("{}.ctid").format(sql.Identifier(alias))
     q = sql.SQL("SELECT {exprs} FROM {t} AS {a} WHERE {where} ORDER BY {order} LIMIT {n}").format(
-        exprs=sql.SQL(", ").join(exprs), t=_qualified(ref), a=sql.Identifier(alias), where=where, order=order,
+        exprs=sql.SQL(", ").join(exprs), t=ctx.source(ref, own_rows), a=sql.Identifier(alias), where=where,
+        order=order,
         n=sql.Literal(ctx.examples))
     return tuple(_key_text(shown, r) for r in ctx.cursor().execute(q))
 
 
 # -- foreign keys (declared and logical) -------------------------------------------------------
 
-def _orphan_condition(child_cols: Sequence[str], parent: TableRef, parent_cols: Sequence[str],
+def _orphan_condition(child_cols: Sequence[str], parent: sql.Composable, parent_cols: Sequence[str],
                       match_full: bool = False) -> sql.Composable:
     cc = _cols(child_cols, "c")
     all_set = sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(c) for c in cc)
     join = sql.SQL(" AND ").join(sql.SQL("{} = {}").format(p, c) for p, c in zip(_cols(parent_cols, "p"), cc))
     missing = sql.SQL("({all_set} AND NOT EXISTS (SELECT 1 FROM {parent} AS p WHERE {join}))").format(
-        all_set=all_set, parent=_qualified(parent), join=join)
+        all_set=all_set, parent=parent, join=join)
     if match_full and len(cc) > 1:
         # MATCH FULL: all NULL is fine, some NULL is a violation.
         some_null = sql.SQL(" OR ").join(sql.SQL("{} IS NULL").format(c) for c in cc)
@@ -222,12 +313,14 @@ def _orphan_condition(child_cols: Sequence[str], parent: TableRef, parent_cols: 
 
 
 def orphans(ctx: CheckContext, child: TableRef, child_cols: Sequence[str], parent: TableRef,
-            parent_cols: Sequence[str], *, match_full: bool = False) -> tuple[int, tuple[str, ...]]:
-    """(number of child rows whose key has no parent row, a few of their keys)."""
-    where = _orphan_condition(child_cols, parent, parent_cols, match_full)
+            parent_cols: Sequence[str], *, match_full: bool = False,
+            own_rows: bool = False) -> tuple[int, tuple[str, ...]]:
+    """(number of child rows whose key has no parent row, a few of their keys). `own_rows`: both
+    tables without their inheritance children, as a declared foreign key sees them."""
+    where = _orphan_condition(child_cols, ctx.source(parent, own_rows), parent_cols, match_full)
     n = ctx.cursor().execute(sql.SQL("SELECT count(*) FROM {t} AS c WHERE {w}").format(
-        t=_qualified(child), w=where)).fetchone()[0]
-    return n, (_example_rows(ctx, child, where, extra=child_cols) if n else ())
+        t=ctx.source(child, own_rows), w=where)).fetchone()[0]
+    return n, (_example_rows(ctx, child, where, extra=child_cols, own_rows=own_rows) if n else ())
 
 
 def _fk_result(kind: str, name: str, constraint: str | None, child: TableRef, child_cols: Sequence[str],
@@ -277,8 +370,13 @@ class DeclaredForeignKeys(Check):
                 out.append(replace(r, detail=r.detail + " (validated by PostgreSQL as the constraint "
                                                                     "was added after the load)"))
                 continue
-            n, eg = orphans(ctx, child, ccols, parent, pcols, match_full=full)
-            out.append(_fk_result(self.kind, name, con, child, ccols, parent, pcols, n, eg, validated))
+
+            def one(child=child, ccols=ccols, parent=parent, pcols=pcols, full=full, name=name, con=con,
+                    validated=validated) -> CheckResult:
+                n, eg = orphans(ctx, child, ccols, parent, pcols, match_full=full, own_rows=True)
+                return _fk_result(self.kind, name, con, child, ccols, parent, pcols, n, eg, validated)
+
+            out += isolated(ctx, _item(name, self.kind, child.label, con), one)
         return out
 
 
@@ -298,6 +396,9 @@ class ColumnsCheck(Check):
     def resolve(self, conn: psycopg.Connection) -> None:
         require_columns(conn, self.ref.table, self.ref.columns)
 
+    def reads(self) -> list[TableRef]:
+        return [self.ref.table]
+
 
 class LogicalForeignKeyCheck(ColumnsCheck):
     """A foreign key the schema does not declare (`user_emails.user_id -> users.id`)."""
@@ -315,6 +416,9 @@ class LogicalForeignKeyCheck(ColumnsCheck):
         super().resolve(conn)
         require_columns(conn, self.fk.parent.table, self.fk.parent.columns)
 
+    def reads(self) -> list[TableRef]:
+        return [self.fk.child.table, self.fk.parent.table]
+
     def run(self, ctx: CheckContext) -> list[CheckResult]:
         ctx.use_indexes(False)
         c, p = self.fk.child, self.fk.parent
@@ -325,15 +429,18 @@ class LogicalForeignKeyCheck(ColumnsCheck):
 # -- uniqueness ---------------------------------------------------------------------------------
 
 def duplicates(ctx: CheckContext, ref: TableRef, keys: Sequence[sql.Composable], names: Sequence[str], *,
-               predicate: sql.Composable | None = None, nulls_distinct: bool = True) -> tuple[int, int, tuple[str, ...]]:
-    """(keys that occur more than once, rows holding them, a few of those keys with their counts)."""
+               predicate: sql.Composable | None = None, nulls_distinct: bool = True,
+               own_rows: bool = False) -> tuple[int, int, tuple[str, ...]]:
+    """(keys that occur more than once, rows holding them, a few of those keys with their counts).
+    `own_rows`: without inheritance children's rows, as a unique index sees the table."""
+    source = ctx.source(ref, own_rows)
     conds = [sql.SQL("({}) IS NOT NULL").format(k) for k in keys] if nulls_distinct else []
     if predicate is not None:
         conds.append(sql.SQL("({})").format(predicate))
     where = sql.SQL(" WHERE ") + sql.SQL(" AND ").join(conds) if conds else sql.SQL("")
     group = sql.SQL(", ").join(keys)
     grouped = sql.SQL("SELECT {group}, count(*) AS n FROM {t}{where} GROUP BY {group} HAVING count(*) > 1").format(
-        group=group, t=_qualified(ref), where=where)
+        group=group, t=source, where=where)
     groups, rows = ctx.cursor().execute(
         sql.SQL("SELECT count(*), coalesce(sum(n), 0) FROM ({}) AS d").format(grouped)).fetchone()
     examples: tuple[str, ...] = ()
@@ -341,7 +448,7 @@ def duplicates(ctx: CheckContext, ref: TableRef, keys: Sequence[sql.Composable],
         texts = sql.SQL(", ").join(sql.SQL("({})::text").format(k) for k in keys)
         q = sql.SQL("SELECT {texts}, count(*) FROM {t}{where} GROUP BY {group} HAVING count(*) > 1 "
                     "ORDER BY count(*) DESC, {group} LIMIT {n}").format(
-            texts=texts, t=_qualified(ref), where=where, group=group, n=sql.Literal(ctx.examples))
+            texts=texts, t=source, where=where, group=group, n=sql.Literal(ctx.examples))
         examples = tuple(f"{_key_text(names, r[:-1])} ({r[-1]} rows)" for r in ctx.cursor().execute(q))
     return groups, int(rows), examples
 
@@ -370,7 +477,7 @@ class DeclaredUniqueKeys(Check):
         idx = ctx.cursor().execute(f"""
             SELECT n.nspname, c.relname, ic.relname, co.conname,
                    ARRAY(SELECT pg_get_indexdef(i.indexrelid, k, true) FROM generate_series(1, i.indnkeyatts) k),
-                   pg_get_expr(i.indpred, i.indrelid, true), {nulls_nd}
+                   pg_get_expr(i.indpred, i.indrelid, true), {nulls_nd}, c.relispopulated
             FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid
             JOIN pg_class c ON c.oid = i.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
             LEFT JOIN pg_constraint co ON co.conindid = i.indexrelid AND co.conrelid = i.indrelid AND co.contype IN ('p', 'u')
@@ -378,13 +485,22 @@ class DeclaredUniqueKeys(Check):
               AND NOT EXISTS (SELECT 1 FROM pg_inherits h WHERE h.inhrelid = i.indexrelid)
             ORDER BY 1, 2, 3""").fetchall()
         out = []
-        for schema, table, index, con, exprs, pred, nulls_not_distinct in idx:
+        for schema, table, index, con, exprs, pred, nulls_not_distinct, populated in idx:
             ref = TableRef(schema, table)
-            keys = [sql.SQL(e) for e in exprs]  # catalog text (pg_get_indexdef), not user input
-            groups, rows, eg = duplicates(ctx, ref, keys, exprs, predicate=sql.SQL(pred) if pred else None,
-                                          nulls_distinct=not nulls_not_distinct)
             name = f"{ref.label}({', '.join(exprs)})" + (f" WHERE {pred}" if pred else "")
-            out.append(_unique_result(self.kind, name, con or index, ref, exprs, groups, rows, eg))
+            fallback = _item(name, self.kind, ref.label, con or index)
+            if not populated:
+                out.append(fallback(SKIP, NOT_POPULATED))
+                continue
+
+            def one(ref=ref, exprs=exprs, pred=pred, nnd=nulls_not_distinct, name=name, con=con,
+                    index=index) -> CheckResult:
+                keys = [sql.SQL(e) for e in exprs]  # catalog text (pg_get_indexdef), not user input
+                groups, rows, eg = duplicates(ctx, ref, keys, exprs, predicate=sql.SQL(pred) if pred else None,
+                                              nulls_distinct=not nnd, own_rows=True)
+                return _unique_result(self.kind, name, con or index, ref, exprs, groups, rows, eg)
+
+            out += isolated(ctx, fallback, one)
         return out
 
 
@@ -432,27 +548,34 @@ class SequencesBehind(Check):
                 out.append(CheckResult(name, self.kind, ref.label, seq_name, WARN, 0, (),
                                        f"cannot read sequence {sschema}.{seq}: grant SELECT on it to the validating user"))
                 continue
-            nxt = start if last is None else last + step
-            col = sql.Identifier(column)
-            agg = "max" if step > 0 else "min"
-            edge = ctx.cursor().execute(sql.SQL("SELECT {agg}({col}) FROM {t}").format(
-                agg=sql.SQL(agg), col=col, t=_qualified(ref))).fetchone()[0]
-            behind = edge is not None and (edge >= nxt if step > 0 else edge <= nxt)
-            if not behind:
-                detail = f"next value {nxt}" + (f" is past {agg}({column}) {edge}" if edge is not None
-                                                   else " (table is empty)")
-                out.append(CheckResult(name, self.kind, ref.label, seq_name, PASS, 0, (), detail))
-                continue
-            cmp = sql.SQL(">=") if step > 0 else sql.SQL("<=")
-            n = ctx.cursor().execute(sql.SQL("SELECT count(*) FROM {t} WHERE {col} {cmp} {nxt}").format(
-                t=_qualified(ref), col=col, cmp=cmp, nxt=sql.Literal(nxt))).fetchone()[0]
-            fix = (f"SELECT setval('{sschema}.{seq}', (SELECT {agg}({column}) FROM {ref}))")
-            detail = (f"next value {nxt} is not past {agg}({column}) {edge}: {_plural(n, 'row')} already "
-                      f"hold values it will hand out, so inserts using the default will fail with duplicate keys; "
-                      f"fix with {fix}")
-            out.append(CheckResult(name, self.kind, ref.label, seq_name, FAIL, n,
-                                   (f"{agg}({column})={edge}", f"next value={nxt}"), detail))
+            out += isolated(ctx, _item(name, self.kind, ref.label, seq_name),
+                            lambda a=(sschema, seq, ref, column, seq_name, name, last, start, step): self._one(ctx, *a))
         return out
+
+    def _one(self, ctx: CheckContext, sschema: str, seq: str, ref: TableRef, column: str, seq_name: str, name: str,
+             last: int | None, start: int, step: int) -> CheckResult:
+        nxt = start if last is None else last + step
+        col = sql.Identifier(column)
+        agg = "max" if step > 0 else "min"
+        edge = ctx.cursor().execute(sql.SQL("SELECT {agg}({col}) FROM {t}").format(
+            agg=sql.SQL(agg), col=col, t=_qualified(ref))).fetchone()[0]
+        behind = edge is not None and (edge >= nxt if step > 0 else edge <= nxt)
+        if not behind:
+            detail = f"next value {nxt}" + (f" is past {agg}({column}) {edge}" if edge is not None
+                                               else " (table is empty)")
+            return CheckResult(name, self.kind, ref.label, seq_name, PASS, 0, (), detail)
+        cmp = sql.SQL(">=") if step > 0 else sql.SQL("<=")
+        n = ctx.cursor().execute(sql.SQL("SELECT count(*) FROM {t} WHERE {col} {cmp} {nxt}").format(
+            t=_qualified(ref), col=col, cmp=cmp, nxt=sql.Literal(nxt))).fetchone()[0]
+        fix = ctx.cursor().execute(  # quote_ident quotes only the names that need it, as a person would
+            "SELECT format(%s::text, quote_ident(%s) || '.' || quote_ident(%s), %s::text, %s::text, %s::text)",
+            (f"SELECT setval(%L, (SELECT {agg}(%I) FROM %I.%I))", sschema, seq, column, ref.schema,
+             ref.table)).fetchone()[0]
+        detail = (f"next value {nxt} is not past {agg}({column}) {edge}: {_plural(n, 'row')} already "
+                  f"hold values it will hand out, so inserts using the default will fail with duplicate keys; "
+                  f"fix with {fix}")
+        return CheckResult(name, self.kind, ref.label, seq_name, FAIL, n,
+                           (f"{agg}({column})={edge}", f"next value={nxt}"), detail)
 
 
 class InvalidIndexes(Check):
@@ -491,27 +614,32 @@ class NotValidConstraints(Check):
         rows = ctx.cursor().execute(f"""
             SELECT n.nspname, c.relname, co.conname, co.contype, pg_get_expr(co.conbin, co.conrelid, true)
             FROM pg_constraint co JOIN pg_class c ON c.oid = co.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE NOT co.convalidated AND co.contype IN ('c', 'f') AND {_USER_NS} AND {_NOT_EXTENSION.format(oid='c.oid')}
+            WHERE NOT co.convalidated AND co.contype IN ('c', 'f') AND co.conislocal AND co.conparentid = 0
+              AND {_USER_NS} AND {_NOT_EXTENSION.format(oid='c.oid')}
             ORDER BY 1, 2, 3""").fetchall()
         if not rows:
             return [CheckResult("NOT VALID constraints", self.kind, None, None, PASS, 0, (), "no NOT VALID constraints")]
         out = []
         for schema, table, con, contype, expr in rows:
             ref = TableRef(schema, table)
-            validate = f"ALTER TABLE {ref} VALIDATE CONSTRAINT {con}"
+            validate = ctx.cursor().execute("SELECT format(%s::text, %s::text, %s::text, %s::text)", (
+                "ALTER TABLE %I.%I VALIDATE CONSTRAINT %I", schema, table, con)).fetchone()[0]
             if contype == "f":
                 out.append(CheckResult(con, self.kind, ref.label, con, WARN, 0, (),
                                        f"foreign key is NOT VALID (its rows are checked above); when they pass: {validate}"))
                 continue
-            where = sql.SQL("NOT ({})").format(sql.SQL(expr))  # catalog text, not user input
-            n = ctx.cursor().execute(sql.SQL("SELECT count(*) FROM {t} AS c WHERE {w}").format(
-                t=_qualified(ref), w=where)).fetchone()[0]
-            if n:
-                out.append(CheckResult(con, self.kind, ref.label, con, FAIL, n, _example_rows(ctx, ref, where),
-                                       f"CHECK ({expr}) is NOT VALID and {_plural(n, 'row')} violate it"))
-            else:
-                out.append(CheckResult(con, self.kind, ref.label, con, WARN, 0, (),
-                                       f"CHECK ({expr}) is NOT VALID but every row satisfies it: {validate}"))
+
+            def one(ref=ref, con=con, expr=expr, validate=validate) -> CheckResult:
+                where = sql.SQL("NOT ({})").format(sql.SQL(expr))  # catalog text, not user input
+                n = ctx.cursor().execute(sql.SQL("SELECT count(*) FROM {t} AS c WHERE {w}").format(
+                    t=_qualified(ref), w=where)).fetchone()[0]
+                if n:
+                    return CheckResult(con, self.kind, ref.label, con, FAIL, n, _example_rows(ctx, ref, where),
+                                       f"CHECK ({expr}) is NOT VALID and {_plural(n, 'row')} violate it")
+                return CheckResult(con, self.kind, ref.label, con, WARN, 0, (),
+                                   f"CHECK ({expr}) is NOT VALID but every row satisfies it: {validate}")
+
+            out += isolated(ctx, _item(con, self.kind, ref.label, con), one)
         return out
 
 
@@ -551,6 +679,9 @@ class RowCountCheck(Check):
     def resolve(self, conn: psycopg.Connection) -> None:
         table_oid(conn, self.table)
 
+    def reads(self) -> list[TableRef]:
+        return [self.table]
+
     def run(self, ctx: CheckContext) -> list[CheckResult]:
         n = ctx.cursor().execute(sql.SQL("SELECT count(*) FROM {}").format(_qualified(self.table))).fetchone()[0]
         lo, hi = self.bounds.min, self.bounds.max
@@ -579,6 +710,9 @@ class CustomSqlCheck(Check):
     def resolve(self, conn: psycopg.Connection) -> None:
         if self.spec.table:
             table_oid(conn, parse_table(self.spec.table))
+
+    def reads(self) -> list[TableRef]:
+        return [parse_table(self.spec.table)] if self.spec.table else []
 
     def run(self, ctx: CheckContext) -> list[CheckResult]:
         ctx.use_indexes(True)

@@ -32,7 +32,7 @@ from psycopg import IsolationLevel
 from psycopg.rows import tuple_row
 
 from dataops.dsn import Dsn
-from dataops.errors import BadInput, OperationFailed, first_line
+from dataops.errors import BadInput, OperationFailed
 from dataops.settings import Environment
 from dataops.tasks import pg
 from dataops.tasks.checksums import TableChecksum, parse_label, table_checksum
@@ -45,11 +45,13 @@ from dataops.tasks.validation.checks import (
     FAIL,
     KIND_LABELS,
     PASS,
+    SKIP,
     WARN,
     Check,
     CheckContext,
     CheckResult,
     all_checks,
+    run_check,
     sort_results,
 )
 from dataops.validation_settings import ValidationSettings
@@ -87,12 +89,16 @@ def target_name(target: Database) -> str:
 @contextlib.contextmanager
 def read_only_snapshot(target: Database, *, statement_timeout_s: float | None = None,
                        connect_timeout: int = 10) -> Iterator[psycopg.Connection]:
-    """A connection inside one REPEATABLE READ, READ ONLY transaction, rolled back at the end."""
+    """A connection inside one REPEATABLE READ, READ ONLY transaction, rolled back at the end.
+
+    Refuses (BadInput) a role that row-level security would hide rows from: checks, counts and
+    checksums of part of a table would describe a database that does not exist."""
     with pg.connect(_dsn(target), timeout=connect_timeout, application_name="dataops-validate") as conn:
         conn.isolation_level = IsolationLevel.REPEATABLE_READ
         conn.read_only = True
         cur = conn.cursor(row_factory=tuple_row)
         cur.execute("SELECT 1")  # psycopg opens the transaction with BEGIN ... READ ONLY
+        pg.require_all_rows(conn, f"read every row of {target_name(target)}")
         if statement_timeout_s:
             cur.execute("SELECT set_config('statement_timeout', %s, true)", (f"{int(statement_timeout_s * 1000)}ms",))
         try:
@@ -121,12 +127,17 @@ class CheckReport:
         return [r for r in self.results if r.status == WARN]
 
     @property
+    def skipped(self) -> list[CheckResult]:
+        return [r for r in self.results if r.status == SKIP]
+
+    @property
     def ok(self) -> bool:
         return not self.failures
 
     def summary(self) -> str:
-        n, bad, warn = len(self.results), len(self.failures), len(self.warnings)
-        tail = f", {_count(warn, 'warning')}" if warn else ""
+        n, bad, warn, skip = len(self.results), len(self.failures), len(self.warnings), len(self.skipped)
+        n -= skip
+        tail = (f", {_count(warn, 'warning')}" if warn else "") + (f", {skip} skipped (not populated)" if skip else "")
         if bad:
             return f"{bad} of {_count(n, 'check')} failed{tail}"
         return f"{_count(n, 'check')} passed{tail}"
@@ -162,24 +173,10 @@ def _run_in(conn: psycopg.Connection, checks: Sequence[Check], examples: int) ->
     results: list[CheckResult] = []
     for check in checks:
         t0 = time.monotonic()
-        try:
-            with conn.transaction():  # a savepoint: a check that errors leaves the others running
-                found = check.run(ctx)
-        except BadInput:
-            raise
-        except psycopg.errors.QueryCanceled as exc:
-            found = [_errored(check, f"did not finish within statement_timeout_s: {first_line(exc)}")]
-        except psycopg.Error as exc:
-            if conn.closed or conn.broken:
-                raise
-            found = [_errored(check, f"could not run: {first_line(exc)}")]
+        found = run_check(ctx, check)  # a savepoint (each object of a group in one of its own)
         took = (time.monotonic() - t0) / max(len(found), 1)
         results.extend(_with_seconds(r, took) for r in found)
     return results
-
-
-def _errored(check: Check, detail: str) -> CheckResult:
-    return CheckResult(check.describe(), check.kind, check.table_label(), None, ERROR, 0, (), detail)
 
 
 def _with_seconds(r: CheckResult, seconds: float) -> CheckResult:
@@ -367,7 +364,7 @@ def _count_rows(conn: psycopg.Connection, schema: str, table: str) -> int:
     from psycopg import sql
 
     return conn.cursor(row_factory=tuple_row).execute(
-        sql.SQL("SELECT count(*) FROM {}").format(pg.qualified(schema, table))).fetchone()[0]
+        sql.SQL("SELECT count(*) FROM {}").format(pg.row_source(conn, schema, table))).fetchone()[0]
 
 
 # -- for the flows that change a database -----------------------------------------------------
@@ -458,7 +455,8 @@ def build_report(checks: CheckReport, comparison: EnvironmentComparison | None =
         "seconds": round(checks.seconds + (comparison.seconds if comparison else 0), 3),
         "fingerprint": checks.fingerprint,
         "summary": {"checks": len(checks.results), "failed": len(checks.failures), "warnings": len(checks.warnings),
-                    "passed": sum(r.status == PASS for r in checks.results)},
+                    "passed": sum(r.status == PASS for r in checks.results),
+                    "skipped": sum(r.status == SKIP for r in checks.results)},
         "checks": [r.as_dict() for r in sort_results(checks.results)],
         "comparison": comparison.as_dict() if comparison else None,
     }
