@@ -129,8 +129,8 @@ def checkpointed(dsn, run_id: int) -> set[int]:
     """The keys the ranges of `run_id` say are done: up to the checkpoint, or all of a finished range."""
     return {r[0] for r in query(dsn, """
         SELECT i.id FROM items i JOIN dataops_transforms.ranges r ON r.run_id = %s
-            AND (r.lo IS NULL OR i.id > r.lo::int) AND (r.hi IS NULL OR i.id <= r.hi::int)
-        WHERE r.finished OR i.id <= r.last_key::int""", (run_id,))}
+            AND (r.lo IS NULL OR i.id > r.lo[1]::int) AND (r.hi IS NULL OR i.id <= r.hi[1]::int)
+        WHERE r.finished OR i.id <= r.last_key[1]::int""", (run_id,))}
 
 
 def ranges(dsn, run_id: int) -> list[tuple]:

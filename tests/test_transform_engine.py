@@ -129,7 +129,7 @@ def test_revert_reinserts_the_rows_the_transform_deleted_and_no_others(make_db, 
     dsn = app_db(make_db, users=200)
     settings = write_settings(tmp_path, dsn)
     s = transform(settings, settings.env("dev"), "user_emails_normalize")
-    removed = sorted(int(r[0]) for r in query(dsn, "SELECT key FROM dataops_transforms.deleted"))
+    removed = sorted(int(r[0]) for r in query(dsn, "SELECT key[1] FROM dataops_transforms.deleted"))
     assert len(removed) == s["deleted"] > 0
     # after the transform, the application deletes a row the transform had normalized
     normalized = query(dsn, "SELECT min(e.id) FROM user_emails e JOIN dataops_snapshots.{} s USING (id)".format(

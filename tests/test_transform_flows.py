@@ -119,7 +119,16 @@ def test_verify_failure_marks_the_run_and_blocks_a_new_one_until_reverted(app, t
 
 
 def test_cli_list_run_status_revert(prefect_api, app, tmp_path):
-    cfg = config(tmp_path, app)
+    import shutil
+
+    folder = tmp_path / "transforms"
+    shutil.copytree(ROOT / "transforms", folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "audit_fix.py").write_text('"""A fix of a table without a key."""\nTABLE = "audit_raw"\n'
+                                         'SET = {"note": "upper(note)"}\n')
+    with pg.connect(app) as conn:
+        conn.execute("CREATE TABLE audit_raw (at timestamptz, note text); INSERT INTO audit_raw VALUES (now(), 'x')")
+        conn.commit()
+    cfg = config(tmp_path, app, folder)
     env = {"PREFECT_API_URL": prefect_api}
     original = checksum(app, "users")
 
@@ -150,3 +159,14 @@ def test_cli_list_run_status_revert(prefect_api, app, tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.startswith('error: column "tax_amount" does not exist in table "public.orders"; '
                                      "run the migration that adds it first"), missing.stderr
+
+    keyless = run_cli("--config", cfg, "transform", "dev", "run", "audit_fix", env=env)
+    assert keyless.returncode == 2, keyless.stderr
+    assert keyless.stderr.startswith('error: table "public.audit_raw" has no primary key and no unique index on NOT '
+                                     "NULL columns, so a transform cannot walk it in batches; add a primary key "
+                                     "(ALTER TABLE public.audit_raw ADD PRIMARY KEY (...))"), keyless.stderr
+    assert "Traceback" not in keyless.stderr and len(keyless.stderr.strip().splitlines()) == 1, keyless.stderr
+    with pg.connect(app) as conn:
+        assert conn.execute("SELECT note FROM audit_raw").fetchall() == [("x",)]
+        assert conn.execute("SELECT count(*) FROM dataops_transforms.runs WHERE transform = 'audit_fix'"
+                            ).fetchone() == (0,)

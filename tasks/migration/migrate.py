@@ -63,6 +63,12 @@ CLIENT_CHECK_MS = 1000
 # Two int4 halves of the advisory lock key, 'data' and 'migr' in ASCII, so that the lock is
 # easy to recognise in pg_locks (classid, objid; objsubid 2 for the two-key form).
 LOCK_KEY = (0x64617461, 0x6D696772)
+# 'data' and 'schm': every data transform holds this one shared for its run
+# (dataops.tasks.transform.state.SCHEMA_LOCK, the same pair); a migration takes it alone, after
+# LOCK_KEY, so that it never changes a table under a transform's batches. Tried, never waited
+# for (beyond wait_s): a running transform refuses the migration, naming it.
+SCHEMA_LOCK = (0x64617461, 0x7363686D)
+TRANSFORM_APP = "dataops-transform:"  # application_name of a transform's lock session, then its name
 
 # Alembic keeps the running migration's context in module globals (`alembic.context`,
 # `alembic.op`), so two Alembic commands in one process at once break each other. Runs in
@@ -285,27 +291,60 @@ WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(a)s AND l.objid = 
 LIMIT 1"""
 
 
+_SHARERS = """
+SELECT a.pid, a.application_name, a.usename, a.client_addr::text,
+       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(c)s AND l.objid = %(d)s AND l.objsubid = 2
+  AND l.mode = 'ShareLock' AND l.pid <> pg_backend_pid()
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY a.backend_start"""
+
+
 def _busy(label: str, holder: str) -> OperationFailed:
     return OperationFailed(f"another migration holds the lock on {label} ({holder}); "
                            "wait for it to finish, or end that session if it is stuck")
 
 
+def _transforms_busy(label: str, rows: list) -> OperationFailed:
+    """The transforms holding the schema lock shared, each named with its session."""
+    named = []
+    for row in rows or [None]:
+        app = (row[1] or "") if row else ""
+        name = app[len(TRANSFORM_APP):] if app.startswith(TRANSFORM_APP) else "?"
+        named.append(f"transform {name}: {pg.holder_words(row)}")
+    return OperationFailed(f"a data transform is running on {label} ({'; '.join(named)}); a migration does not "
+                           "change the schema under a transform's batches: wait for it to finish, or end that session "
+                           "if it is stuck")
+
+
+def _take_both(conn, label: str) -> OperationFailed | None:
+    """LOCK_KEY, then SCHEMA_LOCK alone; None when both are held, else why not (neither is held)."""
+    keys = {"a": LOCK_KEY[0], "b": LOCK_KEY[1], "c": SCHEMA_LOCK[0], "d": SCHEMA_LOCK[1]}
+    if not conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", keys).scalar():
+        return _busy(label, pg.holder_words(conn.exec_driver_sql(_HOLDER, keys).fetchone()))
+    if conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(c)s, %(d)s)", keys).scalar():
+        return None
+    busy = _transforms_busy(label, conn.exec_driver_sql(_SHARERS, keys).fetchall())
+    conn.exec_driver_sql("SELECT pg_advisory_unlock(%(a)s, %(b)s)", keys)
+    return busy
+
+
 @contextlib.contextmanager
 def migration_lock(conn, label: str, wait_s: float = 0.0) -> Iterator[None]:
-    """The session-level advisory lock on this connection, or OperationFailed naming its holder.
+    """The session-level advisory lock on this connection, and the schema lock alone (no data
+    transform runs meanwhile); or OperationFailed naming the holder.
 
     `wait_s` > 0 keeps trying that long first: a rollback starts while the failed run may
     still be letting go of the lock. Otherwise a held lock fails at once (see the module).
     """
-    keys = {"a": LOCK_KEY[0], "b": LOCK_KEY[1]}
+    keys = {"a": LOCK_KEY[0], "b": LOCK_KEY[1], "c": SCHEMA_LOCK[0], "d": SCHEMA_LOCK[1]}
     raw = conn.connection.dbapi_connection  # psycopg: the SQL below has no SQLAlchemy binds
     deadline = time.monotonic() + wait_s
-    while not conn.exec_driver_sql("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", keys).scalar():
-        if time.monotonic() >= deadline:
-            holder = pg.holder_words(conn.exec_driver_sql(_HOLDER, keys).fetchone())
-            conn.commit()
-            raise _busy(label, holder)
+    while (busy := _take_both(conn, label)) is not None:
         conn.commit()
+        if time.monotonic() >= deadline:
+            raise busy
         time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
     conn.commit()
     try:
@@ -315,7 +354,8 @@ def migration_lock(conn, label: str, wait_s: float = 0.0) -> Iterator[None]:
             try:
                 if conn.in_transaction():
                     conn.rollback()
-                conn.exec_driver_sql("SELECT pg_advisory_unlock(%(a)s, %(b)s)", keys)
+                conn.exec_driver_sql("SELECT pg_advisory_unlock(%(c)s, %(d)s), pg_advisory_unlock(%(a)s, %(b)s)",
+                                     keys)
                 conn.commit()
             except Exception:  # noqa: BLE001 - closing the connection releases it anyway
                 log.warning("could not release the migration lock explicitly; it goes with the connection")
@@ -326,12 +366,15 @@ def lock_is_free(mt: MigrationTarget) -> str | None:
     A hint for preflight only; the lock taken before applying is what guarantees one run at
     a time. Writes nothing."""
 
-    keys = {"a": LOCK_KEY[0], "b": LOCK_KEY[1]}
+    keys = {"a": LOCK_KEY[0], "b": LOCK_KEY[1], "c": SCHEMA_LOCK[0], "d": SCHEMA_LOCK[1]}
     with pg.connect(mt.dsn, autocommit=True, timeout=mt.connect_timeout) as conn:
-        if conn.execute("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", keys).fetchone()[0]:
-            conn.execute("SELECT pg_advisory_unlock(%(a)s, %(b)s)", keys)
-            return None
-        return _busy(mt.name, pg.holder_words(conn.execute(_HOLDER, keys).fetchone())).message
+        if not conn.execute("SELECT pg_try_advisory_lock(%(a)s, %(b)s)", keys).fetchone()[0]:
+            return _busy(mt.name, pg.holder_words(conn.execute(_HOLDER, keys).fetchone())).message
+        conn.execute("SELECT pg_advisory_unlock(%(a)s, %(b)s)", keys)
+        if not conn.execute("SELECT pg_try_advisory_lock(%(c)s, %(d)s)", keys).fetchone()[0]:
+            return _transforms_busy(mt.name, conn.execute(_SHARERS, keys).fetchall()).message
+        conn.execute("SELECT pg_advisory_unlock(%(c)s, %(d)s)", keys)
+        return None
 
 
 # -- reading: status and plan -------------------------------------------------------------------

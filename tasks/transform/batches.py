@@ -2,7 +2,8 @@
 
 Why batches look the way they do:
 - Keyset, never OFFSET: the next batch is "the next N keys after the checkpoint", found on
-  the key's index, so batch 1,000 costs what batch 1 costs.
+  the key's index, so batch 1,000 costs what batch 1 costs. A key of several columns is
+  compared as a row, (a, b) > (x, y) (dataops.tasks.transform.keys).
 - Each batch is one transaction holding its change and its checkpoint, so a crash loses
   at most the batch in flight, and that batch left no trace.
 - The size adapts: each batch's duration steers the next one toward 40% of
@@ -27,6 +28,8 @@ from pydantic import ValidationError
 from dataops.errors import BadInput, TransientError
 from dataops.failpoints import failpoint
 from dataops.settings import TransformSettings
+from dataops.tasks.transform import keys
+from dataops.tasks.transform.keys import key_range
 from dataops.tasks.transform.spec import Target, TransformSpec
 from dataops.tasks.transform.state import EXAMPLES_KEPT, BatchCounts, RangeState, checkpoint
 
@@ -148,21 +151,13 @@ def frag(text: str) -> sql.SQL:
     return sql.SQL("(" + text.replace("%", "%%") + ")")
 
 
-def key_range(target: Target, lo: str | None, hi: str | None, alias: str | None = None) -> sql.Composable:
-    """k > %(lo)s AND k <= %(hi)s, cast to the key's type; a None bound is left out."""
-    k = sql.Identifier(alias, target.key) if alias else sql.Identifier(target.key)
-    parts = []
-    if lo is not None:
-        parts.append(sql.SQL("{} > %(lo)s::{}").format(k, sql.SQL(target.key_type)))
-    if hi is not None:
-        parts.append(sql.SQL("{} <= %(hi)s::{}").format(k, sql.SQL(target.key_type)))
-    return sql.SQL(" AND ").join(parts) if parts else sql.SQL("true")
+Key = list[str]  # a key value as the state tables keep it (dataops.tasks.transform.keys)
 
 
 class Batcher(Protocol):
-    def bound(self, conn: psycopg.Connection, last: str | None, hi: str | None, n: int) -> tuple[int, str | None]: ...
+    def bound(self, conn: psycopg.Connection, last: Key | None, hi: Key | None, n: int) -> tuple[int, Key | None]: ...
 
-    def apply(self, conn: psycopg.Connection, lo: str | None, hi: str, deadline: Deadline) -> BatchCounts: ...
+    def apply(self, conn: psycopg.Connection, lo: Key | None, hi: Key, deadline: Deadline) -> BatchCounts: ...
 
 
 class KeysetBound:
@@ -171,11 +166,14 @@ class KeysetBound:
     keys_table: sql.Composable
     target: Target
 
-    def bound(self, conn: psycopg.Connection, last: str | None, hi: str | None, n: int) -> tuple[int, str | None]:
-        q = sql.SQL("SELECT count(*), max({k})::text FROM (SELECT {k} FROM {t} WHERE {r} ORDER BY {k} LIMIT %(n)s) s").format(
-            k=sql.Identifier(self.target.key), t=self.keys_table, r=key_range(self.target, last, hi))
-        count, new = conn.execute(q, {"lo": last, "hi": hi, "n": n}).fetchone()
-        return count, new
+    def bound(self, conn: psycopg.Connection, last: Key | None, hi: Key | None, n: int) -> tuple[int, Key | None]:
+        t = self.target
+        q = sql.SQL("WITH b AS MATERIALIZED (SELECT {k} FROM {t} WHERE {r} ORDER BY {k} LIMIT %(n)s) "
+                    "SELECT (SELECT count(*) FROM b), {enc} FROM b ORDER BY {desc} LIMIT 1").format(
+            k=keys.columns(t), t=self.keys_table, r=key_range(t, last, hi), enc=keys.encoded(t),
+            desc=keys.descending(t))
+        row = conn.execute(q, {"lo": last, "hi": hi, "n": n}).fetchone()
+        return (0, None) if row is None else (row[0], row[1])
 
 
 class SqlBatcher(KeysetBound):
@@ -207,22 +205,22 @@ class SqlBatcher(KeysetBound):
             deleted = sql.SQL("0")
             if self._delete:
                 parts.append(sql.SQL("del AS (DELETE FROM {t} WHERE {rng} AND {where} AND {valid} AND {d} "
-                                     "RETURNING {k}::text AS k)").format(
-                    t=t.qualified, rng=rng, where=where, valid=self._valid, d=self._delete, k=sql.Identifier(t.key)))
+                                     "RETURNING {k} AS k)").format(
+                    t=t.qualified, rng=rng, where=where, valid=self._valid, d=self._delete, k=keys.encoded(t)))
                 if self.run_id:  # a real run records the keys, so that its revert re-inserts exactly those rows
                     parts.append(sql.SQL("kept AS (INSERT INTO dataops_transforms.deleted (run_id, key) "
                                          "SELECT %(run)s, k FROM del)"))
                 deleted = sql.SQL("(SELECT count(*) FROM del)")
-            k = sql.Identifier(t.key)
             self._queries[with_lo] = sql.SQL(
                 "WITH {parts} SELECT count(*), count(*) FILTER (WHERE NOT {valid}), "
-                "(array_agg({k}::text ORDER BY {k}) FILTER (WHERE NOT {valid}))[1:{n}], "
+                "(array_agg({shown} ORDER BY {k}) FILTER (WHERE NOT {valid}))[1:{n}], "
                 "(SELECT count(*) FROM upd), {deleted} FROM {t} WHERE {rng} AND {where}").format(
-                parts=sql.SQL(", ").join(parts), valid=self._valid, k=k, n=sql.Literal(EXAMPLES_KEPT),
+                parts=sql.SQL(", ").join(parts), valid=self._valid, k=keys.columns(t), shown=keys.shown(t),
+                n=sql.Literal(EXAMPLES_KEPT),
                 deleted=deleted, t=t.qualified, rng=rng, where=where)
         return self._queries[with_lo]
 
-    def apply(self, conn: psycopg.Connection, lo: str | None, hi: str, deadline: Deadline) -> BatchCounts:
+    def apply(self, conn: psycopg.Connection, lo: Key | None, hi: Key, deadline: Deadline) -> BatchCounts:
         deadline.arm(conn)
         matched, invalid, examples, changed, deleted = conn.execute(
             self.statement(lo is not None), {"lo": lo, "hi": hi, "run": self.run_id}).fetchone()
@@ -240,17 +238,19 @@ class PandasBatcher(KeysetBound):
     def __init__(self, spec: TransformSpec, target: Target):
         self.spec, self.target = spec, target
         self.keys_table = target.qualified
-        self.columns = [c for c in (spec.columns or target.columns) if c != target.key]
+        self.columns = [c for c in (spec.columns or target.columns) if c not in target.key]
         self._valid = sql.SQL("coalesce({}, false)").format(frag(spec.valid_sql)) if spec.valid_sql else sql.SQL("true")
 
     def select(self, with_lo: bool) -> sql.Composed:
+        """The key's columns, the COLUMNS, the key as shown, whether VALID holds."""
         t = self.target
-        return sql.SQL("SELECT {k}, {cols}, {valid} FROM {t} WHERE {rng} AND {where} ORDER BY {k} "
+        return sql.SQL("SELECT {k}, {cols}, {shown}, {valid} FROM {t} WHERE {rng} AND {where} ORDER BY {k} "
                        "FOR NO KEY UPDATE").format(
-            k=sql.Identifier(t.key), cols=sql.SQL(", ").join(map(sql.Identifier, self.columns)), valid=self._valid,
-            t=t.qualified, rng=key_range(t, "lo" if with_lo else None, "hi"), where=frag(self.spec.where))
+            k=keys.columns(t), cols=sql.SQL(", ").join(map(sql.Identifier, self.columns)), shown=keys.shown_column(t),
+            valid=self._valid, t=t.qualified, rng=key_range(t, "lo" if with_lo else None, "hi"),
+            where=frag(self.spec.where))
 
-    def apply(self, conn: psycopg.Connection, lo: str | None, hi: str, deadline: Deadline) -> BatchCounts:
+    def apply(self, conn: psycopg.Connection, lo: Key | None, hi: Key, deadline: Deadline) -> BatchCounts:
         import pandas as pd
 
         spec, t = self.spec, self.target
@@ -258,15 +258,16 @@ class PandasBatcher(KeysetBound):
         rows = conn.execute(self.select(lo is not None), {"lo": lo, "hi": hi}).fetchall()
         if not rows:
             return BatchCounts()
-        names = [t.key, *self.columns]
-        df = pd.DataFrame.from_records([r[:-1] for r in rows], columns=names)
+        names = [*t.key, *self.columns]
+        df = pd.DataFrame.from_records([r[:-2] for r in rows], columns=names)
+        shown = pd.Series([r[-2] for r in rows], index=df.index)
         ok = pd.Series([r[-1] for r in rows], index=df.index, dtype=bool)
         if spec.valid_fn is not None and ok.any():
             extra = spec.valid_fn(df[ok].copy())
             if not isinstance(extra, pd.Series) or extra.dtype != bool:
                 raise BadInput(f"{spec.path}: valid(df) must return a boolean Series aligned with df")
             ok.loc[extra.index] &= extra
-        invalid_keys = [str(k) for k in df.loc[~ok, t.key].head(EXAMPLES_KEPT)]
+        invalid_keys = list(shown[~ok].head(EXAMPLES_KEPT))
         counts = BatchCounts(matched=len(df), invalid=int((~ok).sum()), invalid_examples=invalid_keys)
         if not ok.any():
             return counts
@@ -282,7 +283,7 @@ class PandasBatcher(KeysetBound):
         counts.changed = len(write)
         counts.unchanged = len(before) - counts.changed
         if counts.changed:
-            self._write(conn, before.loc[write.index, t.key].tolist(), write, lo, hi, deadline)
+            self._write(conn, before.loc[write.index, list(t.key)], write, lo, hi, deadline)
         return counts
 
     def _check_output(self, out, before):
@@ -297,7 +298,7 @@ class PandasBatcher(KeysetBound):
         wrong = [c for c in out.columns if c not in self.columns]
         if wrong:
             raise BadInput(f"{spec.path}: change(df) returned column {wrong[0]!r}, which is not in COLUMNS "
-                           f"({', '.join(self.columns)})" if wrong[0] != self.target.key else
+                           f"({', '.join(self.columns)})" if wrong[0] not in self.target.key else
                            f"{spec.path}: change(df) must not return the key column {wrong[0]!r}")
         if isinstance(spec.snapshot, tuple):
             unsaved = [c for c in out.columns if c not in spec.snapshot]
@@ -308,30 +309,33 @@ class PandasBatcher(KeysetBound):
             raise BadInput(f"{spec.path}: change(df) returned rows that are not in the batch; keep df's index")
         return out
 
-    def _write(self, conn: psycopg.Connection, keys: list, write, lo: str | None, hi: str, deadline: Deadline) -> None:
+    def _write(self, conn: psycopg.Connection, key_values, write, lo: Key | None, hi: Key,
+               deadline: Deadline) -> None:
+        """key_values: the key columns of the rows to write, aligned with `write`."""
         t = self.target
         cols = list(write.columns)
         deadline.arm(conn)
         conn.execute(sql.SQL("CREATE TEMP TABLE IF NOT EXISTS {tmp} ON COMMIT DELETE ROWS AS "
                              "SELECT {k}, {cols} FROM {t} WITH NO DATA").format(
-            tmp=sql.Identifier(self.TEMP), k=sql.Identifier(t.key),
+            tmp=sql.Identifier(self.TEMP), k=keys.columns(t),
             cols=sql.SQL(", ").join(map(sql.Identifier, self.columns)), t=t.qualified))
         values = []
-        for c in cols:
-            series = write[c]
-            arr = series.astype(object).to_numpy(copy=True)
-            arr[series.isna().to_numpy()] = None
-            values.append(arr.tolist())
+        for frame, names in ((key_values, list(t.key)), (write, cols)):
+            for c in names:
+                series = frame[c]
+                arr = series.astype(object).to_numpy(copy=True)
+                arr[series.isna().to_numpy()] = None
+                values.append(arr.tolist())
         copy_sql = sql.SQL("COPY {tmp} ({cols}) FROM STDIN").format(
-            tmp=sql.Identifier(self.TEMP), cols=sql.SQL(", ").join(map(sql.Identifier, [t.key, *cols])))
+            tmp=sql.Identifier(self.TEMP), cols=sql.SQL(", ").join(map(sql.Identifier, [*t.key, *cols])))
         deadline.arm(conn)
         with conn.cursor() as cur, cur.copy(copy_sql) as copy:
-            for row in zip(keys, *values):
+            for row in zip(*values):
                 copy.write_row(row)
         deadline.arm(conn)
-        conn.execute(sql.SQL("UPDATE {t} AS x SET {sets} FROM {tmp} b WHERE x.{k} = b.{k} AND {rng}").format(
+        conn.execute(sql.SQL("UPDATE {t} AS x SET {sets} FROM {tmp} b WHERE {join} AND {rng}").format(
             t=t.qualified, sets=sql.SQL(", ").join(sql.SQL("{c} = b.{c}").format(c=sql.Identifier(c)) for c in cols),
-            tmp=sql.Identifier(self.TEMP), k=sql.Identifier(t.key),
+            tmp=sql.Identifier(self.TEMP), join=keys.same_key(t, "x", "b"),
             rng=key_range(t, lo, hi, alias="x")), {"lo": lo, "hi": hi})
 
 

@@ -1,11 +1,12 @@
 """Running and reverting transforms: the steps, and the one order they run in, with or without Prefect.
 
 A run's life:
-1. Under the transform's lock: resume the interrupted run if there is one (same module
-   source, else refused), or start a new one: split the key range into `workers` disjoint
-   ranges, take the snapshot the transform asks for, record the table's definition. The run
-   row, its ranges and the snapshot are committed together, so a crash leaves either all of
-   them or none.
+1. Under the transform's locks (its name's, its table's, and the schema lock shared with other
+   transforms but not with a migration; see state.transform_lock): resume the interrupted run
+   if there is one (same module source and key, else refused), or start a new one: split the
+   key range into `workers` disjoint ranges, take the snapshot the transform asks for, record
+   the table's definition. The run row, its ranges and the snapshot are committed together,
+   so a crash leaves either all of them or none.
 2. Each range is worked through in batches (dataops.tasks.transform.batches), by as many workers.
 3. After the last batch: the checks (dataops.tasks.transform.checks); a failure marks the run
    checks-failed, and the flow's failure hook reverts it.
@@ -43,7 +44,7 @@ from dataops.tasks.transform.report import ProgressArtifact, publish_summary
 from dataops.tasks.transform.revert import batcher_for_revert, index_snapshot, snapshot_to_json
 from dataops.tasks.transform.snapshot import SCHEMA as SNAPSHOT_SCHEMA
 from dataops.tasks.transform.snapshot import take_snapshot
-from dataops.tasks.transform.spec import bind
+from dataops.tasks.transform.spec import Target, bind
 from dataops.tasks.transform.state import (
     CHECKS_FAILED,
     COMPLETED,
@@ -72,9 +73,9 @@ def prepare_run(settings: Settings, env: Environment, name: str, opts: Options,
     """Resume the interrupted run, or start a new one. The caller holds the transform's lock."""
     spec = spec_for(settings, name)
     with connect(settings, env, f"{name}:prepare", autocommit=True) as conn:
-        ensure_schema(conn)
-        target = bind(conn, spec)
+        target = bind(conn, spec)  # a table the transform cannot work on: refused before anything is written
         compile_check(conn, spec, target)
+        ensure_schema(conn)
         last = latest_run(conn, name)
         if last is not None and last.status == RUNNING:
             if last.action == "revert":
@@ -84,6 +85,7 @@ def prepare_run(settings: Settings, env: Environment, name: str, opts: Options,
                 raise BadInput(f"{spec.path} changed since run {last.id} of {name} started on {env.name}, which was "
                                f"interrupted; put the old version back to finish it, or revert it first "
                                f"(dataops transform {env.name} revert {name})")
+            same_key(last, target, env)
             request_stop(conn, last.id, False)
             set_status(conn, last.id, RUNNING, finished=False, flow_run_id=flow_run_id)
             done = last.total("scanned")
@@ -101,19 +103,28 @@ def prepare_run(settings: Settings, env: Environment, name: str, opts: Options,
         with conn.transaction():
             snap = None
             if spec.snapshot is not None:
-                snap = take_snapshot(conn, target.label, columns=None if spec.snapshot == "*" else list(spec.snapshot),
-                                     where=spec.where, key=[target.key],
-                                     label=f"xf_{name}")
+                snap = take_snapshot(conn, (target.schema, target.table),
+                                     columns=None if spec.snapshot == "*" else list(spec.snapshot),
+                                     where=spec.where, key=list(target.key), label=f"xf_{name}")
                 index_snapshot(conn, snap)
                 log.info("snapshot %s of %s: %d rows, columns %s", snap.name, target.label, snap.rows,
                          ", ".join(snap.columns))
             run_id = create_run(conn, transform=name, action="run", definition=spec.definition,
-                                table_name=target.label, key_column=target.key, params=opts.as_dict(),
+                                table_name=target.label, key_column=list(target.key), params=opts.as_dict(),
                                 ranges=ranges, snapshot=snapshot_to_json(snap) if snap else None,
                                 baseline=before, flow_run_id=flow_run_id)
         log.info("run %d of %s on %s: %s, %d range(s), %d rows", run_id, name, env.name, target.label, len(ranges),
                  sum(r[2] for r in ranges))
         return load_run(conn, run_id)
+
+
+def same_key(run: RunState, target: Target, env: Environment) -> None:
+    """The checkpoints of `run` are values of the key it started with: resumed over another key
+    (a migration changed the primary key meanwhile), they would skip or repeat rows."""
+    if list(run.key_column) != list(target.key):
+        raise BadInput(f"the key of {target.label} is ({target.key_label}) now, but {run.action} {run.id} of "
+                       f"{run.transform} on {env.name} started over ({', '.join(run.key_column)}); its checkpoints "
+                       "do not apply to the new key: put the old key back to finish it, or restore the table")
 
 
 def run_range(settings: Settings, env: Environment, name: str, run_id: int, range_no: int,
@@ -127,6 +138,7 @@ def run_range(settings: Settings, env: Environment, name: str, run_id: int, rang
             raise OperationFailed(f"run {run_id} of {name} is not in {env.name}'s dataops_transforms.runs")
         r = next(x for x in run.ranges if x.range_no == range_no)
         target = bind(conn, spec)
+        same_key(run, target, env)
         if run.action == "run":
             batcher = batcher_for(spec, target, run.id)
         else:
@@ -163,10 +175,11 @@ def prepare_revert(settings: Settings, env: Environment, name: str, opts: Option
     The caller holds the transform's lock."""
     spec = spec_for(settings, name)
     with connect(settings, env, f"{name}:prepare-revert", autocommit=True) as conn:
-        ensure_schema(conn)
         target = bind(conn, spec)
+        ensure_schema(conn)
         last = latest_run(conn, name)
         if last is not None and last.action == "revert" and last.status == RUNNING:
+            same_key(last, target, env)
             request_stop(conn, last.id, False)
             set_status(conn, last.id, RUNNING, finished=False, flow_run_id=flow_run_id)
             log.info("resuming revert %d of run %d of %s on %s", last.id, last.reverts, name, env.name)
@@ -176,6 +189,8 @@ def prepare_revert(settings: Settings, env: Environment, name: str, opts: Option
         if row is None:
             raise BadInput(f"nothing to revert: {name} has no run on {env.name} that is not already reverted")
         victim = load_run(conn, row[0])
+        if victim.snapshot and not spec.revert:
+            same_key(victim, target, env)  # the snapshot is keyed by the run's key
         if spec.revert:
             method, keys_table, snapshot = "own", None, None
             compile_check(conn, spec, target)
@@ -191,7 +206,7 @@ def prepare_revert(settings: Settings, env: Environment, name: str, opts: Option
         ranges = split_ranges(conn, target, opts.workers, keys_table)
         with conn.transaction():
             rev_id = create_run(conn, transform=name, action="revert", reverts=victim.id, definition=spec.definition,
-                                table_name=target.label, key_column=target.key,
+                                table_name=target.label, key_column=list(target.key),
                                 params={**opts.as_dict(), "method": method}, ranges=ranges, snapshot=snapshot,
                                 flow_run_id=flow_run_id)
         log.info("revert %d of run %d of %s on %s, from %s: %d range(s)", rev_id, victim.id, name, env.name,
@@ -275,7 +290,9 @@ def transform(settings: Settings, env: Environment, name: str, overrides: Overri
     opts = Options.from_settings(settings.transforms, overrides)
     say = steps.logger()
     t0 = time.monotonic()
-    with transform_lock(env, name, timeout=settings.postgres.connect_timeout):
+    spec = spec_for(settings, name)
+    table = (spec.schema_name, spec.table_name)
+    with transform_lock(env, name, table, timeout=settings.postgres.connect_timeout):
         run = steps.prepare_run(settings, env, name, opts, flow_run_id)
         longest = _work_through(settings, env, name, run, opts, steps, progress_every_s)
         run, problems = steps.finish_run(settings, env, name, run.id)
@@ -299,7 +316,9 @@ def revert(settings: Settings, env: Environment, name: str, overrides: Overrides
     opts = Options.from_settings(settings.transforms, overrides)
     say = steps.logger()
     t0 = time.monotonic()
-    with transform_lock(env, name, timeout=settings.postgres.connect_timeout) as conn:
+    spec = spec_for(settings, name)
+    table = (spec.schema_name, spec.table_name)
+    with transform_lock(env, name, table, timeout=settings.postgres.connect_timeout) as conn:
         if only_if_checks_failed:
             last = latest_run(conn, name)
             interrupted_revert = last is not None and last.action == "revert" and last.status == RUNNING

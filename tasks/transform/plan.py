@@ -11,8 +11,10 @@ from psycopg import sql
 from dataops.errors import BadInput
 from dataops.settings import Environment, Settings
 from dataops.tasks.retries import RETRY_TRANSIENT
-from dataops.tasks.transform.batches import Options, PandasBatcher, SqlBatcher, frag, key_range
+from dataops.tasks.transform import keys
+from dataops.tasks.transform.batches import Options, PandasBatcher, SqlBatcher, frag
 from dataops.tasks.transform.checks import still_to_do
+from dataops.tasks.transform.keys import key_range
 from dataops.tasks.transform.revert import own_revert_spec
 from dataops.tasks.transform.spec import (
     Target,
@@ -43,8 +45,9 @@ def batcher_for(spec: TransformSpec, target: Target, run_id: int = 0):
 def compile_check(conn: psycopg.Connection, spec: TransformSpec, target: Target) -> None:
     """EXPLAIN every statement the transform will run, so a typo in WHERE, SET or VERIFY is a
     BadInput before the first batch rather than a failure in the middle. Writes nothing."""
-    first = conn.execute(sql.SQL("SELECT min({})::text FROM {}").format(sql.Identifier(target.key),
-                                                                       target.qualified)).fetchone()[0]
+    row = conn.execute(sql.SQL("SELECT {} FROM {} ORDER BY {} LIMIT 1").format(
+        keys.encoded(target), target.qualified, keys.columns(target))).fetchone()
+    first = row[0] if row else [None] * len(target.key)
     params = {"lo": first, "hi": first, "run": 0}
     checks: list[tuple[str, sql.Composable, dict]] = []
     if spec.kind == "sql":
@@ -67,9 +70,9 @@ def compile_check(conn: psycopg.Connection, spec: TransformSpec, target: Target)
 def split_ranges(conn: psycopg.Connection, target: Target, workers: int, keys_table=None) -> list[tuple]:
     """`workers` disjoint (lo, hi, rows) ranges over the key: lo exclusive, hi inclusive; the
     first starts at the beginning and the last is open-ended, so rows inserted during the run
-    are covered too."""
+    are covered too. An integer key is cut into equal spans of values; any other key (text,
+    uuid, dates, several columns) at the keys that many rows apart, read on its index."""
     keys_table = keys_table if keys_table is not None else target.qualified
-    k = sql.Identifier(target.key)
 
     def count(lo, hi) -> int:
         return conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE {}").format(keys_table, key_range(target, lo, hi)),
@@ -77,21 +80,44 @@ def split_ranges(conn: psycopg.Connection, target: Target, workers: int, keys_ta
 
     if workers == 1:
         return [(None, None, count(None, None))]
-    if not target.integer_key:
-        raise BadInput(f"workers > 1 needs an integer key; {target.label}.{target.key} is {target.key_type}; "
-                       "run with workers 1")
-    low, high = conn.execute(sql.SQL("SELECT min({k}), max({k}) FROM {t}").format(k=k, t=keys_table)).fetchone()
-    if low is None:
+    if target.integer_key:
+        edges = _integer_edges(conn, target, workers, keys_table)
+    else:
+        edges = _row_edges(conn, target, workers, keys_table)
+    if edges is None:
         return [(None, None, 0)]
-    span = high - low + 1
-    w = max(1, min(workers, span))
-    edges = [low - 1 + span * i // w for i in range(w + 1)]
     out = []
-    for i in range(w):
-        lo = None if i == 0 else str(edges[i])
-        hi = None if i == w - 1 else str(edges[i + 1])
+    for i in range(len(edges) + 1):
+        lo = None if i == 0 else edges[i - 1]
+        hi = None if i == len(edges) else edges[i]
         out.append((lo, hi, count(lo, hi)))
     return out
+
+
+def _integer_edges(conn, target: Target, workers: int, keys_table) -> list[list[str]] | None:
+    """The inner bounds of `workers` equal spans between the smallest and largest key."""
+    k = sql.Identifier(target.key[0])
+    low, high = conn.execute(sql.SQL("SELECT min({k}), max({k}) FROM {t}").format(k=k, t=keys_table)).fetchone()
+    if low is None:
+        return None
+    span = high - low + 1
+    w = max(1, min(workers, span))
+    return [[str(low - 1 + span * i // w)] for i in range(1, w)]
+
+
+def _row_edges(conn, target: Target, workers: int, keys_table) -> list[list[str]] | None:
+    """The keys at 1/w, 2/w ... of the rows in key order (fewer if keys repeat across edges)."""
+    total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(keys_table)).fetchone()[0]
+    if total == 0:
+        return None
+    w = max(1, min(workers, total))
+    edges: list[list[str]] = []
+    for i in range(1, w):
+        row = conn.execute(sql.SQL("SELECT {enc} FROM {t} ORDER BY {k} OFFSET %s LIMIT 1").format(
+            enc=keys.encoded(target), t=keys_table, k=keys.columns(target)), (total * i // w - 1,)).fetchone()
+        if row and (not edges or row[0] != edges[-1]):
+            edges.append(row[0])
+    return edges
 
 
 # -- dry run ------------------------------------------------------------------------------------
@@ -109,8 +135,8 @@ def plan(settings: Settings, env: Environment, name: str, opts: Options) -> dict
         total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(t)).fetchone()[0]
         matched, invalid, examples = conn.execute(sql.SQL(
             "SELECT count(*), count(*) FILTER (WHERE NOT {v}), "
-            "(array_agg({k}::text ORDER BY {k}) FILTER (WHERE NOT {v}))[1:5] FROM {t} WHERE {w}").format(
-            v=valid, k=sql.Identifier(target.key), t=t, w=frag(spec.where)), {}).fetchone()
+            "(array_agg({shown} ORDER BY {k}) FILTER (WHERE NOT {v}))[1:5] FROM {t} WHERE {w}").format(
+            v=valid, k=keys.columns(target), shown=keys.shown(target), t=t, w=frag(spec.where)), {}).fetchone()
         ranges = split_ranges(conn, target, opts.workers)
         preview = _preview(conn, spec, target)
         todo = still_to_do(conn, spec, target) if spec.kind == "sql" else None
@@ -118,7 +144,7 @@ def plan(settings: Settings, env: Environment, name: str, opts: Options) -> dict
         conn.rollback()
     return {
         "transform": name, "environment": env.name, "description": spec.description, "kind": spec.kind,
-        "table": target.label, "key": target.key, "rows": total, "needing_work": matched,
+        "table": target.label, "key": target.key_label, "rows": total, "needing_work": matched,
         "invalid": invalid or 0, "invalid_examples": list(examples or []), "would_change": todo,
         "ranges": [{"lo": lo, "hi": hi, "rows": n} for lo, hi, n in ranges],
         "snapshot": None if spec.snapshot is None else ("*" if spec.snapshot == "*" else list(spec.snapshot)),
@@ -129,7 +155,7 @@ def plan(settings: Settings, env: Environment, name: str, opts: Options) -> dict
 
 
 def _preview(conn: psycopg.Connection, spec: TransformSpec, target: Target) -> list[dict]:
-    k = sql.Identifier(target.key)
+    k, shown = keys.columns(target), keys.shown_column(target)
     valid = sql.SQL("coalesce({}, false)").format(frag(spec.valid_sql)) if spec.valid_sql else sql.SQL("true")
     if spec.kind == "sql":
         cols = list(spec.set)
@@ -137,9 +163,9 @@ def _preview(conn: psycopg.Connection, spec: TransformSpec, target: Target) -> l
         differs = sql.SQL("ROW({}) IS DISTINCT FROM ROW({})").format(
             sql.SQL(", ").join(map(sql.Identifier, cols)), sql.SQL(", ").join(frag(spec.set[c]) for c in cols))
         rows = conn.execute(sql.SQL(
-            "SELECT {k}::text, {cols}, {exprs}, {d} FROM {t} WHERE {w} AND {v} AND ({differs} OR {d}) "
+            "SELECT {shown}, {cols}, {exprs}, {d} FROM {t} WHERE {w} AND {v} AND ({differs} OR {d}) "
             "ORDER BY {k} LIMIT {n}").format(
-            k=k, cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
+            k=k, shown=shown, cols=sql.SQL(", ").join(map(sql.Identifier, cols)),
             exprs=sql.SQL(", ").join(frag(spec.set[c]) for c in cols), d=delete, t=target.qualified,
             w=frag(spec.where), v=valid, differs=differs, n=sql.Literal(PREVIEW_ROWS)), {}).fetchall()
         n = len(cols)
@@ -149,24 +175,26 @@ def _preview(conn: psycopg.Connection, spec: TransformSpec, target: Target) -> l
     import pandas as pd
 
     b = PandasBatcher(spec, target)
-    rows = conn.execute(sql.SQL("SELECT {k}, {cols}, {v} FROM {t} WHERE {w} AND {v} ORDER BY {k} LIMIT 50").format(
-        k=k, cols=sql.SQL(", ").join(map(sql.Identifier, b.columns)), v=valid, t=target.qualified,
+    rows = conn.execute(sql.SQL("SELECT {k}, {cols}, {shown} FROM {t} WHERE {w} AND {v} ORDER BY {k} "
+                                "LIMIT 50").format(
+        k=k, cols=sql.SQL(", ").join(map(sql.Identifier, b.columns)), shown=shown, v=valid, t=target.qualified,
         w=frag(spec.where)), {}).fetchall()
     if not rows:
         return []
-    df = pd.DataFrame.from_records([r[:-1] for r in rows], columns=[target.key, *b.columns])
+    df = pd.DataFrame.from_records([r[:-1] for r in rows], columns=[*target.key, *b.columns])
+    shown_keys = pd.Series([r[-1] for r in rows], index=df.index)
     if spec.valid_fn is not None:
         df = df[spec.valid_fn(df.copy())]
     out = b._check_output(spec.change(df.copy()), df)
-    shown = []
+    changes = []
     for idx in out.index:
         before = {c: _show(df.at[idx, c]) for c in out.columns}
         after = {c: _show(out.at[idx, c]) for c in out.columns}
         if before != after:
-            shown.append({"key": str(df.at[idx, target.key]), "before": before, "after": after})
-        if len(shown) == PREVIEW_ROWS:
+            changes.append({"key": shown_keys.at[idx], "before": before, "after": after})
+        if len(changes) == PREVIEW_ROWS:
             break
-    return shown
+    return changes
 
 
 def _show(v) -> str | None:

@@ -24,7 +24,9 @@ import psycopg
 from psycopg import sql
 
 from dataops.tasks import pg
-from dataops.tasks.transform.batches import Deadline, KeysetBound, SqlBatcher, key_range
+from dataops.tasks.transform import keys
+from dataops.tasks.transform.batches import Deadline, Key, KeysetBound, SqlBatcher
+from dataops.tasks.transform.keys import key_range
 from dataops.tasks.transform.snapshot import SCHEMA as SNAPSHOT_SCHEMA
 from dataops.tasks.transform.snapshot import Snapshot
 from dataops.tasks.transform.spec import Target, TransformSpec
@@ -65,15 +67,14 @@ class SnapshotBatcher(KeysetBound):
     def statement(self, with_lo: bool) -> sql.Composed:
         if with_lo not in self._stmt:
             t, snap = self.target, self.snap
-            k = sql.Identifier(t.key)
-            cols = [c for c in snap.columns if c != t.key]
+            cols = [c for c in snap.columns if c not in t.key]
             src = self.keys_table
             rng_s = key_range(t, "lo" if with_lo else None, "hi", alias="s")
             rng_t = key_range(t, "lo" if with_lo else None, "hi", alias="x")
-            parts = [sql.SQL("upd AS (UPDATE {t} AS x SET {sets} FROM {src} AS s WHERE x.{k} = s.{k} AND {rs} AND {rt} "
+            parts = [sql.SQL("upd AS (UPDATE {t} AS x SET {sets} FROM {src} AS s WHERE {join} AND {rs} AND {rt} "
                              "AND ROW({xc}) IS DISTINCT FROM ROW({sc}) RETURNING 1)").format(
                 t=t.qualified, sets=sql.SQL(", ").join(sql.SQL("{c} = s.{c}").format(c=sql.Identifier(c)) for c in cols),
-                src=src, k=k, rs=rng_s, rt=rng_t,
+                src=src, join=keys.same_key(t, "x", "s"), rs=rng_s, rt=rng_t,
                 xc=sql.SQL(", ").join(sql.Identifier("x", c) for c in cols),
                 sc=sql.SQL(", ").join(sql.Identifier("s", c) for c in cols))]
             inserted = sql.SQL("0")
@@ -81,26 +82,28 @@ class SnapshotBatcher(KeysetBound):
                 names = sql.SQL(", ").join(map(sql.Identifier, snap.columns))
                 parts.append(sql.SQL(
                     "ins AS (INSERT INTO {t} ({names}) OVERRIDING SYSTEM VALUE SELECT {scols} FROM {src} AS s "
-                    "WHERE {rs} AND NOT EXISTS (SELECT 1 FROM {t} AS x WHERE x.{k} = s.{k}) "
+                    "WHERE {rs} AND NOT EXISTS (SELECT 1 FROM {t} AS x WHERE {join}) "
                     "AND EXISTS (SELECT 1 FROM dataops_transforms.deleted d WHERE d.run_id = %(victim)s "
-                    "AND d.key = s.{k}::text) RETURNING 1)").format(
-                    t=t.qualified, names=names, src=src, rs=rng_s, k=k,
+                    "AND d.key IN ({enc})) RETURNING 1)").format(
+                    t=t.qualified, names=names, src=src, rs=rng_s, join=keys.same_key(t, "x", "s"),
+                    enc=sql.SQL(", ").join(keys.recorded(t, "s")),
                     scols=sql.SQL(", ").join(sql.Identifier("s", c) for c in snap.columns)))
                 inserted = sql.SQL("(SELECT count(*) FROM ins)")
             self._stmt[with_lo] = sql.SQL("WITH {parts} SELECT (SELECT count(*) FROM upd), {ins}").format(
                 parts=sql.SQL(", ").join(parts), ins=inserted)
         return self._stmt[with_lo]
 
-    def apply(self, conn: psycopg.Connection, lo: str | None, hi: str, deadline: Deadline) -> BatchCounts:
+    def apply(self, conn: psycopg.Connection, lo: Key | None, hi: Key, deadline: Deadline) -> BatchCounts:
         t = self.target
-        if t.update_triggers or self.all_columns:
+        switches = t.trigger_switches if t.update_triggers or self.all_columns else []
+        for rel in switches:  # one order in every worker: they queue on these locks, never deadlock
             deadline.arm(conn)  # the ALTER waits for writers in flight: within the budget, or the batch is retried
-            conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(t.qualified))
+            conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(rel))
         deadline.arm(conn)
         changed, inserted = conn.execute(self.statement(lo is not None),
                                          {"lo": lo, "hi": hi, "victim": self.victim}).fetchone()
-        if t.update_triggers or self.all_columns:
-            conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(t.qualified))
+        for rel in switches:
+            conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(rel))
         return BatchCounts(matched=changed + inserted, changed=changed, inserted=inserted)
 
 

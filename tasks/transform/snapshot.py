@@ -32,7 +32,10 @@ class Snapshot:
     taken_at: datetime
 
 
-def _split(table: str) -> tuple[str, str]:
+def _split(table: str | tuple[str, str]) -> tuple[str, str]:
+    """(schema, name) of "schema.table", "table", or a (schema, name) pair (names holding dots)."""
+    if isinstance(table, tuple):
+        return table
     schema, _, name = table.rpartition(".")
     return schema or "public", name
 
@@ -58,7 +61,7 @@ def _primary_key(conn: psycopg.Connection, schema: str, table: str) -> list[str]
     return [r[0] for r in rows]
 
 
-def take_snapshot(conn: psycopg.Connection, table: str, *, columns: list[str] | None = None,
+def take_snapshot(conn: psycopg.Connection, table: str | tuple[str, str], *, columns: list[str] | None = None,
                   where: str | None = None, key: list[str] | None = None, label: str | None = None) -> Snapshot:
     """Copy `table` (only `columns` and the key, only rows matching `where`) into a snapshot.
 

@@ -4,8 +4,8 @@ A transform is written by the team, reviewed like code, and run many times (dry 
 interrupted run, resume, revert), so it is plain data in a module rather than a script:
 
     \"\"\"Split users.full_name into first_name / last_name.\"\"\"   # first line: the description
-    TABLE = "users"                       # or "schema.table"
-    KEY = "id"                            # a single unique column; default: the primary key
+    TABLE = "users"                       # or "schema.table", or '"Odd.Schema"."Mixed Case"' (quoted as in SQL)
+    KEY = "id"                            # or ["region", "id"]: unique, NOT NULL columns; default: the primary key
     WHERE = "first_name IS NULL"          # which rows need work (SQL); default: every row
     VALID = "full_name LIKE '% %'"        # optional row check (SQL); other rows are skipped and reported
     SET = {"first_name": "split_part(full_name, ' ', 1)"}      # the change as SQL, column -> expression
@@ -45,6 +45,10 @@ _SETTINGS = ("TABLE", "KEY", "WHERE", "VALID", "SET", "DELETE", "COLUMNS", "SNAP
              "VERIFY")
 _FUNCTIONS = ("change", "valid")
 _INTEGER_TYPES = ("smallint", "integer", "bigint")
+_FLOAT_TYPES = ("real", "double precision")
+# how a key column's values are written as text in the state tables (dataops.tasks.transform.keys)
+_UTC_TYPES = ("timestamp with time zone",)
+_JSON_TYPES = ("date", "timestamp without time zone", "time without time zone", "time with time zone")
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,11 @@ class TransformSpec:
     name: str
     path: Path
     description: str
-    table: str  # schema.table
+    table: str  # schema.table, for people
     where: str
     kind: Literal["sql", "pandas"]
     definition: str  # sha256 of the module's source: a resumed run must apply the same change
-    key: str | None = None
+    key: tuple[str, ...] | None = None
     set: dict[str, str] | None = None
     delete: str | None = None
     change: Callable | None = None
@@ -67,14 +71,8 @@ class TransformSpec:
     revert: dict[str, str] | None = None
     revert_where: str = "true"
     verify: str | None = None
-
-    @property
-    def schema_name(self) -> str:
-        return self.table.split(".", 1)[0]
-
-    @property
-    def table_name(self) -> str:
-        return self.table.split(".", 1)[1]
+    schema_name: str = "public"
+    table_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -83,14 +81,31 @@ class Target:
 
     schema: str
     table: str
-    key: str
-    key_type: str  # format_type(), e.g. bigint
+    key: tuple[str, ...]  # the batch key: one column or several, in the order of their index
+    key_types: tuple[str, ...]  # format_type() of each, e.g. bigint
     columns: tuple[str, ...]  # every non-generated column, in table order
     update_triggers: tuple[str, ...]  # user triggers that fire on UPDATE (they may write other columns)
+    key_codecs: tuple[str, ...] = ()  # per key column: text | json | utc (see keys.encoded)
+    partitioned: bool = False  # a partitioned table: batches run through every partition
+    # (schema, table) of the table and its partitions that have user triggers of their own: a
+    # revert's ALTER TABLE ... DISABLE TRIGGER USER on the parent does not reach a partition's own
+    trigger_tables: tuple[tuple[str, str], ...] = ()
 
     @property
     def integer_key(self) -> bool:
-        return self.key_type in _INTEGER_TYPES
+        return len(self.key) == 1 and self.key_types[0] in _INTEGER_TYPES
+
+    @property
+    def trigger_switches(self) -> list[sql.Composed]:
+        """What ALTER TABLE ... DISABLE/ENABLE TRIGGER USER names to silence every user trigger
+        of its rows: the table, and each partition with triggers of its own."""
+        if not self.partitioned:
+            return [self.qualified]
+        return [sql.SQL("{}.{}").format(sql.Identifier(s), sql.Identifier(t)) for s, t in self.trigger_tables]
+
+    @property
+    def key_label(self) -> str:
+        return ", ".join(self.key)
 
     @property
     def qualified(self) -> sql.Composed:
@@ -168,10 +183,20 @@ def _from_module(module: Any, path: Path, name: str, digest: str) -> TransformSp
     table = get("TABLE")
     if not isinstance(table, str) or not table.strip():
         raise fail('TABLE is required, e.g. TABLE = "users" or "schema.table"')
-    schema, _, tname = table.strip().rpartition(".")
+    parts = _table_parts(table.strip())
+    if parts is None:
+        raise fail(f'TABLE {table!r} is not a table name: write "table", "schema.table", or quote names that hold '
+                   'dots or quotes as in SQL, e.g. \'"Odd.Schema"."Mixed Case.Table"\'')
+    schema, tname = parts
     key = get("KEY")
-    if key is not None and (not isinstance(key, str) or not key):
-        raise fail("KEY must be one column name (a composite key is not supported)")
+    if key is not None:
+        if isinstance(key, str) and key:
+            key = (key,)
+        elif (isinstance(key, (list, tuple)) and key and all(isinstance(c, str) and c for c in key)
+              and len(set(key)) == len(key)):
+            key = tuple(key)
+        else:
+            raise fail('KEY must be a column name or a list of column names, e.g. KEY = ["region", "id"]')
     change, valid_fn = get("change"), get("valid")
     set_ = column_map("SET")
     if (set_ is None) == (change is None):
@@ -206,56 +231,140 @@ def _from_module(module: Any, path: Path, name: str, digest: str) -> TransformSp
     revert = column_map("REVERT")
     doc = (module.__doc__ or "").strip().splitlines()
     return TransformSpec(
-        name=name, path=path, description=doc[0] if doc else "", table=f"{schema or 'public'}.{tname}",
+        name=name, path=path, description=doc[0] if doc else "", table=f"{schema}.{tname}",
         where=text("WHERE", "true"), kind=kind, definition=digest, key=key, set=set_, delete=delete,
         change=change, columns=columns, valid_sql=text("VALID"), valid_fn=valid_fn, snapshot=snapshot,
         revert=revert, revert_where=text("REVERT_WHERE", "true"), verify=text("VERIFY"),
+        schema_name=schema, table_name=tname,
     )
+
+
+def _table_parts(text: str) -> tuple[str, str] | None:
+    """(schema, table) from TABLE: `users`, `sales.orders`, or with SQL's double quotes around
+    names holding dots or quotes (`"Odd.Schema"."Mixed Case.Table"`, `""` for a quote). Names are
+    taken as written, never folded to lower case, as before quotes were understood."""
+    if '"' not in text:
+        schema, _, name = text.rpartition(".")
+        return (schema or "public", name) if name else None
+    parts, i = [], 0
+    while i < len(text):
+        if text[i] == '"':
+            m = re.match(r'"((?:[^"]|"")+)"', text[i:])
+            if m is None:
+                return None
+            parts.append(m.group(1).replace('""', '"'))
+            i += m.end()
+        else:
+            end = text.find(".", i)
+            end = len(text) if end < 0 else end
+            if '"' in text[i:end] or end == i:
+                return None
+            parts.append(text[i:end])
+            i = end
+        if i < len(text):
+            if text[i] != "." or i == len(text) - 1:
+                return None
+            i += 1
+    if len(parts) == 1:
+        return "public", parts[0]
+    return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
 # -- against the database ---------------------------------------------------------------------
 
+def _sql_name(name: str) -> str:
+    """An identifier as it is written in SQL: quoted unless it is plain lower case."""
+    return name if re.fullmatch(r"[a-z_][a-z0-9_$]*", name) else '"' + name.replace('"', '""') + '"'
+
+
 def bind(conn: psycopg.Connection, spec: TransformSpec) -> Target:
-    """Check the transform against the database and describe its table; BadInput names the fix."""
+    """Check the transform against the database and describe its table; BadInput names the fix.
+    Reads only: a table the transform cannot work on is refused before anything is written."""
     schema, table = spec.schema_name, spec.table_name
-    found = conn.execute("""SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                            WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p')""",
-                         (schema, table)).fetchone()
+    label = f'"{schema}.{table}"'
+    found = conn.execute("""SELECT c.oid, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE n.nspname = %s AND c.relname = %s""", (schema, table)).fetchone()
     if found is None:
-        raise BadInput(f'table "{schema}.{table}" does not exist (TABLE in {spec.path.name})')
-    oid = found[0]
-    cols = conn.execute("""SELECT attname, format_type(atttypid, atttypmod), attgenerated <> '' FROM pg_attribute
-                           WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum""", (oid,)).fetchall()
-    types = {c: t for c, t, _ in cols}
-    plain = tuple(c for c, _, generated in cols if not generated)
-    unique_keys = [r[0] for r in conn.execute(
-        """SELECT array_agg(a.attname ORDER BY k.ord) FROM pg_index i
-           JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON true
+        raise BadInput(f"table {label} does not exist (TABLE in {spec.path.name})")
+    oid, relkind = found
+    if relkind not in ("r", "p"):
+        what = {"v": "a view", "m": "a materialized view", "f": "a foreign table", "S": "a sequence"}.get(relkind,
+                                                                                                       "not a table")
+        raise BadInput(f"{label} is {what}; a transform changes the rows of a table (TABLE in {spec.path.name})")
+    children = conn.execute("""SELECT count(*) FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+                               WHERE i.inhparent = %s AND NOT c.relispartition""", (oid,)).fetchone()[0]
+    if children:
+        raise BadInput(f"table {label} has {children} inheritance child table(s), whose rows an UPDATE of it changes "
+                       "too and whose keys its primary key does not cover; transform each table of the hierarchy "
+                       f"by itself (TABLE in {spec.path.name})")
+    cols = conn.execute("""SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attgenerated <> '', a.attnotnull,
+                                  format_type(coalesce(nullif(t.typbasetype, 0), a.atttypid), NULL)
+                           FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+                           WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum""",
+                        (oid,)).fetchall()
+    types = {c: t for c, t, *_ in cols}
+    base_types = {c: b for c, _, _, _, b in cols}
+    not_null = {c for c, _, _, nn, _ in cols if nn}
+    plain = tuple(c for c, _, generated, *_ in cols if not generated)
+    # unique indexes usable as a key: no predicate, no expression, valid; only their key columns (not INCLUDE)
+    unique_keys = [(tuple(r[0]), r[1]) for r in conn.execute(
+        """SELECT array_agg(a.attname ORDER BY k.ord), i.indisprimary FROM pg_index i
+           JOIN LATERAL unnest(i.indkey) WITH ORDINALITY k(attnum, ord) ON k.ord <= i.indnkeyatts
            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-           WHERE i.indrelid = %s AND (i.indisprimary OR i.indisunique) AND i.indpred IS NULL AND i.indexprs IS NULL
-           GROUP BY i.indexrelid, i.indisprimary ORDER BY i.indisprimary DESC""", (oid,)).fetchall()]
-    key = spec.key
-    if key is None:
-        if not unique_keys or len(unique_keys[0]) != 1:
-            raise BadInput(f'table "{schema}.{table}" has no single-column primary key; set KEY in {spec.path.name} '
-                           "to a unique, not-null column")
-        key = unique_keys[0][0]
-    if key not in types:
-        raise BadInput(f'column "{key}" does not exist in table "{schema}.{table}" (KEY in {spec.path.name})')
-    if [key] not in unique_keys:
-        raise BadInput(f'KEY "{key}" of {spec.path.name} is not unique in table "{schema}.{table}"; batches need a '
-                       "column with a primary key or unique index")
-    for label, names in (("SET", spec.set or ()), ("COLUMNS", spec.columns or ()), ("REVERT", spec.revert or ()),
-                         ("SNAPSHOT", spec.snapshot if isinstance(spec.snapshot, tuple) else ())):
+           WHERE i.indrelid = %s AND (i.indisprimary OR i.indisunique) AND i.indpred IS NULL
+             AND i.indexprs IS NULL AND i.indisvalid
+           GROUP BY i.indexrelid, i.indisprimary
+           ORDER BY i.indisprimary DESC, count(*), i.indexrelid::regclass::text""", (oid,)).fetchall()]
+    if spec.key is None:
+        usable = [k for k, primary in unique_keys if primary or all(c in not_null for c in k)]
+        if not usable:
+            raise BadInput(f"table {label} has no primary key and no unique index on NOT NULL columns, so a "
+                           f"transform cannot walk it in batches; add a primary key (ALTER TABLE {_sql_name(schema)}."
+                           f"{_sql_name(table)} ADD PRIMARY KEY (...)), or a unique index on NOT NULL columns and "
+                           f"set KEY in {spec.path.name}")
+        key = usable[0]
+    else:
+        for c in spec.key:
+            if c not in types:
+                raise BadInput(f'column "{c}" does not exist in table {label} (KEY in {spec.path.name})')
+        matching = [k for k, _ in unique_keys if set(k) == set(spec.key)]
+        if not matching:
+            what = "column" if len(spec.key) == 1 else "columns"
+            raise BadInput(f'KEY "{", ".join(spec.key)}" of {spec.path.name} is not unique in table {label}; batches '
+                           f"need {what} with a primary key or unique index on exactly them")
+        key = matching[0]  # in the index's order, so that the keyset walks the index
+        nullable = [c for c in key if c not in not_null]
+        if nullable:
+            raise BadInput(f'KEY column "{nullable[0]}" of table {label} may be NULL, and a row with a NULL key is in '
+                           f"no batch; make it NOT NULL, or choose another KEY in {spec.path.name}")
+    floats = [c for c in key if base_types[c] in _FLOAT_TYPES]
+    if floats:
+        raise BadInput(f'key column "{floats[0]}" of table {label} is {types[floats[0]]}, whose values do not '
+                       f"round-trip exactly through a checkpoint; set KEY in {spec.path.name} to other unique columns")
+    for what, names in (("SET", spec.set or ()), ("COLUMNS", spec.columns or ()), ("REVERT", spec.revert or ()),
+                        ("SNAPSHOT", spec.snapshot if isinstance(spec.snapshot, tuple) else ())):
         for c in names:
             if c not in types:
                 raise BadInput(f'column "{c}" does not exist in table "{schema}.{table}"; run the migration that '
-                               f"adds it first ({label} in {spec.path.name})")
-            if label in ("SET", "REVERT") and c not in plain:
-                raise BadInput(f'column "{c}" of "{schema}.{table}" is generated and cannot be written ({label})')
-    if key in (spec.set or {}) or key in (spec.revert or {}):
-        raise BadInput(f'{spec.path.name} writes the key column "{key}"; a transform must not change its batch key')
+                               f"adds it first ({what} in {spec.path.name})")
+            if what in ("SET", "REVERT") and c not in plain:
+                raise BadInput(f'column "{c}" of "{schema}.{table}" is generated and cannot be written ({what})')
+    written = [c for c in key if c in (spec.set or {}) or c in (spec.revert or {})]
+    if written:
+        raise BadInput(f'{spec.path.name} writes the key column "{written[0]}"; a transform must not change its '
+                       "batch key")
+    # row-level UPDATE triggers of the table, or of any of its partitions
     triggers = tuple(r[0] for r in conn.execute(
-        """SELECT tgname FROM pg_trigger WHERE tgrelid = %s AND NOT tgisinternal AND tgenabled <> 'D'
-           AND (tgtype & 16) <> 0 AND (tgtype & 1) <> 0 ORDER BY tgname""", (oid,)).fetchall())  # row-level, UPDATE
-    return Target(schema, table, key, types[key], plain, triggers)
+        """SELECT DISTINCT tgname FROM pg_trigger
+           WHERE (tgrelid = %s OR tgrelid IN (SELECT relid FROM pg_partition_tree(%s::oid::regclass)))
+           AND NOT tgisinternal AND tgenabled <> 'D' AND (tgtype & 16) <> 0 AND (tgtype & 1) <> 0
+           ORDER BY tgname""", (oid, oid)).fetchall())
+    trigger_tables = tuple(tuple(r) for r in conn.execute(
+        """SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+           WHERE (c.oid = %s OR c.oid IN (SELECT relid FROM pg_partition_tree(%s::oid::regclass)))
+             AND EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = c.oid AND NOT g.tgisinternal)
+           ORDER BY c.oid = %s DESC, 1, 2""", (oid, oid, oid)).fetchall())
+    codecs = tuple("utc" if base_types[c] in _UTC_TYPES else "json" if base_types[c] in _JSON_TYPES else "text"
+                   for c in key)
+    return Target(schema, table, key, tuple(types[c] for c in key), plain, triggers, codecs, relkind == "p",
+                  trigger_tables)

@@ -10,9 +10,15 @@ skipped.
     ranges   one row per disjoint key range of a run: the checkpoint (last key done) and counts
     deleted  keys of the rows a run deleted, written with the batch that deleted them
 
-One run of a transform at a time: a session-level advisory lock keyed by the transform's
-name, held by the run's own connection for as long as it runs. A killed process loses its
-connection and with it the lock, so nothing needs cleaning up by hand.
+Key values (range bounds, checkpoints, deleted keys) are text[], one element per key column
+(dataops.tasks.transform.keys); the tables of the single-column version, text, are converted
+in place by ensure_schema.
+
+Session-level advisory locks, held by the run's own connection for as long as it runs (see
+transform_lock): one run of a transform at a time (keyed by its name), one transform of a
+table at a time (keyed by the table), and no migration meanwhile (a lock every transform
+shares and a migration takes alone). A killed process loses its connection and with it the
+locks, so nothing needs cleaning up by hand.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.runs (
     status          text NOT NULL,
     definition      text NOT NULL,
     table_name      text NOT NULL,
-    key_column      text NOT NULL,
+    key_column      text[] NOT NULL,  -- the batch key's columns, in order
     params          jsonb NOT NULL DEFAULT '{{}}',
     snapshot        jsonb,
     baseline        jsonb,
@@ -66,9 +72,9 @@ CREATE INDEX IF NOT EXISTS runs_transform_idx ON {SCHEMA}.runs (transform, id);
 CREATE TABLE IF NOT EXISTS {SCHEMA}.ranges (
     run_id          bigint NOT NULL,  -- runs.id; no FOREIGN KEY, so that no tool counts this tool's tables as the app's
     range_no        integer NOT NULL,
-    lo              text,
-    hi              text,
-    last_key        text,
+    lo              text[],  -- key values, one element per key column (dataops.tasks.transform.keys)
+    hi              text[],
+    last_key        text[],
     total           bigint NOT NULL DEFAULT 0,
     scanned         bigint NOT NULL DEFAULT 0,
     matched         bigint NOT NULL DEFAULT 0,
@@ -87,7 +93,7 @@ CREATE TABLE IF NOT EXISTS {SCHEMA}.ranges (
 );
 CREATE TABLE IF NOT EXISTS {SCHEMA}.deleted (
     run_id          bigint NOT NULL,
-    key             text NOT NULL,  -- rows a run deleted: its revert re-inserts these and no others
+    key             text[] NOT NULL,  -- rows a run deleted: its revert re-inserts these and no others
     PRIMARY KEY (run_id, key)
 );
 """
@@ -113,9 +119,9 @@ class RowCounts:
 class RangeState(RowCounts):
     run_id: int
     range_no: int
-    lo: str | None  # exclusive; None: from the first key
-    hi: str | None  # inclusive; None: open-ended (rows inserted during the run are included)
-    last_key: str | None = None  # checkpoint: every key up to here is done
+    lo: list[str] | None  # exclusive; None: from the first key
+    hi: list[str] | None  # inclusive; None: open-ended (rows inserted during the run are included)
+    last_key: list[str] | None = None  # checkpoint: every key up to here is done
     total: int = 0
     batches: int = 0
     busy_s: float = 0.0
@@ -132,7 +138,7 @@ class RunState:
     status: str
     definition: str
     table_name: str
-    key_column: str
+    key_column: list[str]
     params: dict
     reverts: int | None = None
     snapshot: dict | None = None
@@ -164,19 +170,34 @@ class RunState:
         return [r for r in self.ranges if not r.finished]
 
 
+# Before composite keys, key values were one text each; they become one-element arrays, so an
+# interrupted run of an earlier version resumes (its single-column key reads back the same).
+_TO_ARRAYS = (("ranges", "lo"), ("ranges", "hi"), ("ranges", "last_key"), ("deleted", "key"), ("runs", "key_column"))
+
+
 def ensure_schema(conn: psycopg.Connection) -> None:
-    """Create the state tables once; a transaction-level lock keeps two first runs from racing."""
+    """Create the state tables once, or bring an earlier version's up to date; a transaction-level
+    lock keeps two first runs from racing."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s, 0)", (LOCK_CLASS,))
         if conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.deleted",)).fetchone()[0] is None:  # the newest
             conn.execute(_DDL)
+        for table, column in _TO_ARRAYS:
+            if _column_type(conn, table, column) == "text":
+                conn.execute(f"ALTER TABLE {SCHEMA}.{table} ALTER {column} TYPE text[] "
+                             f"USING CASE WHEN {column} IS NOT NULL THEN ARRAY[{column}] END")
+
+
+def _column_type(conn: psycopg.Connection, table: str, column: str) -> str:
+    return conn.execute("SELECT format_type(atttypid, NULL) FROM pg_attribute WHERE attrelid = %s::regclass "
+                        "AND attname = %s", (f"{SCHEMA}.{table}", column)).fetchone()[0]
 
 
 def has_schema(conn: psycopg.Connection) -> bool:
     return conn.execute("SELECT to_regclass(%s)", (f"{SCHEMA}.ranges",)).fetchone()[0] is not None
 
 
-# -- the one-run-at-a-time lock --------------------------------------------------------------
+# -- the locks a run holds -------------------------------------------------------------------
 
 def lock_key(name: str) -> int:
     """A signed int4 from the transform's name, the same on every machine."""
@@ -184,38 +205,123 @@ def lock_key(name: str) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-_HOLDER = """
-SELECT a.pid, a.application_name, a.usename, a.client_addr::text,
-       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')
+# Two int4 halves, 'data' and 'schm' in ASCII: every transform holds this lock shared for its
+# run, a migration (tasks/migration/migrate.py, which keeps the same pair) takes it alone before
+# it changes the schema. So a migration never alters a table under a transform's batches, nor
+# a transform starts under a migration; either is refused at once, naming the other.
+SCHEMA_LOCK = (0x64617461, 0x7363686D)
+APP_PREFIX = "dataops-transform:"  # the lock connection's application_name is this and the transform's name
+
+_SESSION = """a.pid, a.application_name, a.usename, a.client_addr::text,
+       to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
+_HOLDER = f"""
+SELECT {_SESSION}
 FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s::oid AND l.objid = %s::oid AND l.objsubid = 2
   AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
-LIMIT 1"""
+  AND (%s::text IS NULL OR l.mode = %s) AND l.pid <> pg_backend_pid()
+ORDER BY a.backend_start"""
+_TEXT_HOLDERS = f"""
+WITH k AS (SELECT hashtextextended(%s, 0) AS v)
+SELECT l.mode, {_SESSION}
+FROM k, pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND l.classid = ((k.v >> 32) & 4294967295)::oid AND l.objid = (k.v & 4294967295)::oid
+  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND l.pid <> pg_backend_pid()
+ORDER BY a.backend_start"""
+
+
+def _holders(conn: psycopg.Connection, pair: tuple[int, int], mode: str | None = None) -> list[tuple]:
+    return conn.execute(_HOLDER, (pair[0] & 0xFFFFFFFF, pair[1] & 0xFFFFFFFF, mode, mode)).fetchall()
+
+
+def transform_of(application_name: str | None) -> str:
+    """The transform a lock-holding session runs, from its application_name."""
+    app = application_name or ""
+    return app[len(APP_PREFIX):] if app.startswith(APP_PREFIX) else f"application_name {app or '-'}"
+
+
+def running_transforms(conn: psycopg.Connection) -> list[str]:
+    """The transforms running on this database, each with its session: for a migration's refusal."""
+    return [f"transform {transform_of(r[1])}: {pg.holder_words(r)}" for r in _holders(conn, SCHEMA_LOCK, "ShareLock")]
+
+
+def _table_key(oid: int) -> str:
+    return f"dataops-transform-table:{oid}"
+
+
+def _lock_tables(conn: psycopg.Connection, schema: str, rel: str) -> None:
+    """The per-table lock: the table's own alone, each partition ancestor's shared. Two transforms
+    of one table (under different names) would fight over its rows, and their reverts undo each
+    other's; the same goes for a transform of a partitioned table and one of its partitions.
+    Transforms of two partitions of one table may run at once."""
+    table = f"{schema}.{rel}"
+    found = conn.execute("""SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                            WHERE n.nspname = %s AND c.relname = %s""", (schema, rel)).fetchone()
+    if found is None:
+        return  # bind() refuses it next, before anything is written
+    oid = found[0]
+    ancestors = conn.execute("""SELECT a.relid::oid, n.nspname || '.' || c.relname
+                                FROM pg_partition_ancestors(%s::oid::regclass) a JOIN pg_class c ON c.oid = a.relid
+                                JOIN pg_namespace n ON n.oid = c.relnamespace
+                                WHERE a.relid::oid <> %s::oid""", (oid, oid)).fetchall()
+    if not conn.execute("SELECT pg_try_advisory_lock(hashtextextended(%s, 0))", (_table_key(oid),)).fetchone()[0]:
+        raise OperationFailed(_table_busy(conn, _table_key(oid), table, own=True))
+    for parent, label in ancestors:
+        key = _table_key(parent)
+        if not conn.execute("SELECT pg_try_advisory_lock_shared(hashtextextended(%s, 0))", (key,)).fetchone()[0]:
+            raise OperationFailed(_table_busy(conn, key, label, own=False) + f" ({table} is one of its partitions)")
+
+
+def _table_busy(conn: psycopg.Connection, key: str, label: str, *, own: bool) -> str:
+    rows = conn.execute(_TEXT_HOLDERS, (key,)).fetchall()
+    alone = [r for r in rows if r[0] == "ExclusiveLock"]
+    row = (alone or rows or [None])[0]
+    if row is None:
+        return f"another transform of {label} has just finished; run it again"
+    of = label if row[0] == "ExclusiveLock" else f"a partition of {label}"
+    return (f"another transform ({transform_of(row[2])}) of {of} is running ({pg.holder_words(row[1:])}); "
+            "wait for it to finish: two transforms of the same rows would fight over them, and their reverts "
+            "would undo each other's")
+
+
+def _share_schema(conn: psycopg.Connection, env: Environment, name: str) -> None:
+    if not conn.execute("SELECT pg_try_advisory_lock_shared(%s, %s)", SCHEMA_LOCK).fetchone()[0]:
+        rows = _holders(conn, SCHEMA_LOCK, "ExclusiveLock")
+        holder = pg.holder_words(rows[0] if rows else None)
+        raise OperationFailed(f"a migration is running on {env.name} ({holder}); transform {name} does not start "
+                              "while the schema changes: run it again when the migration has finished")
 
 
 @contextlib.contextmanager
-def transform_lock(env: Environment, name: str, *, timeout: int = 10) -> Iterator[psycopg.Connection]:
-    """Hold the transform's lock on a connection of its own for the duration of the block.
+def transform_lock(env: Environment, name: str, table: tuple[str, str] | None = None, *,
+                   timeout: int = 10) -> Iterator[psycopg.Connection]:
+    """Hold the transform's locks on a connection of its own for the duration of the block: its
+    name's (one run or revert of a transform at a time), its table's (one transform of a table at
+    a time, see _lock_tables) and the schema lock shared (no migration meanwhile).
 
-    A second run (or a revert) of the same transform on the same database is refused at
-    once with who holds the lock, rather than queueing behind it.
+    Each is tried, never waited for: a busy one is refused at once, naming the session that
+    holds it, rather than queueing behind it. Nothing is written before they are all held.
     """
     key = lock_key(name)
     with pg.connect(env.database_url, autocommit=True, timeout=timeout,
-                    application_name=f"dataops-transform:{name}"[:63]) as conn:
+                    application_name=f"{APP_PREFIX}{name}"[:63]) as conn:
         if not conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (LOCK_CLASS, key)).fetchone()[0]:
-            row = conn.execute(_HOLDER, (LOCK_CLASS & 0xFFFFFFFF, key & 0xFFFFFFFF)).fetchone()
-            holder = (f"pid {row[0]}, application_name {row[1] or '-'}, user {row[2]}"
-                      f"{', from ' + row[3] if row[3] else ''}, since {row[4]}") if row else "a session that just let it go"
-            raise OperationFailed(f"transform {name} is already running on {env.name} ({holder}); wait for it to "
+            rows = _holders(conn, (LOCK_CLASS, key))
+            raise OperationFailed(f"transform {name} is already running on {env.name} "
+                                  f"({pg.holder_words(rows[0] if rows else None)}); wait for it to "
                                   "finish, or end that session if it is stuck")
         try:
+            _share_schema(conn, env, name)
+            if table is not None:
+                _lock_tables(conn, *table)
             yield conn
         finally:
             if not conn.closed:
                 try:
-                    conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_CLASS, key))
-                except psycopg.Error:  # closing the connection releases it anyway
+                    conn.execute("SELECT pg_advisory_unlock_all()")
+                except psycopg.Error:  # closing the connection releases them anyway
                     pass
 
 
@@ -245,19 +351,20 @@ def latest_run(conn: psycopg.Connection, name: str, action: str | None = None) -
 
 
 def create_run(conn: psycopg.Connection, *, transform: str, action: str, definition: str, table_name: str,
-               key_column: str, params: dict, ranges: list[tuple[str | None, str | None, int]],
+               key_column: list[str], params: dict, ranges: list[tuple[list[str] | None, list[str] | None, int]],
                reverts: int | None = None, snapshot: dict | None = None, baseline: dict | None = None,
                flow_run_id: str | None = None) -> int:
     """Insert a run and its ranges ((lo, hi, total) each) in the caller's transaction."""
     run_id = conn.execute(
         f"""INSERT INTO {SCHEMA}.runs (transform, action, reverts, status, definition, table_name, key_column, params,
                                        snapshot, baseline, flow_run_id)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id""",
-        (transform, action, reverts, RUNNING, definition, table_name, key_column, json.dumps(params),
+            VALUES (%s, %s, %s, %s, %s, %s, %s::text[], %s, %s, %s, %s) RETURNING id""",
+        (transform, action, reverts, RUNNING, definition, table_name, list(key_column), json.dumps(params),
          json.dumps(snapshot) if snapshot else None, json.dumps(baseline) if baseline else None,
          flow_run_id)).fetchone()[0]
     with conn.cursor() as cur:
-        cur.executemany(f"INSERT INTO {SCHEMA}.ranges (run_id, range_no, lo, hi, total) VALUES (%s, %s, %s, %s, %s)",
+        cur.executemany(f"INSERT INTO {SCHEMA}.ranges (run_id, range_no, lo, hi, total) "
+                        "VALUES (%s, %s, %s::text[], %s::text[], %s)",
                         [(run_id, i, lo, hi, total) for i, (lo, hi, total) in enumerate(ranges)])
     return run_id
 
@@ -274,7 +381,7 @@ class BatchCounts(RowCounts):
     """One batch's counts, added to its range's by checkpoint()."""
 
 
-def checkpoint(conn: psycopg.Connection, r: RangeState, new_last: str | None, counts: BatchCounts, tx_s: float,
+def checkpoint(conn: psycopg.Connection, r: RangeState, new_last: list[str] | None, counts: BatchCounts, tx_s: float,
                finished: bool) -> bool:
     """Advance the range's checkpoint in the batch's own transaction (the caller commits);
     returns whether the run was asked to stop (a worker on another range failed).
@@ -283,14 +390,14 @@ def checkpoint(conn: psycopg.Connection, r: RangeState, new_last: str | None, co
     (which the lock should make impossible), the batch is rolled back instead of applied twice.
     """
     cur = conn.execute(
-        f"""UPDATE {SCHEMA}.ranges SET last_key = coalesce(%(new)s, last_key),
+        f"""UPDATE {SCHEMA}.ranges SET last_key = coalesce(%(new)s::text[], last_key),
                 scanned = scanned + %(scanned)s, matched = matched + %(matched)s, changed = changed + %(changed)s,
                 deleted = deleted + %(deleted)s, inserted = inserted + %(inserted)s, invalid = invalid + %(invalid)s,
                 unchanged = unchanged + %(unchanged)s, batches = batches + %(batch)s, busy_s = busy_s + %(tx)s,
                 longest_tx_s = greatest(longest_tx_s, %(tx)s),
                 invalid_examples = (invalid_examples || %(examples)s::text[])[1:{EXAMPLES_KEPT}],
                 finished = %(finished)s, updated_at = now()
-            WHERE run_id = %(run)s AND range_no = %(no)s AND last_key IS NOT DISTINCT FROM %(old)s
+            WHERE run_id = %(run)s AND range_no = %(no)s AND last_key IS NOT DISTINCT FROM %(old)s::text[]
             RETURNING (SELECT stop_requested FROM {SCHEMA}.runs WHERE id = %(run)s)""",
         {"new": new_last, "old": r.last_key, "run": r.run_id, "no": r.range_no, "tx": tx_s, "finished": finished,
          "batch": 1 if counts.scanned or counts.inserted else 0,
