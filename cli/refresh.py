@@ -38,6 +38,8 @@ def refresh_staging_cmd(
             echo(f"default {line}")
         for line in r["unmasked_personal"]:
             echo(f"NO RULE {line}")
+        for table, (kept, total) in r["subset"].items():
+            echo(f"subset  {table}: {kept:,} of {total:,} rows")
         echo(r["summary"])
         if r["unmasked_personal"]:
             raise SafetyRefusal(f"{len(r['unmasked_personal'])} personal-looking column(s) have no masking rule "

@@ -322,7 +322,10 @@ class AnonymizeSettings(Strict):
 class RefreshSettings(Strict):
     exclude: list[str] = Field(default_factory=list, description="tables not copied at all (not even created)")
     truncate: list[str] = Field(default_factory=list, description="tables created empty")
-    subset: dict[str, str] = Field(default_factory=dict, description="table -> SQL condition of rows to copy")
+    subset: dict[str, str] = Field(default_factory=dict, description="table -> SQL condition of rows to copy; "
+                                   "rows of other tables follow the rows they point to, and rows pointed to come along")
+    copy_whole: list[str] = Field(default_factory=list, description="tables whose rows do not follow a subset: all "
+                                  "copied (and what they point to with them)")
     backup_target_first: bool = Field(default=False, description="back up the target before replacing it")
     allow_production_to_development: bool = Field(default=False, description="let production data reach a development target")
     jobs: int = Field(default=0, ge=0, le=32, description="tables copied at once; 0: one per core")
@@ -335,6 +338,10 @@ class RefreshSettings(Strict):
         filtered = sorted(set(self.subset) & (set(self.exclude) | set(self.truncate)))
         if filtered:
             raise ValueError(f"table {filtered[0]} has a subset filter but is excluded or truncated")
+        whole = sorted(set(self.copy_whole) & (set(self.subset) | set(self.exclude) | set(self.truncate)))
+        if whole:
+            raise ValueError(f"table {whole[0]} is in copy_whole and also has a subset filter or is excluded or "
+                             "truncated; keep it in one")
         return self
 
 

@@ -146,6 +146,7 @@ def as_dict(report: RefreshReport) -> dict:
     return {
         "source": report.source, "target": report.target, "check_only": report.check_only,
         "tables": {t.table: t.rows for t in report.tables}, "rows": report.rows,
+        "subset": {t.table: list(t.subset) for t in report.tables if t.subset is not None},
         "masked": [f"{t}.{c}: {rule}" for t, c, rule in report.masked],
         "unmasked_personal": report.unmasked_personal, "defaulted": report.defaulted,
         "leak_scan": None if leaks is None else {"leaked": leaks.leaked, "checked": leaks.checked,
@@ -173,7 +174,7 @@ def render(report: RefreshReport) -> str:
         lines += [f"- {f}" for f in report.unmasked_personal]
     if report.defaulted:
         lines += ["", "## Masked by anonymize.default", ""] + [f"- {f}" for f in report.defaulted]
-    lines += ["", "## Tables", "", markdown_table([t.as_row() for t in report.tables])]
+    lines += ["", "## Tables", "", markdown_table([t.as_row(report.check_only) for t in report.tables])]
     if report.leaks is not None:
         lines += ["", "## Leak scan", "", markdown_table([c.as_row() for c in report.leaks.columns])]
     return "\n".join(lines) + "\n"

@@ -4,18 +4,13 @@ tables and rows, which columns are masked and how, and whether that is allowed a
 Everything here reads the source inside the refresh's snapshot and writes nothing, so
 `dataops refresh-staging --check` runs exactly this and stops.
 
-Subsetting keeps referential integrity upwards: a table's rows are those its filter
-selects, plus every row that a kept row of another table points to, transitively
-(orders of the last 90 days keep their users and products, even if users has a filter of
-its own). It is computed by SQL on the source, one predicate per table, so it needs no
-writes to production and no memory here: a parent's predicate is its own filter OR
-EXISTS (a kept child row pointing at it). Self references (categories.parent_id) use a
-recursive CTE; a foreign-key cycle through several filtered tables is refused.
+Which rows a subset copies is dataops.tasks.refresh.subset's (filters choose, children
+follow their parents, parents follow kept rows); where a table's rows live (its leaf
+partitions) and which foreign keys join which tables is dataops.tasks.refresh.catalog's.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -24,11 +19,11 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from dataops.errors import BadInput, SafetyRefusal
+from dataops.errors import ROW_SECURITY_FIX, BadInput, SafetyRefusal
 from dataops.settings import Environment, Role, Settings
+from dataops.tasks import pg
 from dataops.tasks.anonymize.rules import (
     SKIPPED_SCHEMAS,
-    ForeignKey,
     MaskingPlan,
     TableInfo,
     check_condition,
@@ -39,10 +34,20 @@ from dataops.tasks.anonymize.rules import (
     regclass,
     resolve_table,
 )
+from dataops.tasks.refresh.catalog import (
+    Edge,
+    Partition,
+    Rel,
+    as_edges,
+    inheritance_children,
+    leaves_of,
+    read_partitions,
+    refuse_partition_names,
+)
+from dataops.tasks.refresh.subset import Subset
 
 ROWS_PER_PART_MASKED = 250_000
 ROWS_PER_PART_RAW = 1_000_000
-MAX_PREDICATE_CHARS = 200_000
 
 
 # -- guards ---------------------------------------------------------------------------------
@@ -83,17 +88,34 @@ def resolve_environments(settings: Settings, source: str | None, target: str | N
 # -- the plan ---------------------------------------------------------------------------------
 
 @dataclass
+class Piece:
+    """A relation holding rows of a table: the table itself, or one of its leaf partitions."""
+
+    rel: Rel
+    est_rows: int
+    blocks: int = 0
+
+
+@dataclass
 class TablePlan:
     table: TableInfo
     mode: str  # copy | truncate | exclude
     keep: sql.Composable | None = None  # predicate on alias t0 (None: every row)
     ctes: list[sql.Composable] = field(default_factory=list)  # WITH RECURSIVE parts the predicate needs
-    blocks: int = 0
+    pieces: list[Piece] = field(default_factory=list)  # where the rows are read from and written to
     filtered: bool = False  # a subset filter, the closure or a delete rule applies
 
     @property
     def label(self) -> str:
         return self.table.label
+
+    @property
+    def est_rows(self) -> int:
+        return sum(p.est_rows for p in self.pieces) if self.pieces else self.table.est_rows
+
+    @property
+    def rel(self) -> Rel:
+        return Rel(self.table.schema, self.table.name, self.table.relkind)
 
 
 @dataclass
@@ -103,7 +125,7 @@ class SequencePlan:
     last_value: int
     is_called: bool
     increment: int
-    owner: tuple[str, str] | None  # (table label, column)
+    owner: tuple[str, str, str] | None  # (schema, table, column)
 
 
 @dataclass
@@ -111,10 +133,12 @@ class RefreshPlan:
     source: str
     target: str
     tables: dict[str, TablePlan]
-    foreign_keys: list[ForeignKey]
+    foreign_keys: list[Edge]  # between tables (a partition's foreign key is its table's)
     masking: MaskingPlan
     sequences: list[SequencePlan]
     jobs: int
+    partitions: dict[str, Partition] = field(default_factory=dict)
+    matviews: list[str] = field(default_factory=list)  # materialized views with data in the source (quoted names)
 
     @property
     def copied(self) -> list[TablePlan]:
@@ -125,52 +149,96 @@ class RefreshPlan:
         for label, tp in sorted(self.tables.items()):
             masked = self.masking.tables.get(label)
             rows.append({"table": label, "mode": tp.mode + (" (subset)" if tp.filtered else ""),
-                         "rows (estimate)": tp.table.est_rows,
+                         "rows (estimate)": tp.est_rows,
                          "masked columns": ", ".join(f"{c}: {m.label}" for c, m in masked.maskers.items()) if masked else ""})
         return rows
 
 
 def plan_refresh(settings: Settings, conn: psycopg.Connection, source: Environment, target: Environment) -> RefreshPlan:
     """Read the source (inside the caller's snapshot) and decide everything; raises BadInput
-    for a bad table name, filter or rule, and never writes."""
+    for a bad table name, filter or rule, a source role that cannot read every row, and never writes."""
     tables = read_tables(conn)
-    fks = read_foreign_keys(conn)
+    partitions = read_partitions(conn)
     cfg = settings.refresh
+    refuse_partition_names([(k, f"refresh.exclude[{k}]") for k in cfg.exclude]
+                           + [(k, f"refresh.truncate[{k}]") for k in cfg.truncate]
+                           + [(k, f"refresh.subset.{k}") for k in cfg.subset]
+                           + [(k, f"refresh.copy_whole[{k}]") for k in cfg.copy_whole], partitions)
     modes = {label: "copy" for label in tables}
     for key in cfg.exclude:
         modes[resolve_table(key, tables, f"refresh.exclude[{key}]")] = "exclude"
     for key in cfg.truncate:
         modes[resolve_table(key, tables, f"refresh.truncate[{key}]")] = "truncate"
+    whole = {resolve_table(k, tables, f"refresh.copy_whole[{k}]") for k in cfg.copy_whole}
     filters = {resolve_table(k, tables, f"refresh.subset.{k}"): v for k, v in cfg.subset.items()}
+    copied = {label for label, mode in modes.items() if mode == "copy"}
+    pieces = {label: leaves_of(tables[label], partitions) for label in copied}
+    read = [Rel(tables[t].schema, tables[t].name, tables[t].relkind) for t in copied]  # checksums read these,
+    refuse_hidden_rows(conn, source, target, read + [p.rel for ps in pieces.values() for p in ps])  # the copy these
     for label, cond in filters.items():
         check_condition(conn, tables[label], cond, f"refresh.subset.{label}")
-    _check_dependencies(conn, tables, fks, modes)
+    edges = as_edges(read_foreign_keys(conn), tables, partitions)
+    _check_dependencies(conn, tables, edges, modes, pieces)
 
-    copied = {label for label, mode in modes.items() if mode == "copy"}
     masking = plan_masking(settings, conn, tables, copied)
     deletes = {label: cond for label, cond in masking.deletes.items() if label in copied}
-    builder = _KeepBuilder(tables, fks, copied, filters, deletes)
+    subset = Subset(tables, edges, copied, filters, deletes, whole)
     plans = {}
     for label, table in tables.items():
         tp = TablePlan(table, modes[label])
         if tp.mode == "copy":
-            tp.keep, tp.ctes = builder.for_table(label)
+            tp.keep, tp.ctes = subset.keep_for(label)
             tp.filtered = tp.keep is not None
+            tp.pieces = [Piece(p.rel, p.est_rows) for p in pieces[label]]
         plans[label] = tp
     _read_blocks(conn, plans)
     jobs = cfg.jobs or os.cpu_count() or 2
-    return RefreshPlan(source.name, target.name, plans, fks, masking, _read_sequences(conn, tables, modes), jobs)
+    matviews = [r[0] for r in conn.cursor(row_factory=tuple_row).execute(
+        "SELECT format('%%I.%%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.relkind = 'm' AND c.relispopulated AND n.nspname <> ALL (%s) ORDER BY 1", (list(SKIPPED_SCHEMAS),))]
+    return RefreshPlan(source.name, target.name, plans, edges, masking, _read_sequences(conn, tables, modes, partitions),
+                       jobs, partitions, matviews)
 
 
-def _check_dependencies(conn: psycopg.Connection, tables: dict[str, TableInfo], fks: list[ForeignKey],
-                        modes: dict[str, str]) -> None:
-    """A copied row may not point into a table that is left out or left empty, and no view may
-    depend on a left-out table: both would fail after the copy, so refuse now."""
-    for fk in fks:
-        if modes[fk.child] == "copy" and modes[fk.parent] != "copy":
-            key = "refresh.exclude" if modes[fk.parent] == "exclude" else "refresh.truncate"
-            raise BadInput(f"{key}: table {fk.parent} is referenced by {fk.child} ({fk.name}), which is copied; "
-                           f"add {fk.child} to refresh.exclude or refresh.truncate as well")
+def refuse_hidden_rows(conn: psycopg.Connection, source: Environment, target: Environment, rels: list[Rel]) -> None:
+    """Row-level security that would hide rows of a copied table from the source role: the
+    copy would be short and its own row-count check, reading through the same policy, would
+    agree with it. Every connection runs with row_security = off, so the copy would fail;
+    this refuses first, in one line, before anything is written."""
+    blocked = set(pg.row_security_blockers(conn))
+    if not blocked:
+        return
+    names = [r[0] for r in conn.cursor(row_factory=tuple_row).execute(
+        "SELECT quote_ident(s) || '.' || quote_ident(n) FROM unnest(%s::text[], %s::text[]) AS u(s, n)",
+        ([r.schema for r in rels], [r.name for r in rels])).fetchall()]
+    hidden = sorted(blocked & set(names))
+    if hidden:
+        shown = ", ".join(hidden[:5]) + (f" and {len(hidden) - 5} more" if len(hidden) > 5 else "")
+        raise BadInput(f"refusing to copy {source.name} into {target.name}: row-level security would hide rows of "
+                       f"{shown} from role {conn.info.user}; {ROW_SECURITY_FIX} (or exclude or truncate the table)")
+
+
+def _check_dependencies(conn: psycopg.Connection, tables: dict[str, TableInfo], edges: list[Edge],
+                        modes: dict[str, str], pieces: dict[str, list[Partition]]) -> None:
+    """A copied row may not point into a table that is left out or left empty, no foreign key
+    or view may depend on a left-out table, and no inheritance child may lose its parent:
+    each would fail after the copy, so refuse now. A foreign table among the partitions of a
+    copied table is refused too: its rows live on another server and are not ours to write."""
+    for e in edges:
+        if e.child not in modes or e.parent not in modes:
+            continue
+        if modes[e.child] == "copy" and modes[e.parent] != "copy":
+            key = "refresh.exclude" if modes[e.parent] == "exclude" else "refresh.truncate"
+            raise BadInput(f"{key}: table {e.parent} is referenced by {e.child} ({e.name}), which is copied; "
+                           f"add {e.child} to refresh.exclude or refresh.truncate as well")
+        if modes[e.child] == "truncate" and modes[e.parent] == "exclude":
+            raise BadInput(f"refresh.exclude: table {e.parent} is referenced by {e.child} ({e.name}), which is "
+                           f"created empty; exclude {e.child} as well")
+    for label, ps in pieces.items():
+        foreign = [p.rel.label for p in ps if p.rel.relkind == "f"]
+        if foreign:
+            raise BadInput(f"table {label} has a partition that is a foreign table ({foreign[0]}); a refresh copies "
+                           f"no foreign data: add {label} to refresh.exclude or refresh.truncate")
     excluded = [tables[label] for label, mode in modes.items() if mode == "exclude"]
     for t in excluded:
         views = conn.cursor(row_factory=tuple_row).execute(
@@ -182,88 +250,25 @@ def _check_dependencies(conn: psycopg.Connection, tables: dict[str, TableInfo], 
         if views:
             raise BadInput(f"refresh.exclude: view {views[0][0]} depends on table {t.label}; truncate the table "
                            "instead of excluding it")
-
-
-class _KeepBuilder:
-    def __init__(self, tables, fks, copied, filters, deletes):
-        self.tables, self.copied, self.filters, self.deletes = tables, copied, filters, deletes
-        self.children: dict[str, list[ForeignKey]] = {}
-        for fk in fks:
-            if fk.child in copied and fk.parent in copied:
-                self.children.setdefault(fk.parent, []).append(fk)
-        self.aliases = itertools.count(1)
-
-    def for_table(self, label: str) -> tuple[sql.Composable | None, list[sql.Composable]]:
-        ctes: dict[str, sql.Composable] = {}
-        keep = self._keep(label, sql.Identifier("t0"), [], ctes)
-        delete = self.deletes.get(label)
-        if delete:
-            gone = sql.SQL("NOT ({})").format(sql.SQL(delete))
-            keep = gone if keep is None else sql.SQL("({}) AND {}").format(keep, gone)
-        if keep is not None and len(keep.as_string()) > MAX_PREDICATE_CHARS:
-            raise BadInput(f"refresh.subset: the foreign-key closure of {label} grows too large to run as SQL; "
-                           "filter fewer tables")
-        return keep, list(ctes.values())
-
-    def _keep(self, label: str, alias: sql.Identifier, stack: list[str], ctes: dict) -> sql.Composable | None:
-        """Predicate over `alias` selecting the rows of `label` to copy; None for all rows."""
-        own = self.filters.get(label)
-        if own is None:
-            return None
-        if label in stack:
-            cycle = " -> ".join(stack[stack.index(label):] + [label])
-            raise BadInput(f"refresh.subset: filtered tables form a foreign-key cycle ({cycle}); remove one of the filters")
-        selfs = [fk for fk in self.children.get(label, []) if fk.child == label]
-        if not selfs:
-            return self._base(label, alias, stack + [label], ctes)
-        # Rows reachable from the base rows by following the self references up, as a CTE.
-        name = f"keep_{list(self.tables).index(label)}"
-        keys = list(dict.fromkeys(c for fk in selfs for c in fk.parent_columns + fk.child_columns))
-        r, p = sql.Identifier("r"), sql.Identifier("p")
-        cols = lambda a: sql.SQL(", ").join(sql.SQL("{}.{}").format(a, sql.Identifier(c)) for c in keys)  # noqa: E731
-        joins = sql.SQL(" OR ").join(
-            sql.SQL("({})").format(sql.SQL(" AND ").join(
-                sql.SQL("p.{} = k.{}").format(sql.Identifier(pc), sql.Identifier(cc))
-                for pc, cc in zip(fk.parent_columns, fk.child_columns))) for fk in selfs)
-        if label not in ctes:
-            ctes[label] = sql.SQL("{n} AS (SELECT {rc} FROM ONLY {t} AS r WHERE {b} UNION "
-                                 "SELECT {pc} FROM ONLY {t} AS p JOIN {n} AS k ON {j})").format(
-                n=sql.Identifier(name), rc=cols(r), t=self.tables[label].qualified,
-                b=self._base(label, r, stack + [label], ctes), pc=cols(p), j=joins)
-        ref = selfs[0].parent_columns
-        return sql.SQL("({}) IN (SELECT {} FROM {})").format(
-            sql.SQL(", ").join(sql.SQL("{}.{}").format(alias, sql.Identifier(c)) for c in ref),
-            sql.SQL(", ").join(sql.Identifier(c) for c in ref), sql.Identifier(name))
-
-    def _base(self, label: str, alias: sql.Identifier, stack: list[str], ctes: dict) -> sql.Composable:
-        parts = [sql.SQL("({})").format(sql.SQL(self.filters[label]))]
-        for fk in self.children.get(label, []):
-            if fk.child == label:
-                continue
-            child = sql.Identifier(f"t{next(self.aliases)}")
-            cond = [sql.SQL("{}.{} = {}.{}").format(child, sql.Identifier(cc), alias, sql.Identifier(pc))
-                    for cc, pc in zip(fk.child_columns, fk.parent_columns)]
-            inner = self._keep(fk.child, child, stack, ctes)
-            if inner is not None:
-                cond.append(sql.SQL("({})").format(inner))
-            if self.deletes.get(fk.child):
-                cond.append(sql.SQL("NOT ({})").format(sql.SQL(self.deletes[fk.child])))
-            parts.append(sql.SQL("EXISTS (SELECT 1 FROM ONLY {} AS {} WHERE {})").format(
-                self.tables[fk.child].qualified, child, sql.SQL(" AND ").join(cond)))
-        return sql.SQL(" OR ").join(parts)
+        kept = [c for c in inheritance_children(conn, t) if modes.get(c) != "exclude"]
+        if kept:
+            raise BadInput(f"refresh.exclude: table {kept[0]} inherits from {t.label}; exclude it as well, or "
+                           f"truncate {t.label} instead")
 
 
 def _read_blocks(conn: psycopg.Connection, plans: dict[str, TablePlan]) -> None:
-    """Table sizes in blocks now (relpages may be stale); big tables are copied in block ranges."""
+    """Sizes in blocks now (relpages may be stale); big tables and partitions are copied in
+    block ranges."""
     cur = conn.cursor(row_factory=tuple_row)
     for tp in plans.values():
-        if tp.mode != "copy" or tp.table.relkind != "r":
-            continue
-        tp.blocks = cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
-                                (regclass(tp.table.schema, tp.table.name),)).fetchone()[0]
+        for piece in tp.pieces:
+            if piece.rel.relkind == "r":
+                piece.blocks = cur.execute("SELECT pg_relation_size(%s::regclass) / current_setting('block_size')::int",
+                                           (piece.rel.regclass,)).fetchone()[0]
 
 
-def _read_sequences(conn: psycopg.Connection, tables: dict[str, TableInfo], modes: dict[str, str]) -> list[SequencePlan]:
+def _read_sequences(conn: psycopg.Connection, tables: dict[str, TableInfo], modes: dict[str, str],
+                    partitions: dict[str, Partition]) -> list[SequencePlan]:
     cur = conn.cursor(row_factory=tuple_row)
     rows = cur.execute(
         """
@@ -283,17 +288,31 @@ def _read_sequences(conn: psycopg.Connection, tables: dict[str, TableInfo], mode
         owner = None
         if table is not None:
             label = label_of(tschema, table)
+            if label in partitions:
+                label = partitions[label].root
             if label in modes and modes[label] == "exclude":
                 continue  # the table and its sequence are not created
-            owner = (label, column) if label in tables else None
+            owner = (tschema, table, column) if label in tables else None
         last, called = cur.execute(sql.SQL("SELECT last_value, is_called FROM {}.{}").format(
             sql.Identifier(schema), sql.Identifier(name))).fetchone()
         out.append(SequencePlan(schema, name, last, called, inc, owner))
     return out
 
 
-def parts_for(tp: TablePlan, python_masked: bool, jobs: int) -> int:
-    if tp.table.relkind != "r" or tp.blocks < 16:
+def parts_for(piece: Piece, python_masked: bool, jobs: int) -> int:
+    """Block ranges one table or partition is copied in: one each for big ones, so they load in parallel."""
+    if piece.rel.relkind != "r" or piece.blocks < 16:
         return 1
     per = ROWS_PER_PART_MASKED if python_masked else ROWS_PER_PART_RAW
-    return max(1, min(jobs, math.ceil(tp.table.est_rows / per), tp.blocks // 8))
+    return max(1, min(jobs, math.ceil(piece.est_rows / per), piece.blocks // 8))
+
+
+def count_subset(conn: psycopg.Connection, tp: TablePlan) -> tuple[int, int]:
+    """(rows the subset keeps, rows in the table) now, for `--check`."""
+    total = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(tp.rel.scan)).fetchone()[0]
+    if tp.keep is None:
+        return total, total
+    with_ = sql.SQL("WITH RECURSIVE {} ").format(sql.SQL(", ").join(tp.ctes)) if tp.ctes else sql.SQL("")
+    kept = conn.execute(sql.SQL("{}SELECT count(*) FROM {} AS t0 WHERE {}").format(
+        with_, tp.rel.scan, tp.keep)).fetchone()[0]
+    return kept, total

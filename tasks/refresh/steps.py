@@ -45,9 +45,9 @@ from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.anonymize.leak_scan import LeakReport, Matches, Workspace, build_report, match_digests
 from dataops.tasks.anonymize.masking import fill_pools
-from dataops.tasks.anonymize.rules import regclass, split_label
+from dataops.tasks.anonymize.rules import regclass
 from dataops.tasks.checksums import checksum_text, row_hash_sql
-from dataops.tasks.refresh.plan import RefreshPlan, TablePlan, parts_for, plan_refresh
+from dataops.tasks.refresh.plan import RefreshPlan, TablePlan, count_subset, parts_for, plan_refresh
 from dataops.tasks.refresh.table_copy import CopyJob, CopyResult, run_jobs
 from dataops.tasks.schema import STABLE_OUTPUT, pinned_settings
 from dataops.tasks.validation.checks import DeclaredForeignKeys
@@ -113,8 +113,12 @@ class TableReport:
     source_rows: int = 0
     seconds: float = 0.0
     masked: str = ""
+    subset: tuple[int, int] | None = None  # --check: (rows the subset keeps, rows in the table)
 
-    def as_row(self) -> dict:
+    def as_row(self, check_only: bool = False) -> dict:
+        if check_only:
+            kept = f"{self.subset[0]:,} of {self.subset[1]:,}" if self.subset is not None else "all"
+            return {"table": self.table, "mode": self.mode, "rows kept": kept, "masked columns": self.masked}
         return {"table": self.table, "mode": self.mode, "rows": self.rows, "seconds": round(self.seconds, 2),
                 "masked columns": self.masked}
 
@@ -165,7 +169,12 @@ def check_refresh(settings: Settings, source: Environment, target: Environment) 
     anything (unmasked columns are reported, not refused: CI lists them all at once)."""
     with source_snapshot(settings, source) as snap:
         plan = plan_refresh(settings, snap.conn, source, target)
-    return _report_from_plan(plan, check_only=True)
+        report = _report_from_plan(plan, check_only=True)
+        by_label = {t.table: t for t in report.tables}
+        for tp in plan.copied:
+            if tp.filtered:
+                by_label[tp.label].subset = count_subset(snap.conn, tp)
+    return report
 
 
 def plan_and_guard(settings: Settings, snap: SourceSnapshot, source: Environment, target: Environment) -> RefreshPlan:
@@ -204,8 +213,10 @@ def create_copy(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot, tar
     args = [pg_dump, "--schema-only", "--format=custom", "--no-sync", f"--snapshot={snap.id}",
             "--lock-wait-timeout=60000", "--no-publications", "--no-subscriptions",
             "--exclude-schema=dataops_snapshots", f"--file={schema_file}", f"--dbname={conninfo}"]
+    excluded = {label for label, tp in plan.tables.items() if tp.mode == "exclude"}
     args += [f"--exclude-table={regclass(tp.table.schema, tp.table.name)}"  # quoted: taken literally, not as a pattern
              for tp in plan.tables.values() if tp.mode == "exclude"]
+    args += [f"--exclude-table={p.rel.regclass}" for p in plan.partitions.values() if p.root in excluded]
     _run(args, env, "pg_dump --schema-only")
     name = scratch_prefix(target.database_url.database) + secrets.token_hex(4)
     pg.create_database(target.database_url, name)
@@ -280,35 +291,40 @@ def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace:
                 if m is not None:
                     python.append((i, column_ids.of(tp.label, col.name), m))
         cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in t.columns)
-        parts = parts_for(tp, bool(python), plan.jobs)
-        for part in range(parts):
-            where = [tp.keep] if tp.keep is not None else []
-            if parts > 1:
-                lo, hi = tp.blocks * part // parts, tp.blocks * (part + 1) // parts
-                if part > 0:
-                    where.append(sql.SQL("t0.ctid >= {}::tid").format(sql.Literal(f"({lo},0)")))
-                if part < parts - 1:  # the last part is open-ended: the table may have grown since
-                    where.append(sql.SQL("t0.ctid < {}::tid").format(sql.Literal(f"({hi},0)")))
-            simple = not where and not tp.ctes and t.relkind == "r" and all(not m.in_sql for m in maskers.values())
-            if simple:
-                copy_out = sql.SQL("COPY {} ({}) TO STDOUT").format(t.qualified, cols)
-            else:
-                with_ = sql.SQL("WITH RECURSIVE {} ").format(sql.SQL(", ").join(tp.ctes)) if tp.ctes else sql.SQL("")
-                copy_out = sql.SQL("COPY ({}SELECT {} FROM {}{} AS t0{}) TO STDOUT").format(
-                    with_, sql.SQL(", ").join(select), sql.SQL("ONLY " if t.relkind == "r" else ""), t.qualified,
-                    sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
-            copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(t.qualified, cols)
+        with_ = sql.SQL("WITH RECURSIVE {} ").format(sql.SQL(", ").join(tp.ctes)) if tp.ctes else sql.SQL("")
+        table_jobs = []
+        # A partitioned table is copied leaf by leaf, each into the same leaf of the copy (the
+        # schema came from the same dump, so the bounds are the same); checked as one table.
+        for piece in tp.pieces:
+            parts = parts_for(piece, bool(python), plan.jobs)
+            for part in range(parts):
+                where = [tp.keep] if tp.keep is not None else []
+                if parts > 1:
+                    lo, hi = piece.blocks * part // parts, piece.blocks * (part + 1) // parts
+                    if part > 0:
+                        where.append(sql.SQL("t0.ctid >= {}::tid").format(sql.Literal(f"({lo},0)")))
+                    if part < parts - 1:  # the last part is open-ended: the table may have grown since
+                        where.append(sql.SQL("t0.ctid < {}::tid").format(sql.Literal(f"({hi},0)")))
+                if not where and all(not m.in_sql for m in maskers.values()):
+                    copy_out = sql.SQL("COPY {} ({}) TO STDOUT").format(piece.rel.qualified, cols)  # its own rows only
+                else:
+                    copy_out = sql.SQL("COPY ({}SELECT {} FROM {} AS t0{}) TO STDOUT").format(
+                        with_, sql.SQL(", ").join(select), piece.rel.scan,
+                        sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
+                copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(piece.rel.qualified, cols)
+                table_jobs.append((copy_out, copy_in, max(1, piece.est_rows // parts)))
+        for n, (copy_out, copy_in, est) in enumerate(table_jobs, 1):
             jobs.append(CopyJob(
-                id=tp.label if parts == 1 else f"{tp.label}#{part + 1}", label=tp.label,
+                id=tp.label if len(table_jobs) == 1 else f"{tp.label}#{n}", label=tp.label,
                 source=source_conninfo, target=target_conninfo, snapshot=snap.id,
                 copy_out=copy_out.as_string(snap.conn), copy_in=copy_in.as_string(snap.conn), maskers=python,
-                leak_dir=workspace.path, leak_bits=workspace.bits, est_rows=max(1, t.est_rows // parts),
+                leak_dir=workspace.path, leak_bits=workspace.bits, est_rows=est,
                 psql=None if python else pipe))
     return jobs
 
 
 def expected_masked_values(plan: RefreshPlan) -> int:
-    return sum(plan.tables[label].table.est_rows * len(tm.in_python)
+    return sum(plan.tables[label].est_rows * len(tm.in_python)
                for label, tm in plan.masking.tables.items() if plan.tables[label].mode == "copy")
 
 
@@ -359,12 +375,10 @@ def _checksum(conn: psycopg.Connection, tp: TablePlan, columns: list[str], keep=
               extra: list[sql.Composable] = ()) -> tuple:
     """count(*) and the checksum of `columns` (dataops.tasks.checksums' row hash, the one validate
     uses) over the rows `keep` selects, plus extras."""
-    schema, table = split_label(tp.label)
-    row, _ = row_hash_sql(conn, schema, table, columns) if columns else ("0", ())
+    row, _ = row_hash_sql(conn, tp.table.schema, tp.table.name, columns) if columns else ("0", ())
     with_ = sql.SQL("WITH RECURSIVE {} ").format(sql.SQL(", ").join(ctes)) if ctes else sql.SQL("")
-    query = sql.SQL("{}SELECT count(*), sum({}){} FROM {}{} AS t0{}").format(
-        with_, sql.SQL(row), sql.SQL("").join(sql.SQL(", ") + e for e in extra),
-        sql.SQL("ONLY " if tp.table.relkind == "r" else ""), tp.table.qualified,
+    query = sql.SQL("{}SELECT count(*), sum({}){} FROM {} AS t0{}").format(  # ONLY a plain table's own rows
+        with_, sql.SQL(row), sql.SQL("").join(sql.SQL(", ") + e for e in extra), tp.rel.scan,
         sql.SQL(" WHERE {}").format(keep) if keep is not None else sql.SQL(""))
     rows, total, *rest = conn.cursor(row_factory=tuple_row).execute(query).fetchone()
     return (rows, checksum_text(rows, total), *rest)
@@ -372,13 +386,12 @@ def _checksum(conn: psycopg.Connection, tp: TablePlan, columns: list[str], keep=
 
 def finish_copy(settings: Settings, plan: RefreshPlan, new: NewCopy) -> None:
     """Indexes, constraints (foreign keys validated as they are added) and triggers, then
-    sequences past the copied data and materialized views refreshed."""
+    sequences past the copied data and the materialized views that hold data in the source
+    refreshed (from the masked rows)."""
     restore_section(settings, new, "post-data", jobs=plan.jobs)
     with pg.connect(new.dsn, autocommit=True) as conn:
         set_sequences(conn, plan)
-        views = conn.execute("SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
-                             "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relkind = 'm' ORDER BY 1").fetchall()
-        pending = [v[0] for v in views]
+        pending = list(plan.matviews)  # those with data in the source; WITH NO DATA ones stay so
         for _ in range(len(pending)):  # views on views: retry in dependency order
             failed = []
             for v in pending:
@@ -395,8 +408,7 @@ def set_sequences(conn: psycopg.Connection, plan: RefreshPlan) -> None:
     for seq in plan.sequences:
         last, called = seq.last_value, seq.is_called
         if seq.owner and seq.increment > 0:
-            label, column = seq.owner
-            schema, table = split_label(label)
+            schema, table, column = seq.owner
             top = conn.execute(sql.SQL("SELECT max({}) FROM {}.{}").format(
                 sql.Identifier(column), sql.Identifier(schema), sql.Identifier(table))).fetchone()[0]
             if top is not None and (top > last or (top == last and not called)):
@@ -469,7 +481,7 @@ def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], ex
     checks.append(f"checksums of the unmasked columns equal the source's in {len(plan.copied)} tables")
 
     fks = [r for r in integrity.results if r.kind == "foreign_key"]
-    wanted = sum(1 for fk in plan.foreign_keys if plan.tables[fk.child].mode != "exclude")
+    wanted = sum(1 for e in plan.foreign_keys if e.child in plan.tables and plan.tables[e.child].mode != "exclude")
     if len(fks) != wanted:
         problems.append(f"{len(fks)} foreign keys in the copy, {wanted} in the source")
     problems += [f"{r.kind} {r.name}: {r.detail}" for r in integrity.failures]

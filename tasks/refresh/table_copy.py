@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 import psycopg
+import psycopg.conninfo
 from psycopg import sql
 
 from dataops.tasks.anonymize.masking import NULL, Masker, escape, unescape
@@ -106,13 +107,16 @@ def _psql_pipe(job: CopyJob) -> int:
     import subprocess
 
     binary, (src_info, src_env), (dst_info, dst_env) = job.psql
+    # In the conninfo's `options`, after what is there already (row_security=off among them):
+    # libpq ignores PGOPTIONS when the conninfo has options of its own.
     options = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in STABLE_OUTPUT.items())
+    src_info, dst_info = _with_options(src_info, options), _with_options(dst_info, options)
     base = [binary, "-X", "-v", "ON_ERROR_STOP=1"]
     out_cmd = [*base, "-q", f"--dbname={src_info}", "-c", "SET idle_in_transaction_session_timeout = 0",
                "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
                "-c", f"SET TRANSACTION SNAPSHOT '{job.snapshot}'", "-c", job.copy_out, "-c", "COMMIT"]
     in_cmd = [*base, f"--dbname={dst_info}", "-c", "SET synchronous_commit = off", "-c", job.copy_in]
-    env = {**os.environ, "PGOPTIONS": options, "PGAPPNAME": "dataops-refresh-copy"}
+    env = {**os.environ, "PGAPPNAME": "dataops-refresh-copy"}
     source = subprocess.Popen(out_cmd, env={**env, **src_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               preexec_fn=_die_with_parent)
     try:
@@ -126,6 +130,12 @@ def _psql_pipe(job: CopyJob) -> int:
         why = (src_err if source.returncode else target.stderr).strip().splitlines()
         raise psycopg.OperationalError(f"copying {job.id} failed: {why[-1] if why else 'psql exited early'}")
     return int(target.stdout.strip().split()[-1])  # "COPY <rows>"
+
+
+def _with_options(conninfo: str, options: str) -> str:
+    params = psycopg.conninfo.conninfo_to_dict(conninfo)
+    params["options"] = f"{params.get('options') or ''} {options}".strip()
+    return psycopg.conninfo.make_conninfo("", **params)
 
 
 def _raw_stream(cin, cout) -> int:
