@@ -9,7 +9,7 @@ import sys
 import typer
 
 from dataops.cli.app import app
-from dataops.errors import DataopsError
+from dataops.errors import DataopsError, classify
 from dataops.redact import redact
 
 # Each command module registers its commands on `app` when imported, in the order `--help` lists them.
@@ -32,6 +32,11 @@ def main() -> None:
         sys.exit(1)
     except Exception as exc:  # click usage errors and anything unexpected
         import click
+
+        known = classify(exc)  # e.g. a row-level-security refusal from a connection not opened by pg.connect
+        if isinstance(known, DataopsError):
+            typer.echo(f"error: {known.message}", err=True)
+            sys.exit(known.exit_code)
 
         if isinstance(exc, click.exceptions.UsageError):
             typer.echo(f"error: {exc.format_message()}", err=True)

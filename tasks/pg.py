@@ -269,6 +269,21 @@ def swap_database(dsn: Dsn, new: str, target: str, *, step: str, attempts: int =
 
 # -- session locks ------------------------------------------------------------------------
 
+# Two int4 halves, 'data' and 'schm' in ASCII (easy to spot in pg_locks: classid, objid, objsubid 2):
+# every data transform holds this lock shared for its run, a migration takes it alone before it
+# changes the schema. So a migration never alters a table under a transform's batches, nor does a
+# transform start under a migration; either is refused at once, naming the other. Both wings use
+# this one pair.
+SCHEMA_LOCK = (0x64617461, 0x7363686D)
+TRANSFORM_APP = "dataops-transform:"  # a transform's lock session: application_name is this and its name
+
+
+def transform_of(application_name: str | None) -> str:
+    """The transform a lock-holding session runs, from its application_name."""
+    app = application_name or ""
+    return app[len(TRANSFORM_APP):] if app.startswith(TRANSFORM_APP) else f"application_name {app or '-'}"
+
+
 def try_lock(conn: psycopg.Connection, key: str) -> bool:
     """A session advisory lock named by `key`, held until the connection closes (a killed process
     lets it go with its connection)."""

@@ -63,12 +63,9 @@ CLIENT_CHECK_MS = 1000
 # Two int4 halves of the advisory lock key, 'data' and 'migr' in ASCII, so that the lock is
 # easy to recognise in pg_locks (classid, objid; objsubid 2 for the two-key form).
 LOCK_KEY = (0x64617461, 0x6D696772)
-# 'data' and 'schm': every data transform holds this one shared for its run
-# (dataops.tasks.transform.state.SCHEMA_LOCK, the same pair); a migration takes it alone, after
-# LOCK_KEY, so that it never changes a table under a transform's batches. Tried, never waited
-# for (beyond wait_s): a running transform refuses the migration, naming it.
-SCHEMA_LOCK = (0x64617461, 0x7363686D)
-TRANSFORM_APP = "dataops-transform:"  # application_name of a transform's lock session, then its name
+# Taken alone after LOCK_KEY (tasks/pg.py says why). Tried, never waited for (beyond wait_s): a
+# running transform refuses the migration, naming it.
+SCHEMA_LOCK = pg.SCHEMA_LOCK
 
 # Alembic keeps the running migration's context in module globals (`alembic.context`,
 # `alembic.op`), so two Alembic commands in one process at once break each other. Runs in
@@ -310,9 +307,7 @@ def _transforms_busy(label: str, rows: list) -> OperationFailed:
     """The transforms holding the schema lock shared, each named with its session."""
     named = []
     for row in rows or [None]:
-        app = (row[1] or "") if row else ""
-        name = app[len(TRANSFORM_APP):] if app.startswith(TRANSFORM_APP) else "?"
-        named.append(f"transform {name}: {pg.holder_words(row)}")
+        named.append(f"transform {pg.transform_of(row[1]) if row else '?'}: {pg.holder_words(row)}")
     return OperationFailed(f"a data transform is running on {label} ({'; '.join(named)}); a migration does not "
                            "change the schema under a transform's batches: wait for it to finish, or end that session "
                            "if it is stuck")

@@ -234,9 +234,36 @@ def restore_section(settings: Settings, new: NewCopy, section: str, binary: str 
         major, _ = pg.server_version(new.dsn, settings.postgres.connect_timeout)
         binary = pg.client_binary("pg_restore", major, settings.postgres.bin_dir)
     conninfo, env = new.dsn.libpq_args()
-    args = [binary, f"--section={section}", "--no-owner", "--no-privileges", "--no-publications",
-            "--no-subscriptions", "--exit-on-error", f"--jobs={max(1, jobs)}", f"--dbname={conninfo}", new.schema_file]
-    _run(args, env, f"pg_restore --section={section}")
+
+    def run(jobs: int, use_list: str | None = None) -> None:
+        args = [binary, f"--section={section}", "--no-owner", "--no-privileges", "--no-publications",
+                "--no-subscriptions", "--exit-on-error", f"--jobs={max(1, jobs)}", f"--dbname={conninfo}"]
+        _run([*args, *([f"--use-list={use_list}"] if use_list else []), new.schema_file], env,
+             f"pg_restore --section={section}")
+
+    toc = _toc(binary, new.schema_file) if jobs > 1 and section == "post-data" else []
+    if not any(" TABLE ATTACH " in line for line in toc):
+        run(jobs)
+        return
+    # Partitions: pg_restore keeps parallel items apart by the tables they lock, but a foreign key
+    # on a partitioned table also locks every partition, which it does not know of; run beside an
+    # index being built or attached on a partition it can deadlock (seen on the zoo). So the
+    # foreign keys go one at a time, after everything else has been built in parallel.
+    fks = [line for line in toc if " FK CONSTRAINT " in line]
+    folder = Path(new.schema_file).parent
+    (folder / "post-data-rest.list").write_text("".join(line for line in toc if line not in fks))
+    (folder / "post-data-fks.list").write_text("".join(fks))
+    run(jobs, str(folder / "post-data-rest.list"))
+    if fks:
+        run(1, str(folder / "post-data-fks.list"))
+
+
+def _toc(binary: str, archive: str) -> list[str]:
+    """The archive's table of contents (`pg_restore -l`), one entry per line, for --use-list."""
+    proc = subprocess.run([binary, "-l", archive], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise OperationFailed(f"pg_restore -l failed: {proc.stderr.strip().splitlines()[-1:] or 'no message'}")
+    return [line + "\n" for line in proc.stdout.splitlines() if line.strip() and not line.startswith(";")]
 
 
 def _run(args: list[str], env: dict[str, str], what: str) -> None:

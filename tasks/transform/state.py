@@ -205,12 +205,9 @@ def lock_key(name: str) -> int:
     return value - (1 << 32) if value >= (1 << 31) else value
 
 
-# Two int4 halves, 'data' and 'schm' in ASCII: every transform holds this lock shared for its
-# run, a migration (tasks/migration/migrate.py, which keeps the same pair) takes it alone before
-# it changes the schema. So a migration never alters a table under a transform's batches, nor
-# a transform starts under a migration; either is refused at once, naming the other.
-SCHEMA_LOCK = (0x64617461, 0x7363686D)
-APP_PREFIX = "dataops-transform:"  # the lock connection's application_name is this and the transform's name
+SCHEMA_LOCK = pg.SCHEMA_LOCK  # held shared for the run: see tasks/pg.py
+APP_PREFIX = pg.TRANSFORM_APP
+transform_of = pg.transform_of
 
 _SESSION = """a.pid, a.application_name, a.usename, a.client_addr::text,
        to_char(a.backend_start AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"')"""
@@ -234,12 +231,6 @@ ORDER BY a.backend_start"""
 
 def _holders(conn: psycopg.Connection, pair: tuple[int, int], mode: str | None = None) -> list[tuple]:
     return conn.execute(_HOLDER, (pair[0] & 0xFFFFFFFF, pair[1] & 0xFFFFFFFF, mode, mode)).fetchall()
-
-
-def transform_of(application_name: str | None) -> str:
-    """The transform a lock-holding session runs, from its application_name."""
-    app = application_name or ""
-    return app[len(APP_PREFIX):] if app.startswith(APP_PREFIX) else f"application_name {app or '-'}"
 
 
 def running_transforms(conn: psycopg.Connection) -> list[str]:
