@@ -26,6 +26,7 @@ from pathlib import Path
 
 from dataops.errors import BadInput, OperationFailed, TransientError
 from dataops.redact import redact
+from dataops.runtime import OrphanGuard
 from dataops.tasks.alerts import build_notification_block
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -374,8 +375,10 @@ class StopSignals:
         self._stopping = True
 
 
-def start_child(procs: list[subprocess.Popen], stop: StopSignals, args: list[str], **kwargs) -> subprocess.Popen:
-    """Start a child in a session of its own and add it to `procs`.
+def start_child(procs: list[subprocess.Popen], stop: StopSignals, args: list[str], guard=None,
+                **kwargs) -> subprocess.Popen:
+    """Start a child in a session of its own and add it to `procs` (and to `guard`, a
+    dataops.runtime.OrphanGuard that stops its group if this process is killed with SIGKILL).
 
     Its own session (so its own process group) because a signal to this process alone (`kill`,
     `docker stop`) never reaches children: stop_child stops the whole group, the grandchildren
@@ -384,6 +387,8 @@ def start_child(procs: list[subprocess.Popen], stop: StopSignals, args: list[str
     with stop.held():
         proc = subprocess.Popen(args, start_new_session=True, **kwargs)
         procs.append(proc)
+        if guard is not None:
+            guard.watch(proc.pid)
     return proc
 
 
@@ -484,10 +489,10 @@ def serve(host: str, port: int, config_path: str, out, deploy_settings=None) -> 
     url = f"http://{host}:{port}/api"
     procs: list[subprocess.Popen] = []
     names: dict[int, str] = {}
-    with StopSignals() as stop:
+    with StopSignals() as stop, OrphanGuard(STOP_GRACE_S) as guard:
         try:
             server = start_child(procs, stop, [sys.executable, "-m", "prefect", "server", "start", "--host", host,
-                                               "--port", str(port)],
+                                               "--port", str(port)], guard,
                                  env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
             names[server.pid] = "server"
             deadline = time.monotonic() + 60
@@ -505,7 +510,7 @@ def serve(host: str, port: int, config_path: str, out, deploy_settings=None) -> 
                 for line in deploy(deploy_settings, config_path).lines():
                     out(line)
             worker = start_child(procs, stop, [sys.executable, "-m", "prefect", "worker", "start", "--pool",
-                                               WORK_POOL, "--type", "process"], env=env, cwd=REPO_ROOT)
+                                               WORK_POOL, "--type", "process"], guard, env=env, cwd=REPO_ROOT)
             names[worker.pid] = "worker"
             out(f"Prefect UI: http://{host}:{port}  (deployments: http://{host}:{port}/deployments)")
             out(f"Worker polling pool {WORK_POOL}. Ctrl-C (or SIGTERM) stops both.")

@@ -23,6 +23,7 @@ import psutil
 import pytest
 from conftest import free_port
 
+from dataops.runtime import WATCHDOG_MARK
 from dataops.tasks import pg
 
 STOP_WITHIN_S = 20
@@ -163,14 +164,44 @@ def test_server_stops_its_server_and_worker(tmp_path, write_config):
         log = tmp_path / f"server{attempt}.log"
         proc = start(args, log, env)
         wait_healthy(proc, port, log)
-        kids = wait_for(lambda: len(psutil.Process(proc.pid).children()) == 2 and
-                        psutil.Process(proc.pid).children(recursive=True), 30, "the worker")
-        names = sorted(" ".join(k.cmdline()[3:5]) for k in kids if k.ppid() == proc.pid)
-        assert names == ["server start", "worker start"], names
+        kids = server_children(proc)
+        assert len([k for k in kids if WATCHDOG_MARK in k.cmdline()]) == 1  # it goes too, having nothing to do
         rc = stop_and_check(proc, sig, kids)
         assert rc == 0, log.read_text()[-2000:]
         assert f"{signal.Signals(sig).name}: stopping the worker and the server" in log.read_text()
         assert bindable(port), f"port {port} still taken"
+
+
+def server_children(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The whole tree of a `dataops server` once its worker runs: its Prefect server and worker
+    (asserted), the watchdog of its OrphanGuard, and their children."""
+    def started():
+        direct = [k for k in psutil.Process(proc.pid).children() if WATCHDOG_MARK not in k.cmdline()]
+        return len(direct) == 2 and psutil.Process(proc.pid).children(recursive=True)
+
+    kids = wait_for(started, 30, "the worker")
+    names = sorted(" ".join(k.cmdline()[3:5]) for k in kids if k.ppid() == proc.pid and WATCHDOG_MARK not in k.cmdline())
+    assert names == ["server start", "worker start"], names
+    return kids
+
+
+def test_server_killed_with_sigkill_takes_its_server_and_worker_with_it(tmp_path, write_config):
+    """kill -9 (the OOM killer, a stuck host's kill) runs no handler and no `finally`: its children,
+    in sessions of their own, are signalled by nothing. The server's watchdog sees its pipe end,
+    stops both groups (SIGTERM, then SIGKILL: a worker whose server is gone does not stop on
+    SIGTERM), and the port can be taken again."""
+    cfg = write_config({"dev": ("development", "postgresql://app@127.0.0.1:1/app")}, bucket="unused")
+    port = free_port()
+    log = tmp_path / "server.log"
+    proc = start(["--config", str(cfg), "server", "--port", str(port), "--no-deploy"], log,
+                 {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_API_URL": ""})
+    wait_healthy(proc, port, log)
+    kids = server_children(proc)
+    children = [k for k in kids if k.ppid() == proc.pid and WATCHDOG_MARK not in k.cmdline()]
+    rc = stop_and_check(proc, signal.SIGKILL, kids)
+    assert rc == -signal.SIGKILL
+    assert all(not running(k) for k in children)
+    assert bindable(port), f"port {port} still taken"
 
 
 def test_a_busy_port_is_refused(tmp_path, write_config):

@@ -158,7 +158,11 @@ def discard_leftovers(storage: Storage, env: str) -> list[str]:
     """What killed backups of `env` left in storage, discarded: unfinished uploads (multipart
     uploads never completed nor aborted, `.partial` files) and dumps without a manifest. Only call it
     holding the environment's backup lock (dump.backup_lock): then no live backup of it is writing,
-    and none of these can become a backup any more. Returns what it discarded, in words."""
+    and none of these can become a backup any more. (One exception, made safe elsewhere: a backup
+    whose lock session ended under it, by a server restart or pg_terminate_backend, may still be
+    writing. Its upload then fails and is retried under the lock taken again, and it writes its
+    manifest only after taking the lock again and finding its dump whole: dump.finish_backup.)
+    Returns what it discarded, in words."""
     gone = []
     unfinished = storage.incomplete(f"{env}/")
     storage.discard_incomplete(unfinished)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import subprocess
 import time
@@ -23,7 +24,7 @@ from datetime import datetime, timezone
 from prefect import task
 
 import dataops
-from dataops.errors import DataopsError, Kind
+from dataops.errors import DataopsError, Kind, OperationFailed, TransientError
 from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
@@ -52,6 +53,29 @@ def preflight(settings: Settings, env: Environment) -> Preflight:
     return Preflight(major, full, binary, pg.client_version(binary))
 
 
+# What pg_dump and pg_restore print when the server went away under them: restarted or failed over
+# (`pg_ctl restart -m immediate` ends every session with "terminating connection due to immediate
+# shutdown command"), or their session was ended (pg_terminate_backend: "... due to administrator
+# command"), or the server was down or still starting when they connected. Not a refused login or a
+# missing database: those say "password authentication failed" or "does not exist", and stay errors.
+LOST_CONNECTION = re.compile(
+    r"server closed the connection|terminating connection|server terminated abnormally|no connection to the server|"
+    r"could not (receive|send) data (from|to) server|SSL SYSCALL error|connection reset by peer|"
+    r"connection to server .* failed: (Connection refused|No such file or directory)|"
+    r"the database system is (starting up|shutting down|in recovery mode|not yet accepting connections)",
+    re.IGNORECASE)
+
+
+def check_client(process: Process) -> None:
+    """A client binary's exit as an error: a lost connection is transient (the task's retry runs
+    the whole step again, which rebuilds whatever the lost session held), anything else is not."""
+    rc = process.wait()
+    if rc != 0 and LOST_CONNECTION.search(process.stderr_tail(40)):
+        raise TransientError(f"{process.name} failed (exit {rc}), its connection lost: {process.stderr_tail()}; "
+                             "the server restarted or ended the session, a retry may succeed")
+    process.check()
+
+
 def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storage: Storage | None = None,
                     backup_id: str | None = None) -> Manifest:
     """Stream a consistent dump into storage and return its manifest (not yet written).
@@ -60,6 +84,7 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
     upload, so no object is left under the dump's key.
     """
     return_big_buffers()
+    hold_backup_lock(env.name)  # a retry after a server restart takes the lock its session lost
     storage = storage or open_storage(settings.storage)
     backup_id = backup_id or new_backup_id()
     cfg = settings.backups
@@ -78,7 +103,7 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
         raw = HashingReader(dump.proc.stdout, hash_bytes=False)  # counted only: the stored bytes are hashed
 
         def finished() -> None:
-            dump.check()  # raises on a non-zero exit, which aborts the upload
+            check_client(dump)  # raises on a non-zero exit, which aborts the upload
 
         try:
             stream = compress_reader(raw, cfg.compression_level, cfg.compression_threads) \
@@ -98,7 +123,7 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
                     dump.kill()
                     conn.cancel_safe()
                     raise
-            dump.check()
+            check_client(dump)
         finally:
             dump.close()
         conn.execute("COMMIT")
@@ -121,16 +146,81 @@ def _snapshot_stats(conn) -> tuple[dict[str, int], str]:
     return pg.row_counts(conn), fingerprint(catalog_snapshot(conn))
 
 
+class _HeldLock:
+    """The backup lock of one environment as this process holds it, and how to take it again.
+
+    A session lock lives as long as its session: a server restart (or pg_terminate_backend of the
+    holder) ends it while the backup goes on, or while the flow retries the dump. From then on a
+    prune or a second backup may take the lock and discard what this backup is uploading; so the
+    dump does not start, and the manifest is not written, until the lock is ours again.
+    """
+
+    def __init__(self, settings: Settings, env: Environment, conn, who: str):
+        self.settings, self.env, self.conn, self.who = settings, env, conn, who
+        self.again = contextlib.ExitStack()  # the connection of a lock taken again
+
+    def alive(self) -> bool:
+        if self.conn.closed or self.conn.broken:
+            return False
+        try:
+            self.conn.execute("SELECT 1")
+            return True
+        except Exception:  # noqa: BLE001 - a session that cannot answer holds nothing
+            return False
+
+    def take_again(self) -> None:
+        self.conn = self.again.enter_context(pg.held_lock(
+            self.env.database_url, lock_name(self.env), timeout=self.settings.postgres.connect_timeout, who=self.who,
+            busy=f"the backup of '{self.env.name}' lost its lock when its session ended (a server restart or "
+                 "pg_terminate_backend), and another backup or prune of it has taken the lock since"))
+
+
+_HELD: dict[str, _HeldLock] = {}  # environment name -> the backup lock this process holds for it
+
+
+def lock_name(env: Environment) -> str:
+    return f"dataops-backup:{env.name}"
+
+
+def hold_backup_lock(env_name: str) -> bool:
+    """Make sure the backup lock this process took for `env_name` is still held: take it again if
+    its session ended. Returns whether it had to (then something may have been discarded
+    meanwhile). Nothing to do outside backup_lock (tests and benchmarks call the steps bare)."""
+    held = _HELD.get(env_name)
+    if held is None or held.alive():
+        return False
+    log.warning("the backup lock of %s was lost with its session (server restart or pg_terminate_backend); "
+                "taking it again", env_name)
+    held.take_again()
+    return True
+
+
 @contextlib.contextmanager
 def backup_lock(settings: Settings, env: Environment) -> Iterator[list[str]]:
     """One backup of an environment at a time, held on its own server for as long as the dump and
     its manifest are written; a second one is refused with the holder's name. Holding it, the
     leftovers of killed backups of this environment are discarded (catalog.discard_leftovers):
     nothing live can be writing them. Yields what was discarded."""
-    with pg.held_lock(env.database_url, f"dataops-backup:{env.name}", timeout=settings.postgres.connect_timeout,
-                      who=f"dataops-backup {env.name} pid {os.getpid()} on {socket.gethostname()}",
-                      busy=f"another backup of '{env.name}' is running"):
-        yield discard_leftovers(open_storage(settings.storage), env.name)
+    who = f"dataops-backup {env.name} pid {os.getpid()} on {socket.gethostname()}"
+    with pg.held_lock(env.database_url, lock_name(env), timeout=settings.postgres.connect_timeout, who=who,
+                      busy=f"another backup of '{env.name}' is running") as conn:
+        held = _HELD[env.name] = _HeldLock(settings, env, conn, who)
+        try:
+            yield discard_leftovers(open_storage(settings.storage), env.name)
+        finally:
+            _HELD.pop(env.name, None)
+            held.again.close()
+
+
+def finish_backup(storage: Storage, manifest: Manifest) -> None:
+    """Write the manifest, holding the backup lock: the dump becomes a backup only if nothing
+    discarded it while the lock was lost (a prune deletes a dump without a manifest)."""
+    if hold_backup_lock(manifest.environment) and not storage.exists(manifest.dump_key):
+        raise OperationFailed(f"the dump of backup {manifest.id} was discarded while the backup lock of "
+                              f"'{manifest.environment}' was lost (a server restart or pg_terminate_backend ended "
+                              "its session, and a prune or another backup ran meanwhile); nothing was listed; run "
+                              "the backup again")
+    write_manifest(storage, manifest)
 
 
 def backup(settings: Settings, env: Environment) -> Manifest:
@@ -142,7 +232,7 @@ def backup(settings: Settings, env: Environment) -> Manifest:
             log.warning("discarded %s, left by an interrupted backup", what)
         manifest = dump_to_storage(settings, env, pre, storage)
         failpoint("backup.before_manifest")
-        write_manifest(storage, manifest)
+        finish_backup(storage, manifest)
     log.info("backup %s of %s: %d bytes, sha256 %s", manifest.id, env.name, manifest.size, manifest.sha256[:12])
     return manifest
 
@@ -153,6 +243,8 @@ def discard_backup_leftovers(settings: Settings, env: Environment) -> list[str]:
     backup, which discards them itself; retention goes on either way."""
     try:
         with backup_lock(settings, env) as discarded:
+            for what in discarded:
+                log.warning("discarded %s, left by an interrupted backup", what)
             return discarded
     except DataopsError as exc:
         if exc.kind is Kind.BAD_INPUT:
@@ -176,7 +268,7 @@ def dump_task(settings: Settings, env: Environment, pre: Preflight) -> Manifest:
 @task(name="write-manifest", **RETRY_TRANSIENT)
 def write_manifest_task(settings: Settings, manifest: Manifest) -> Manifest:
     failpoint("backup.before_manifest")
-    write_manifest(open_storage(settings.storage), manifest)
+    finish_backup(open_storage(settings.storage), manifest)
     return manifest
 
 

@@ -17,14 +17,15 @@ from datetime import datetime, timezone
 from prefect import task
 
 from dataops.dsn import Dsn
-from dataops.errors import DataopsError, Kind, OperationFailed, SafetyRefusal
+from dataops.errors import DataopsError, Kind, OperationFailed, SafetyRefusal, is_transient
 from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.backup.catalog import Manifest, Verification, mark_verified
+from dataops.tasks.backup.dump import check_client
 from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.backup.streams import CHUNK, HashingReader, Process, decompress_reader
-from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
+from dataops.tasks.retries import RETRY_TRANSIENT
 from dataops.tasks.scratch import discard_leftovers, owned_scratch
 from dataops.tasks.validation.validate import compare_with_expected
 
@@ -83,7 +84,7 @@ def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, ds
             proc.proc.stdin.close()
         except BrokenPipeError:
             pass  # pg_restore stopped early; its exit status and message say why
-        proc.check()
+        check_client(proc)  # a lost connection is transient: the retry loads a new scratch database
     finally:
         proc.close()
     if source.hexdigest != manifest.sha256:
@@ -128,7 +129,13 @@ def _restore_locked(settings: Settings, storage: Storage, manifest: Manifest, ta
         old = pg.swap_database(dsn, name, dsn.database, step="restore")
     failpoint("restore.after_switch")
     if old:
-        pg.drop_database(dsn, old)
+        try:
+            pg.drop_database(dsn, old)
+        except Exception as exc:  # the restore is done: a retry would only load it all again
+            if not is_transient(exc):
+                raise
+            log.warning("restored, but could not drop the replaced database %s yet (%s); the next restore or refresh "
+                        "of %s drops it", old, exc, target.name)
     result.target, result.database, result.discarded = target.name, dsn.database, discarded
     log.info("restored backup %s into %s (%s)", manifest.id, target.name, dsn)
     return result
@@ -173,11 +180,14 @@ def verify_checksum_task(settings: Settings, manifest: Manifest) -> None:
     verify_checksum(open_storage(settings.storage), manifest)
 
 
-@task(name="restore-and-swap", **RUN_ONCE)
+# Both retry a transient fault (a lost connection, a server restarted under pg_restore): a retry runs
+# the whole step again, discarding the scratch database the failed attempt left, and the target is
+# only ever replaced whole, so a second attempt can neither half-restore nor lose the old copy.
+@task(name="restore-and-swap", **RETRY_TRANSIENT)
 def restore_task(settings: Settings, manifest: Manifest, target: Environment, confirm: str | None) -> RestoreResult:
     return restore(settings, open_storage(settings.storage), manifest, target, confirm)
 
 
-@task(name="restore-into-scratch", **RUN_ONCE)
+@task(name="restore-into-scratch", **RETRY_TRANSIENT)
 def verify_task(settings: Settings, manifest: Manifest, env: Environment) -> Verification:
     return verify_and_record(settings, open_storage(settings.storage), manifest, env)

@@ -142,6 +142,9 @@ class S3Storage(Storage):
             if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
                 return BadInput(f"access to bucket '{self.bucket}' denied ({code}) while trying to {action}; "
                                 "fix storage.access_key_id / secret_access_key or the bucket policy")
+            if code == "NoSuchUpload":  # aborted from outside: what discard_leftovers does to a dead backup's
+                return TransientError(f"the unfinished upload was aborted by someone else while trying to {action} "
+                                      "(a prune or another backup discarded it as a leftover); a retry uploads again")
             if code in ("NoSuchKey", "404"):
                 return OperationFailed(f"object '{action}' not found in {self.description}")
             if status >= 500 or code in ("SlowDown", "RequestTimeout", "InternalError"):
