@@ -16,6 +16,7 @@ import secrets
 from collections.abc import Iterator
 
 from dataops.dsn import Dsn
+from dataops.errors import TransientError, first_line
 from dataops.tasks import pg
 
 log = logging.getLogger("dataops.scratch")
@@ -46,7 +47,11 @@ def owned_scratch(server: Dsn, base: str, purpose: str) -> Iterator[str]:
         try:
             yield name
         finally:
-            pg.drop_database(server, name)
+            try:
+                pg.drop_database(server, name)
+            except TransientError as exc:  # the server is away: keep the real error; the next run discards it
+                log.warning("could not drop scratch database %s now (%s); the next run discards it",
+                            name, first_line(exc))
 
 
 def discard_leftovers(server: Dsn) -> list[str]:

@@ -180,6 +180,18 @@ def test_row_security_is_an_error_not_a_filter(zoo_db, write_config, prefect_api
     assert "Traceback" not in r.stderr and r.stdout == ""
 
 
+def test_a_backup_that_row_security_would_shorten_is_refused_before_anything_is_stored(zoo_db, write_config,
+                                                                                       s3_bucket, s3_client, prefect_api):
+    cfg = write_config({"reader": ("production", reader_dsn(zoo_db))}, bucket=s3_bucket)
+    r = run_cli("--config", str(cfg), "backup", "reader", env={"PREFECT_API_URL": prefect_api})
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == (
+        "error: cannot back up reader: row-level security would hide rows of zoo.secret_note from role zoo_reader; "
+        "grant the role BYPASSRLS, or connect as the table's owner")
+    assert s3_client.list_objects_v2(Bucket=s3_bucket).get("KeyCount", 0) == 0
+    assert s3_client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+
+
 def test_row_security_blockers_count_owners_and_forced_policies(zoo_db):
     reader = reader_dsn(zoo_db)
     with pg.connect(zoo_db, autocommit=True) as conn:

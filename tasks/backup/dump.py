@@ -46,8 +46,11 @@ class Preflight:
 
 
 def preflight(settings: Settings, env: Environment) -> Preflight:
-    """Fail before writing anything: the server answers, pg_dump matches it, storage is reachable."""
+    """Fail before writing anything: the server answers, pg_dump matches it, every row is readable
+    (pg_dump runs with row_security off, so a policy would fail it halfway), storage is reachable."""
     major, full = pg.server_version(env.database_url, settings.postgres.connect_timeout)
+    with pg.connect(env.database_url, autocommit=True, timeout=settings.postgres.connect_timeout) as conn:
+        pg.require_all_rows(conn, f"back up {env.name}")
     binary = pg.client_binary("pg_dump", major, settings.postgres.bin_dir)
     open_storage(settings.storage).check()
     return Preflight(major, full, binary, pg.client_version(binary))
