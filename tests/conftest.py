@@ -262,7 +262,7 @@ EXTENDED = pytest.mark.extended
 
 def sampled(values, sample) -> list:
     """Parameters of a crash test: those in `sample` run in `make test` (CI), the others carry the
-    extended mark and run in `make test-crash`. Restore, verify and migrate cells are all sampled."""
+    extended mark and run in `make test-crash`. Restore and verify cells are all sampled."""
     return [v if v in sample else pytest.param(*(v if isinstance(v, tuple) else (v,)), marks=EXTENDED)
             for v in values]
 

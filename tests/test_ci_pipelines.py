@@ -96,8 +96,9 @@ def staging(make_db, s3_bucket, write_config, tmp_path, prefect_api):
     return make
 
 
-# make test runs the GitHub file's paths; make test-crash (also in CI) the GitLab file's too
-BOTH = ["github", pytest.param("gitlab", marks=pytest.mark.extended)]
+# make test-crash runs them (CI runs it after make test): about a minute per file
+BOTH = ["github", "gitlab"]
+pytestmark = pytest.mark.extended
 
 
 @pytest.mark.parametrize("ci", BOTH)

@@ -107,6 +107,7 @@ def test_a_window_shorter_than_the_heartbeat_is_refused(prefect_server, deploy_c
         "(PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 180); raise it or set it to null"]
 
 
+@pytest.mark.extended  # make test-crash (CI runs it after make test): keeps make test under 15 minutes
 def test_a_run_whose_heartbeats_stop_is_marked_crashed(prefect_server):
     """The host-died case: a run that heartbeat once and then went silent is Crashed by the
     server; a run that keeps its heartbeats going stays Running."""

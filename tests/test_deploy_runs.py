@@ -10,6 +10,8 @@ import signal
 import time
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -91,6 +93,7 @@ def assert_artifacts(deployed, *run_ids) -> None:
             assert found, f"flow run {client.read_flow_run(run_id).name} published no artifact"
 
 
+@pytest.mark.extended  # make test-crash (CI runs it after make test): keeps make test under 15 minutes
 def test_a_deployment_run_of_every_data_flow(deployed):
     """What the schedules and the by-hand deployments start, each on the worker, in the order a
     team would: back up, validate, verify, prune (dry run), restore into staging, transform,

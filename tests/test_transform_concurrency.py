@@ -115,6 +115,7 @@ def test_a_second_transform_of_the_same_table_under_another_name_is_refused_nami
     assert all(r[2] == 2 for r in rows(dsn, "items", "id").values())
 
 
+@pytest.mark.extended  # make test-crash (CI runs it after make test): keeps make test under 15 minutes
 def test_a_partitioned_table_and_its_partitions_exclude_each_other_and_two_partitions_run_at_once(world):
     dsn, settings = world(PARTITIONED, {"whole": bump("events"), "leaf_eu": bump("events_2024_eu"),
                                         "mid_2024": bump("events_2024"), "leaf_2025": bump("events_2025")})
