@@ -120,8 +120,21 @@ class BackupSettings(Strict):
 
 
 class PostgresSettings(Strict):
-    bin_dir: Path | None = Field(default=None, description="folder with pg_dump/pg_restore matching the server")
+    bin_dir: Path | None = Field(
+        default=None, description="folder with pg_dump/pg_restore matching the server; {major} in it stands for the "
+                                  "server's major version (/usr/lib/postgresql/{major}/bin), so servers of several "
+                                  "versions each get theirs. Without it (or when it has the wrong version) the "
+                                  "per-version folders of Debian, PGDG RPMs and Homebrew are searched, then PATH")
     connect_timeout: int = Field(default=10, ge=1, le=300)
+
+    @field_validator("bin_dir")
+    @classmethod
+    def _placeholder(cls, v: Path | None) -> Path | None:
+        """{major} is the one placeholder: a typo such as {version} would otherwise name a folder that
+        never exists, and the tools would silently come from elsewhere."""
+        if v is not None and re.search(r"[{}]", str(v).replace("{major}", "")):
+            raise ValueError(f"'{v}': the only placeholder is {{major}} (the server's major version)")
+        return v
 
 
 class PrefectSettings(Strict):

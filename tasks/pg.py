@@ -123,9 +123,10 @@ def require_all_rows(conn: psycopg.Connection, doing: str) -> None:
                    f"{_role(conn) or 'the connecting role'}; {ROW_SECURITY_FIX}")
 
 
-def server_version(dsn: Dsn, timeout: int = 10) -> tuple[int, str]:
-    """(major, full text) of the server, e.g. (16, '16.2')."""
-    with connect(dsn, autocommit=True, timeout=timeout) as conn:
+def server_version(dsn: Dsn, timeout: int = 10, dbname: str | None = None) -> tuple[int, str]:
+    """(major, full text) of the server, e.g. (16, '16.2'); `dbname` to ask through another database
+    of the same server (the maintenance one, when the target may be renamed away)."""
+    with connect(dsn, autocommit=True, timeout=timeout, dbname=dbname) as conn:
         num = conn.info.server_version
         full = conn.execute("SHOW server_version").fetchone()[0]
     return num // 10000, full.split()[0]
@@ -150,16 +151,31 @@ def _binary_version(path: str) -> int:
     return int(m.group(1))
 
 
+# Where packagers install each major version's client tools side by side: Debian and Ubuntu (and
+# apt.postgresql.org), the PGDG RPMs of RHEL and Fedora, Homebrew's versioned formulae. A 15
+# production and a 16 staging each find their own there without any setting.
+PER_MAJOR_BIN_DIRS = ("/usr/lib/postgresql/{major}/bin", "/usr/pgsql-{major}/bin",
+                      "/opt/homebrew/opt/postgresql@{major}/bin", "/usr/local/opt/postgresql@{major}/bin")
+
+
+def _for_major(folder: str | Path, major: int) -> Path:
+    return Path(str(folder).replace("{major}", str(major)))
+
+
 def client_binary(name: str, server_major: int, bin_dir: Path | None = None) -> str:
     """Path to pg_dump/pg_restore/psql whose major version matches the server.
 
-    Looks in postgres.bin_dir, then pgserver's bundled binaries, then PATH; a mismatch
-    is an error that names the setting, since a mismatched pg_dump refuses to run or
+    Looks in postgres.bin_dir (`{major}` in it stands for the server's major version, so one
+    setting serves servers of several versions, as a backup of 15 restored into 16 needs), then
+    the per-major folders of PER_MAJOR_BIN_DIRS, then pgserver's bundled binaries, then PATH
+    (Debian's /usr/bin/pg_dump is a wrapper that picks one version, not necessarily the server's).
+    A mismatch is an error that names the setting, since a mismatched pg_dump refuses to run or
     writes an archive the other side cannot read.
     """
     candidates: list[Path] = []
     if bin_dir:
-        candidates.append(Path(bin_dir) / name)
+        candidates.append(_for_major(bin_dir, server_major) / name)
+    candidates += [_for_major(folder, server_major) / name for folder in PER_MAJOR_BIN_DIRS]
     bundled = _bundled_bin_dir()
     if bundled:
         candidates.append(bundled / name)
@@ -167,7 +183,7 @@ def client_binary(name: str, server_major: int, bin_dir: Path | None = None) -> 
     if on_path:
         candidates.append(Path(on_path))
     seen = []
-    for c in candidates:
+    for c in dict.fromkeys(candidates):
         if c.exists() and os.access(c, os.X_OK):
             v = _binary_version(str(c))
             seen.append(f"{c} ({v})")
@@ -175,7 +191,8 @@ def client_binary(name: str, server_major: int, bin_dir: Path | None = None) -> 
                 return str(c)
     found = "; found: " + ", ".join(seen) if seen else ""
     raise BadInput(f"no {name} for PostgreSQL {server_major}{found}; install the version {server_major} client tools "
-                   "and set postgres.bin_dir in dataops.yaml")
+                   f"(Debian/Ubuntu: postgresql-client-{server_major}) and set postgres.bin_dir in dataops.yaml "
+                   "to their folder ({major} in it stands for the server's major version)")
 
 
 def client_version(path: str) -> str:

@@ -9,6 +9,7 @@ leaves the target as it was. verify-backup runs the same path without the swap.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -17,14 +18,14 @@ from datetime import datetime, timezone
 from prefect import task
 
 from dataops.dsn import Dsn
-from dataops.errors import DataopsError, Kind, OperationFailed, SafetyRefusal, is_transient
+from dataops.errors import BadInput, DataopsError, Kind, OperationFailed, SafetyRefusal, is_transient
 from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.backup.catalog import Manifest, Verification, mark_verified
 from dataops.tasks.backup.dump import check_client
 from dataops.tasks.backup.storage import Storage, open_storage
-from dataops.tasks.backup.streams import CHUNK, HashingReader, Process, decompress_reader
+from dataops.tasks.backup.streams import CHUNK, Download, HashingReader, Process, decompress_reader
 from dataops.tasks.retries import RETRY_TRANSIENT
 from dataops.tasks.scratch import discard_leftovers, owned_scratch
 from dataops.tasks.validation.validate import compare_with_expected
@@ -54,11 +55,35 @@ def guard_target(target: Environment, confirm: str | None) -> None:
                             f"Pass --confirm {target.name} (flow parameter confirm='{target.name}') if you mean it")
 
 
+def download(storage: Storage, manifest: Manifest) -> Download:
+    """The backup's dump, read from storage; a transfer that breaks is transient (retried)."""
+    return Download(storage.open_stream(manifest.dump_key),
+                    f"backup {manifest.id} from {storage.description}", manifest.size)
+
+
+def refuse_older_server(settings: Settings, manifest: Manifest, dsn: Dsn, where: str) -> None:
+    """A backup loads into a server of its own major version or a newer one (the upgrade path), never
+    an older one: pg_restore of the older version cannot read the newer archive format, and the dump
+    may use syntax the older server lacks. Refused before anything is written (a scratch database
+    would otherwise be created, fail halfway through pg_restore and be dropped)."""
+    source = max(int(m.group()) for m in (re.match(r"\d+", v) for v in (manifest.server_version,
+                                                                          manifest.pg_dump_version)) if m)
+    major, full = pg.server_version(dsn, settings.postgres.connect_timeout, dbname=pg.MAINTENANCE_DB)
+    if source > major:
+        raise BadInput(f"backup {manifest.id} was taken from PostgreSQL {manifest.server_version} and {where} runs "
+                       f"PostgreSQL {full}: a backup restores into the same major version or a newer one, never an "
+                       f"older one; restore it into a PostgreSQL {source} or newer server")
+
+
 def verify_checksum(storage: Storage, manifest: Manifest) -> None:
     """Read the whole object once and compare size and SHA-256 with the manifest."""
-    reader = HashingReader(storage.open_stream(manifest.dump_key))
-    while reader.read(8 * CHUNK):
-        pass
+    dump = download(storage, manifest)
+    try:
+        reader = HashingReader(dump)
+        while reader.read(8 * CHUNK):
+            pass
+    finally:
+        dump.close()
     if reader.size != manifest.size or reader.hexdigest != manifest.sha256:
         raise OperationFailed(
             f"backup {manifest.id} is corrupt: {storage.description}/{manifest.dump_key} has "
@@ -74,12 +99,13 @@ def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, ds
     binary = pg.client_binary("pg_restore", major, settings.postgres.bin_dir)
     conninfo, secret_env = dsn.libpq_args()
     args = [binary, "--format=custom", "--no-owner", "--no-privileges", "--exit-on-error", f"--dbname={conninfo}"]
+    dump = download(storage, manifest)
     proc = Process(args, secret_env, stdin=subprocess.PIPE, name="pg_restore")
-    source = HashingReader(storage.open_stream(manifest.dump_key))
+    source = HashingReader(dump)
     stream = decompress_reader(source) if manifest.compression == "zstd" else source
     try:
         try:
-            while data := stream.read(CHUNK):
+            while data := stream.read(CHUNK):  # a broken download raises here: pg_restore is killed below
                 proc.proc.stdin.write(data)
             proc.proc.stdin.close()
         except BrokenPipeError:
@@ -87,6 +113,7 @@ def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, ds
         check_client(proc)  # a lost connection is transient: the retry loads a new scratch database
     finally:
         proc.close()
+        dump.close()
     if source.hexdigest != manifest.sha256:
         raise OperationFailed(f"backup {manifest.id} changed while being restored (checksum mismatch); use another backup")
 
@@ -110,8 +137,9 @@ def restore(settings: Settings, storage: Storage, manifest: Manifest, target: En
     """Load the backup beside the target, check it, then swap it in: the target is replaced whole
     or not at all. Scratch databases left by killed runs on this server are discarded first."""
     guard_target(target, confirm)
-    verify_checksum(storage, manifest)
     dsn = target.database_url
+    refuse_older_server(settings, manifest, dsn, f"environment '{target.name}'")
+    verify_checksum(storage, manifest)
     with pg.replacement_lock(dsn, target.name, "restore", settings.postgres.connect_timeout):
         return _restore_locked(settings, storage, manifest, target)
 
@@ -147,6 +175,7 @@ def verify(settings: Settings, storage: Storage, manifest: Manifest, env: Enviro
     backups.scratch_database_url names another."""
     server = settings.backups.scratch_database_url or env.database_url
     t0 = time.monotonic()
+    refuse_older_server(settings, manifest, server, f"the scratch server {server.host}:{server.port}")
     verify_checksum(storage, manifest)
     discard_leftovers(server)
     with owned_scratch(server, manifest.database, "verify") as name:
