@@ -1,11 +1,13 @@
-"""Faults from outside the process: the S3 server dies in the middle of an upload, and PostgreSQL
-ends the connection of a running restore, backup (pg_dump), transform (a batch connection) or
-migration (pg_terminate_backend, as an operator, a pooler or a failover does).
+"""Faults from outside the process: the S3 server dies in the middle of an upload or of the
+download a restore reads, and PostgreSQL ends the connection of a running restore, backup
+(pg_dump), transform (a batch connection), migration, staging refresh (one of its copy
+connections) or anonymize (pg_terminate_backend, as an operator, a pooler or a failover does).
 
 None may leave a half-visible result. A step whose retry is safe rides through (the README's
 promise: transient faults are retried with backoff): the backup's dump, a transform's range, a
 restore. Otherwise the operation fails with one line, the target and the listing are as they were
-(a failed migration is rolled back to whole revisions), and the next run succeeds and cleans up.
+(a failed migration is rolled back to whole revisions, a refresh discards its new copy, anonymize
+rolls back its one transaction), and the next run succeeds and cleans up.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 from conftest import free_port, run_cli
 from test_crash_matrix import CHILD, add_blobs, advisory_locks, content, leftovers, schema
 from test_crash_migrate import world  # noqa: F401  (a fixture)
+from test_refresh_staging import ANON
 
 from dataops.dev.sample_app import create_schema, seed
 from dataops.settings import load_settings
@@ -54,23 +57,62 @@ def terminate_when(server, where: str, timeout: float = 90, dbname: str | None =
     return thread
 
 
+class DyingS3:
+    """An S3 endpoint of this test's own (moto's server), so that stopping it hurts no other test.
+    `die()` stops it and cuts the connections it is serving, as the death of its process would (a
+    stopped werkzeug server finishes the responses in flight, so a download would go on). moto
+    keeps its buckets in this process, so `revive()` on the same port finds them."""
+
+    def __init__(self):
+        import boto3
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.served: list = []  # sockets of the requests it accepted
+        self.revive()
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                                   aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def revive(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+        accept = self.server._server.get_request  # the serving thread looks it up per connection
+
+        def get_request():
+            conn, addr = accept()
+            self.served.append(conn)
+            return conn, addr
+
+        self.server._server.get_request = get_request
+
+    def die(self) -> None:
+        self._cut()  # first: stopping takes up to half a second, a download would go on meanwhile
+        self.server.stop()
+        self._cut()
+
+    def _cut(self) -> None:
+        import socket
+
+        while self.served:
+            try:
+                self.served.pop().shutdown(socket.SHUT_RDWR)
+            except OSError:  # closed already
+                pass
+
+    def storage(self, bucket: str = "faults") -> dict:
+        return {"url": f"s3://{bucket}/b", "endpoint_url": self.endpoint, "region": "us-east-1",
+                "access_key_id": "testing", "secret_access_key": "testing", "multipart_chunk_mb": 5}
+
+
 @pytest.fixture
 def own_s3():
-    """An S3 endpoint of this test's own, so that stopping it hurts no other test. moto keeps its
-    buckets in this process, so a server started again on the same port finds them."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
-    client.create_bucket(Bucket="faults")
-    state = {"server": server, "endpoint": endpoint, "port": port, "client": client}
-    yield state
-    state["server"].stop()
+    s3 = DyingS3()
+    s3.client.create_bucket(Bucket="faults")
+    yield s3
+    s3.die()
 
 
 def test_s3_dying_mid_upload_fails_the_backup_cleanly_and_the_next_one_cleans_up(own_s3, make_db, write_config):
@@ -81,25 +123,20 @@ def test_s3_dying_mid_upload_fails_the_backup_cleanly_and_the_next_one_cleans_up
     create_schema(prod)
     seed(prod, users=30)
     add_blobs(prod, 250000)
-    cfg = write_config({"production": ("production", prod)},
-                       storage={"url": "s3://faults/b", "endpoint_url": own_s3["endpoint"], "region": "us-east-1",
-                                "access_key_id": "testing", "secret_access_key": "testing", "multipart_chunk_mb": 5})
+    cfg = write_config({"production": ("production", prod)}, storage=own_s3.storage())
     env = {**os.environ, "DATAOPS_FAILPOINTS": "backup.mid_upload=pause(3)"}  # each stored part waits 3 s
     child = subprocess.Popen([sys.executable, "-c", CHILD["backup"].format(cfg=str(cfg))], env=env,
                              stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not own_s3["client"].list_multipart_uploads(Bucket="faults").get("Uploads"):
+    while not own_s3.client.list_multipart_uploads(Bucket="faults").get("Uploads"):
         assert time.monotonic() < deadline and child.poll() is None, "the upload never started"
         time.sleep(0.1)
     time.sleep(1)  # the first part is stored, its failpoint waits
-    own_s3["server"].stop()  # the store goes away mid-transfer
+    own_s3.die()  # the store goes away mid-transfer
     try:
         rc = child.wait(180)
     finally:
-        from moto.server import ThreadedMotoServer
-
-        own_s3["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=own_s3["port"], verbose=False)
-        own_s3["server"].start()
+        own_s3.revive()
     err = child.stderr.read()
     assert rc == 1, err[-2000:]
     assert "error" in err.lower() or "could not" in err.lower()
@@ -111,6 +148,94 @@ def test_s3_dying_mid_upload_fails_the_backup_cleanly_and_the_next_one_cleans_up
                            text=True, timeout=180)
     assert again.returncode == 0, again.stderr[-2000:]
     assert len(list_backups(storage, "production")) == 1 and storage.incomplete("production/") == []
+
+
+@pytest.fixture
+def s3_restore_world(own_s3, make_db, write_config, pg_server_dsn, prefect_api):
+    """production backed up to the test's own S3 (~20 MB of incompressible rows, so the download
+    lasts as long as pg_restore takes to load it), staging to be replaced by it."""
+    from dataops.tasks.backup.dump import backup
+
+    prod, stg = make_db("prod"), make_db("stg")
+    create_schema(prod)
+    seed(prod, users=40)
+    add_blobs(prod, 400000)
+    create_schema(stg)
+    seed(stg, users=20, seed=3)
+    cfg = write_config({"production": ("production", prod), "staging": ("staging", stg)}, storage=own_s3.storage())
+    settings = load_settings(cfg)
+    manifest = backup(settings, settings.env("production"))
+    return {"cfg": cfg, "prod": prod, "stg": stg, "s3": own_s3, "server": pg_server_dsn, "api": prefect_api,
+            "manifest": manifest, "old": (content(stg), schema(stg)), "new": (content(prod), schema(prod))}
+
+
+# pg_restore loading the big table into the scratch database: the archive is being downloaded (the
+# whole object was read once before, for its checksum)
+LOADING_BLOBS = ("application_name = 'pg_restore' AND strpos(datname, '__dataops_restore_') > 0 AND state = 'active' "
+                 "AND query LIKE 'COPY %blobs%'")
+
+
+def when_seen(server, where: str, then, timeout: float = 90) -> threading.Thread:
+    """In the background: once a session matching `where` (on pg_stat_activity) is seen, call `then()`."""
+    def watch() -> None:
+        with pg.connect(server, autocommit=True, dbname="postgres") as conn:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if conn.execute(f"SELECT 1 FROM pg_stat_activity WHERE {where}").fetchone():
+                    thread.seen = True
+                    then()
+                    return
+                time.sleep(0.02)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.seen = False
+    thread.start()
+    return thread
+
+
+def test_s3_dying_mid_download_fails_a_restore_cleanly_and_the_rerun_restores_exactly(s3_restore_world):
+    """The store dies while pg_restore reads the archive from it, and stays away: the restore fails
+    with one line naming the broken download, the target was never touched, the scratch database
+    is dropped on the way out; once the store is back, the next restore loads it exactly."""
+    w = s3_restore_world
+    watcher = when_seen(w["server"], LOADING_BLOBS, w["s3"].die)
+    child = subprocess.run([sys.executable, "-c", CHILD["restore"].format(cfg=str(w["cfg"]))], capture_output=True,
+                           text=True, timeout=300)
+    watcher.join(60)
+    w["s3"].revive()
+    assert watcher.seen, "pg_restore was never seen loading the big table"
+    assert child.returncode == 1, child.stderr[-3000:]
+    last = child.stderr.strip().splitlines()[-1]
+    assert last.startswith("dataops.errors.TransientError: reading backup ") and "broke off after" in last, last
+    assert (content(w["stg"]), schema(w["stg"])) == w["old"]
+    assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
+
+    again = subprocess.run([sys.executable, "-c", CHILD["restore"].format(cfg=str(w["cfg"]))], capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (content(w["stg"]), schema(w["stg"])) == w["new"]
+    assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
+
+
+def test_a_restore_rides_through_s3_dying_mid_download_when_it_comes_back(s3_restore_world):
+    """The same break with the store back a second later: the README's promise for a transient
+    fault holds, the restore step is retried (checksum, scratch database, load, all again) and the
+    command succeeds, the target holding exactly the backup."""
+    w = s3_restore_world
+
+    def blip() -> None:
+        w["s3"].die()
+        time.sleep(1)
+        w["s3"].revive()
+
+    watcher = when_seen(w["server"], LOADING_BLOBS, blip)
+    r = cli(w["cfg"], w["api"], "restore", "production", "latest", "--into", "staging")
+    watcher.join(60)
+    assert watcher.seen, "pg_restore was never seen loading the big table"
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert RETRIED in r.stderr and "broke off after" in r.stderr, r.stderr[-3000:]
+    assert (content(w["stg"]), schema(w["stg"])) == w["new"]
+    assert leftovers(w["server"]) == [] and advisory_locks(w["server"]) == 0
 
 
 def test_a_restore_whose_connection_is_ended_leaves_the_target_and_retries_cleanly(make_db, write_config, tmp_path,
@@ -247,3 +372,158 @@ def test_a_migration_whose_session_is_ended_mid_revision_is_rolled_back_to_whole
         "upgrade of revision 0002 on app failed: terminating connection due to administrator command"), migrated
     assert [r.outcome for r in records if r.action == "rollback"] == ["rolled-back"], records
     recover(w, "up", migrated.run_id, "0001")
+
+
+# -- refresh-staging and anonymize ---------------------------------------------------------------------
+
+REFRESH_ANON = {**ANON, "rules": {**ANON["rules"], "events": {"contact_email": {"hash": {}}}}}
+
+
+def fill_big(dsn) -> None:
+    """The sample application with two big tables, so that copying or masking it takes seconds:
+    `events` masked (by a refresh in Python: a psycopg COPY out of production and one into the new
+    copy), `blobs` left as it is (a refresh pipes psql into psql)."""
+    create_schema(dsn)
+    seed(dsn, users=200)
+    with pg.connect(dsn) as conn:
+        conn.execute("CREATE TABLE events (id bigint PRIMARY KEY, user_id bigint REFERENCES users (id), "
+                     "contact_email text)")
+        conn.execute("INSERT INTO events SELECT g, 1 + g % 200, 'p' || g || '@example.com' "
+                     "FROM generate_series(1, 200000) g")
+        conn.commit()
+    add_blobs(dsn, 150000)
+
+
+def fill_refresh_pair(prod, stg) -> None:
+    """production big (fill_big), staging holding other, older data."""
+    fill_big(prod)
+    create_schema(stg)
+    seed(stg, users=50, seed=7)
+
+
+def refreshed_from(prod, stg) -> bool:
+    """staging is a masked copy of production: the same keys, no e-mail address of production,
+    the unmasked table equal."""
+    with pg.connect(stg) as s, pg.connect(prod) as p:
+        keys = "SELECT (SELECT array_agg(id ORDER BY id) FROM users), (SELECT count(*) FROM events)"
+        emails = {r[0] for r in p.execute("SELECT email FROM users UNION ALL SELECT contact_email FROM events")}
+        leaked = [r[0] for r in s.execute("SELECT email FROM users UNION ALL SELECT contact_email FROM events")
+                  if r[0] in emails]
+        same_keys = s.execute(keys).fetchone() == p.execute(keys).fetchone()
+    return same_keys and not leaked and content(stg)["public.blobs"] == content(prod)["public.blobs"]
+
+
+def one_error_line(stderr: str) -> str:
+    """The command's error: one line `error: ...`, the last one it wrote."""
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr[-3000:]
+    return errors[0]
+
+
+def copying(side: str, table: str) -> str:
+    """A copy connection of a refresh (`side`: copy, reading production; load, writing the new
+    copy) in the middle of the COPY of `table` (some rows through already)."""
+    return (f"application_name = 'dataops-refresh-{side}' AND state = 'active' AND query LIKE 'COPY %{table}%' "
+            "AND pid IN (SELECT pid FROM pg_stat_progress_copy WHERE tuples_processed > 2000)")
+
+
+@pytest.mark.parametrize("side, table", [("copy", "events"), ("load", "events"), ("copy", "blobs"), ("load", "blobs")])
+def test_a_refresh_whose_copy_connection_is_ended_fails_cleanly_and_the_next_one_succeeds(
+        side, table, make_db, write_config, pg_server_dsn, prefect_api):
+    """One COPY of the refresh loses its session (either end, on the masking path and on the psql
+    pipe): the copy step does not run twice (its readers share the flow's snapshot), so the
+    refresh fails with one line, discards its new copy and leaves staging as it was; the next
+    refresh succeeds."""
+    prod, stg = make_db("prod"), make_db("stg")
+    fill_refresh_pair(prod, stg)
+    cfg = write_config({"production": ("production", prod), "staging": ("staging", stg)},
+                       extra={"anonymize": REFRESH_ANON})
+    old = (content(stg), schema(stg))
+
+    watcher = terminate_when(pg_server_dsn, copying(side, table))
+    r = cli(cfg, prefect_api, "refresh-staging")
+    watcher.join(60)
+    assert watcher.ended, f"no dataops-refresh-{side} session was seen copying {table}"
+    assert r.returncode == 1, r.stderr[-3000:]
+    error = one_error_line(r.stderr)
+    assert error.startswith("error: copying the data failed: ") and any(
+        lost in error for lost in ("closed the connection", "connection to server was lost")), error
+    assert (content(stg), schema(stg)) == old
+    assert leftovers(pg_server_dsn) == [] and advisory_locks(pg_server_dsn) == 0
+
+    again = cli(cfg, prefect_api, "refresh-staging")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert refreshed_from(prod, stg) and schema(stg) == schema(prod)
+    assert leftovers(pg_server_dsn) == [] and advisory_locks(pg_server_dsn) == 0
+
+
+def masked_in_place(stg, before: dict[str, str]) -> bool:
+    """Every masked table of the database rewritten, none of its e-mail addresses left."""
+    now = content(stg)
+    with pg.connect(stg) as conn:
+        kept = conn.execute("SELECT count(*) FROM events WHERE contact_email LIKE '%@example.com'").fetchone()[0]
+    return kept == 0 and all(now[t] != before[t] for t in ("public.users", "public.user_emails", "public.events"))
+
+
+@pytest.mark.parametrize("when", ["updating", "before_commit"])
+def test_an_anonymize_whose_connection_is_ended_changes_nothing_and_the_rerun_masks(
+        when, make_db, write_config, pg_server_dsn, prefect_api):
+    """anonymize runs in one transaction: its session ends in the middle of the UPDATE of the big
+    table, or with every statement done and the commit not yet sent. It fails with one line, the
+    database holds exactly what it held (rows and schema: the foreign keys it dropped for the
+    update are there), and the next run masks it."""
+    stg = make_db("dev")
+    fill_big(stg)
+    cfg = write_config({"staging": ("staging", stg)}, extra={"anonymize": REFRESH_ANON})
+    before = content(stg)
+    old = (before, schema(stg))
+
+    if when == "updating":
+        where, failpoints = ("application_name = 'dataops-anonymize' AND state = 'active' "
+                             "AND query LIKE 'COPY (UPDATE %events%'"), ""
+    else:
+        where, failpoints = ("application_name = 'dataops-anonymize' AND state = 'idle in transaction' "
+                             "AND state_change < now() - interval '2 s'"), "anonymize.before_commit=pause(6)"
+    watcher = terminate_when(pg_server_dsn, where)
+    r = cli(cfg, prefect_api, "anonymize", "staging", failpoints=failpoints)
+    watcher.join(60)
+    assert watcher.ended, "the anonymize session was never seen"
+    assert r.returncode == 1, r.stderr[-3000:]
+    error = one_error_line(r.stderr)
+    assert error.startswith("error: anonymize staging lost its connection before its commit (") and error.endswith(
+        "nothing was changed (one transaction, rolled back); run it again"), error
+    assert (content(stg), schema(stg)) == old
+    assert advisory_locks(pg_server_dsn) == 0
+
+    again = cli(cfg, prefect_api, "anonymize", "staging")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert masked_in_place(stg, before) and schema(stg) == old[1]
+
+
+def test_an_anonymize_that_loses_its_commit_says_what_the_server_made_of_it(make_db, write_config):
+    """A commit can land and its answer be lost: the error then says what txid_status says of the
+    transaction (committed: anonymized, VACUUM FULL to run; aborted: nothing changed), or that it
+    is unknown while the server is away. A statement timeout is not a lost connection."""
+    import psycopg
+
+    from dataops.tasks.anonymize.in_place import lost_connection, lost_connection_error
+
+    dev = make_db("dev")
+    cfg = write_config({"staging": ("staging", dev), "gone": ("staging", f"postgresql://u@127.0.0.1:{free_port()}/x")},
+                       extra={"anonymize": REFRESH_ANON})
+    settings = load_settings(cfg)
+    with pg.connect(dev) as conn:
+        committed = conn.execute("SELECT txid_current()").fetchone()[0]
+        conn.commit()
+        aborted = conn.execute("SELECT txid_current()").fetchone()[0]
+        conn.rollback()
+    lost = psycopg.OperationalError("server closed the connection unexpectedly")
+    assert lost_connection(lost) and not lost_connection(psycopg.errors.QueryCanceled("canceling statement"))
+
+    said = lost_connection_error(settings, settings.env("staging"), committed, True, lost, ["public.users"]).message
+    assert "during its commit (server closed the connection unexpectedly), which went through: staging is " \
+           "anonymized" in said and said.endswith("run VACUUM FULL of public.users"), said
+    said = lost_connection_error(settings, settings.env("staging"), aborted, True, lost, ["public.users"]).message
+    assert "nothing was changed" in said, said
+    said = lost_connection_error(settings, settings.env("gone"), committed, True, lost, []).message
+    assert f"whether it went through is unknown (SELECT txid_status({committed}) on gone says)" in said, said

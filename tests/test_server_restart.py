@@ -7,8 +7,11 @@ restart hurts no other test. Each runs the real command (`dataops ...`, its flow
 session's Prefect test server), restarts the server while the operation is surely in the middle
 (a client of ours seen active in pg_stat_activity), and checks with this file's own queries:
 - the retry the README promises for transient faults rides through the restart: the command
-  exits 0 and its log shows the retry;
-- the target holds the new content (rows hashed per table, pg_dump --schema-only), never a mix;
+  exits 0 and its log shows the retry; a staging refresh, whose copy step is not retried (its
+  readers share a snapshot that goes with the server), fails with one line instead and the next
+  one succeeds;
+- the target holds the new content (rows hashed per table, pg_dump --schema-only), never a mix
+  (after a failed refresh: the old content);
 - no half-visible backup is listed, and the new one restores; no scratch database, previous
   copy, unfinished upload or advisory lock is left.
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from test_crash_matrix import add_blobs, content, leftovers, schema
+from test_faults import REFRESH_ANON, copying, fill_refresh_pair, one_error_line, refreshed_from
 
 from dataops.dev.sample_app import create_schema, seed
 from dataops.dsn import Dsn
@@ -253,3 +257,36 @@ def test_a_transform_rides_through_a_restart_mid_run_and_changes_every_row_once(
     assert half_done_run(dsn, original) == set(original)  # every row changed, none twice
     assert [x[1:] for x in runs(dsn)] == [("run", "completed")]
     assert advisory_locks(own_server.dsn) == 0
+
+
+# -- refresh-staging ---------------------------------------------------------------------------------
+
+def test_a_refresh_cut_by_a_restart_leaves_staging_and_the_next_one_succeeds(own_server, prefect_api, write_config):
+    """production and staging on the restarted server: the refresh's snapshot, its lock and its copy
+    connections all end. The copy step does not run twice (its readers share the snapshot that
+    went with the server), so the refresh fails with one line and staging is as it was; a new copy
+    the server was not back to drop is discarded by the next refresh, which succeeds."""
+    from dataops.tasks.refresh.steps import SCRATCH_TAG
+
+    prod, stg = own_server.database("prod"), own_server.database("stg")
+    fill_refresh_pair(prod, stg)
+    cfg = write_config({"production": ("production", prod), "staging": ("staging", stg)},
+                       extra={"anonymize": REFRESH_ANON})
+    old = (content(stg), schema(stg))
+    own_server.checkpoint()
+
+    watcher = restart_when(own_server, f"SELECT pid FROM pg_stat_activity WHERE {copying('load', 'events')}")
+    r = cli(cfg, prefect_api, "refresh-staging")
+    watcher.join(60)
+    assert watcher.seen, "the refresh was never seen loading its copy"
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert one_error_line(r.stderr).startswith("error: copying the data failed: "), r.stderr[-3000:]
+    assert (content(stg), schema(stg)) == old
+    left = leftovers(own_server.dsn)
+    assert left == [] or (len(left) == 1 and SCRATCH_TAG in left[0]), left
+    assert advisory_locks(own_server.dsn) == 0
+
+    again = cli(cfg, prefect_api, "refresh-staging")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert refreshed_from(prod, stg) and schema(stg) == schema(prod)
+    assert leftovers(own_server.dsn) == [] and advisory_locks(own_server.dsn) == 0

@@ -22,7 +22,9 @@ until they are reused.
 So a process killed before the commit leaves the database as it was, and one killed after it
 leaves it masked with those old row versions still on disk: running it again masks the masked
 values once more (no original comes back, but they no longer match a refresh's) and vacuums;
-VACUUM FULL of the tables alone is enough too.
+VACUUM FULL of the tables alone is enough too. A lost connection (pg_terminate_backend, a
+restart) fails the run with one line saying which of the two it left: nothing changed when it
+was lost before the commit, and when it was lost during the commit the server is asked.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from prefect import task
 from psycopg import sql
 from psycopg.rows import tuple_row
 
-from dataops.errors import OperationFailed, SafetyRefusal, first_line
+from dataops.errors import DataopsError, OperationFailed, SafetyRefusal, first_line
 from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
@@ -80,58 +82,19 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
     guard_environment(env)  # the flow refuses first; a plain call must be refused too
     t0 = time.monotonic()
     report = AnonymizeReport(env.name)
-    with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout,
-                    application_name="dataops-anonymize") as conn:
-        for name, value in STABLE_OUTPUT.items():
-            conn.execute("SELECT set_config(%s, %s, true)", (name, value))
-        conn.execute("SET LOCAL row_security = off")  # a policy that would hide rows is an error, not a gap
-        tables = read_tables(conn)
-        plan = plan_masking(settings, conn, tables, in_place=True)
-        if plan.unmasked_personal:
-            raise SafetyRefusal(plan.guard_message(f"anonymize {env.name}"))
-        report.masked = plan.masked_columns()
-        report.defaulted = [str(f) for f in plan.defaulted]
-        touched = sorted(set(plan.tables) | set(plan.deletes))
-        if touched:  # no writes by others while we rewrite; readers may go on
-            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(
-                sql.SQL(", ").join(tables[t].qualified for t in touched)))
-        for label, cond in plan.deletes.items():
-            try:
-                with conn.transaction():
-                    cur = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(tables[label].qualified, sql.SQL(cond)))
-            except psycopg.errors.ForeignKeyViolation as exc:
-                raise OperationFailed(f"anonymize.delete.{label}: {str(exc).splitlines()[0]}; delete the referencing "
-                                      "rows too, or narrow the condition") from None
-            report.deleted[label] = cur.rowcount
-            say(f"deleted {cur.rowcount:,} rows of {label}")
-        _load_pools(conn, plan)
-        keys = _drop_keys(conn, plan)
-        rules = _disable_rules(conn, plan)
-        large_objects = _large_objects(conn, plan)
-        names: list[tuple[str, str]] = []
-        unchanged: dict[int, int] = {}
-        values: dict[int, int] = {}
-        sql_checked: dict[str, tuple[int, int]] = {}
-        expected = sum(tm.table.est_rows * len(tm.in_python) for tm in plan.tables.values())
-        with Workspace(expected) as ws:
-            for label, tm in plan.tables.items():
-                rows = _update_table(conn, plan, tm, names, unchanged, values, ws.collector(f"t{len(names)}"))
-                report.tables[label] = rows
-                for col, m in tm.maskers.items():
-                    if m.kind in ("null", "constant"):
-                        names.append((label, col))
-                        sql_checked[f"{label}.{col}"] = _sql_check(conn, tm, col)
-                say(f"masked {len(tm.maskers)} columns of {label} in {rows:,} rows")
-            report.leaks = build_report(plan, names, unchanged, values, match_digests(plan, names, ws), sql_checked)
-        for stmt in rules:
-            conn.execute(stmt)
-        _add_keys(conn, keys)
-        unlinked = _unlink(conn, large_objects)
-        if not report.leaks.ok:
-            conn.rollback()
-            raise OperationFailed(f"anonymize {env.name} rolled back: {report.leaks.summary()}")
-        failpoint("anonymize.before_commit")  # a kill here: every delete and update rolls back, nothing masked
-        conn.commit()
+    xid, committing = None, False
+    try:
+        with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout,
+                        application_name="dataops-anonymize") as conn:
+            xid = conn.execute("SELECT txid_current()").fetchone()[0]  # to ask the server after a lost commit
+            tables, unlinked = _mask(settings, conn, env, report, say)
+            failpoint("anonymize.before_commit")  # a kill here: every delete and update rolls back, nothing masked
+            committing = True
+            conn.commit()
+    except psycopg.OperationalError as exc:
+        if not lost_connection(exc):
+            raise
+        raise lost_connection_error(settings, env, xid, committing, exc, list(report.tables)) from None
     failpoint("anonymize.after_commit")  # masked, but the old row versions are in the files until the VACUUM FULL
     if vacuum and report.tables:
         v0 = time.monotonic()
@@ -148,6 +111,95 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
     report.seconds = time.monotonic() - t0
     say(report.summary())
     return report
+
+
+def _mask(settings: Settings, conn: psycopg.Connection, env: Environment, report: AnonymizeReport,
+          say: Callable[[str], None]) -> tuple[dict, int]:
+    """Every delete and update of the run, in the open transaction of `conn` (the caller commits);
+    returns the tables read and the number of large objects unlinked."""
+    for name, value in STABLE_OUTPUT.items():
+        conn.execute("SELECT set_config(%s, %s, true)", (name, value))
+    conn.execute("SET LOCAL row_security = off")  # a policy that would hide rows is an error, not a gap
+    tables = read_tables(conn)
+    plan = plan_masking(settings, conn, tables, in_place=True)
+    if plan.unmasked_personal:
+        raise SafetyRefusal(plan.guard_message(f"anonymize {env.name}"))
+    report.masked = plan.masked_columns()
+    report.defaulted = [str(f) for f in plan.defaulted]
+    touched = sorted(set(plan.tables) | set(plan.deletes))
+    if touched:  # no writes by others while we rewrite; readers may go on
+        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(
+            sql.SQL(", ").join(tables[t].qualified for t in touched)))
+    for label, cond in plan.deletes.items():
+        try:
+            with conn.transaction():
+                cur = conn.execute(sql.SQL("DELETE FROM {} WHERE {}").format(tables[label].qualified, sql.SQL(cond)))
+        except psycopg.errors.ForeignKeyViolation as exc:
+            raise OperationFailed(f"anonymize.delete.{label}: {str(exc).splitlines()[0]}; delete the referencing "
+                                  "rows too, or narrow the condition") from None
+        report.deleted[label] = cur.rowcount
+        say(f"deleted {cur.rowcount:,} rows of {label}")
+    _load_pools(conn, plan)
+    keys = _drop_keys(conn, plan)
+    rules = _disable_rules(conn, plan)
+    large_objects = _large_objects(conn, plan)
+    names: list[tuple[str, str]] = []
+    unchanged: dict[int, int] = {}
+    values: dict[int, int] = {}
+    sql_checked: dict[str, tuple[int, int]] = {}
+    expected = sum(tm.table.est_rows * len(tm.in_python) for tm in plan.tables.values())
+    with Workspace(expected) as ws:
+        for label, tm in plan.tables.items():
+            rows = _update_table(conn, plan, tm, names, unchanged, values, ws.collector(f"t{len(names)}"))
+            report.tables[label] = rows
+            for col, m in tm.maskers.items():
+                if m.kind in ("null", "constant"):
+                    names.append((label, col))
+                    sql_checked[f"{label}.{col}"] = _sql_check(conn, tm, col)
+            say(f"masked {len(tm.maskers)} columns of {label} in {rows:,} rows")
+        report.leaks = build_report(plan, names, unchanged, values, match_digests(plan, names, ws), sql_checked)
+    for stmt in rules:
+        conn.execute(stmt)
+    _add_keys(conn, keys)
+    unlinked = _unlink(conn, large_objects)
+    if not report.leaks.ok:
+        conn.rollback()
+        raise OperationFailed(f"anonymize {env.name} rolled back: {report.leaks.summary()}")
+    return tables, unlinked
+
+
+def lost_connection(exc: BaseException) -> bool:
+    """The session ended under us (pg_terminate_backend, a restart, a failover, the network): its
+    SQLSTATE is an operator intervention (57P..) or a connection exception (08...), or there is
+    none (libpq found the connection closed). A statement timeout (57014) is not one."""
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(exc, psycopg.OperationalError) and (state is None or state.startswith(("57P", "08")))
+
+
+def lost_connection_error(settings: Settings, env: Environment, xid: int | None, committing: bool,
+                          exc: BaseException, tables: list[str]) -> OperationFailed:
+    """What a lost connection left, in one line. Before the commit was sent, nothing (PostgreSQL
+    rolls back a transaction whose session ends); during the commit, the server is asked what
+    became of the transaction (txid_status), since a commit can land and its answer be lost."""
+    why = first_line(exc)
+    status = None
+    if committing and xid is not None:
+        try:
+            with pg.connect(env.database_url, autocommit=True, timeout=settings.postgres.connect_timeout) as conn:
+                status = conn.execute("SELECT txid_status(%s)", (xid,)).fetchone()[0]
+        except (DataopsError, psycopg.Error):  # the server is away: it cannot say
+            pass
+    if not committing or status == "aborted":
+        return OperationFailed(f"anonymize {env.name} lost its connection before its commit ({why}); nothing was "
+                               "changed (one transaction, rolled back); run it again")
+    vacuum = f"VACUUM FULL of {', '.join(tables)}" if tables else "VACUUM FULL of the masked tables"
+    if status == "committed":
+        return OperationFailed(f"anonymize {env.name} lost its connection during its commit ({why}), which went "
+                               f"through: {env.name} is anonymized, but the old row versions are still in the files; "
+                               f"run {vacuum}")
+    return OperationFailed(f"anonymize {env.name} lost its connection during its commit ({why}); whether it went "
+                           f"through is unknown (SELECT txid_status({xid}) on {env.name} says): if committed, run "
+                           f"{vacuum}; if aborted, nothing was changed and it can run again")
 
 
 def _drop_keys(conn: psycopg.Connection, plan: MaskingPlan) -> list[tuple[str, str, str]]:
@@ -181,6 +233,8 @@ def _add_keys(conn: psycopg.Connection, keys: list[tuple[str, str, str]]) -> Non
                 conn.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                     sql.SQL(table), sql.Identifier(name), sql.SQL(definition)))
         except psycopg.Error as exc:
+            if lost_connection(exc):  # says nothing of the key: anonymize() reports what it left
+                raise
             raise OperationFailed(f"anonymize rolled back: foreign key {name} on {table} no longer holds after "
                                   f"masking ({first_line(exc)}); give both of its columns the same rule") from None
 

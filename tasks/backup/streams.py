@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from dataops.errors import OperationFailed
+from dataops.errors import DataopsError, OperationFailed, TransientError, first_line, is_transient
 from dataops.redact import redact
 
 CHUNK = 1024 * 1024
@@ -74,6 +74,58 @@ class HashingReader:
 
     def readable(self) -> bool:
         return True
+
+
+class Download:
+    """An object being read from storage, whose break is a TransientError saying how far it got.
+
+    An S3 endpoint that dies, restarts or drops the connection in the middle of a GET ends the
+    body early: botocore raises IncompleteReadError or ResponseStreamingError, which say nothing
+    of a retry and which the retry policy does not know. Nothing read so far has been used for
+    anything but a scratch database, so the step can start again from the first byte."""
+
+    def __init__(self, source: BinaryIO, what: str, size: int | None = None):
+        self.source = source
+        self.what = what
+        self.size = size
+        self.got = 0
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            data = self.source.read(n)
+        except DataopsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - only a broken transfer is turned into a retry
+            if not broken_transfer(exc):
+                raise
+            of = f" of {self.size:,}" if self.size is not None else ""
+            why = "the connection ended early" if type(exc).__name__ == "IncompleteReadError" else first_line(exc)
+            raise TransientError(f"reading {self.what} broke off after {self.got:,}{of} bytes ({why}); "
+                                 "a retry reads it again") from None
+        self.got += len(data)
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        try:
+            self.source.close()
+        except Exception:  # noqa: BLE001 - a broken connection has nothing left to release
+            pass
+
+
+def broken_transfer(exc: BaseException) -> bool:
+    """Whether `exc`, raised while reading a stream from storage, is the transfer breaking."""
+    if is_transient(exc):
+        return True
+    try:
+        from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+        from urllib3.exceptions import HTTPError
+
+        return isinstance(exc, (IncompleteReadError, ResponseStreamingError, HTTPError))
+    except ImportError:  # pragma: no cover - storage on a folder only
+        return False
 
 
 JOB_SIZE = 4 * CHUNK

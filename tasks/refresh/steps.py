@@ -39,7 +39,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.dsn import Dsn
-from dataops.errors import BadInput, OperationFailed, SafetyRefusal
+from dataops.errors import BadInput, OperationFailed, SafetyRefusal, TransientError, first_line
 from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
@@ -86,7 +86,10 @@ def source_snapshot(settings: Settings, env: Environment) -> Iterator[SourceSnap
             yield SourceSnapshot(env, conn, snap)
         finally:
             if not conn.closed:
-                conn.execute("ROLLBACK")
+                try:
+                    conn.execute("ROLLBACK")
+                except psycopg.OperationalError:  # the connection went (a restart): so did its transaction,
+                    pass  # and the error that matters is the one the refresh met
 
 
 def discard_leftovers(env: Environment) -> list[str]:
@@ -275,8 +278,12 @@ def _run(args: list[str], env: dict[str, str], what: str) -> None:
 
 
 def discard_copy(new: NewCopy) -> None:
+    """Drop the new copy of a failed refresh. Called while its error is raised: a server that is
+    away (restarting) keeps that error in front, and the next refresh discards the copy."""
     try:
         pg.drop_database(new.server, new.name)
+    except (TransientError, psycopg.OperationalError) as exc:
+        log.warning("could not drop the new copy %s now (%s); the next refresh discards it", new.name, first_line(exc))
     finally:
         shutil.rmtree(Path(new.schema_file).parent, ignore_errors=True)
 

@@ -127,7 +127,11 @@ def _psql_pipe(job: CopyJob) -> int:
         src_err = source.stderr.read().decode(errors="replace")
         source.wait()
     if source.returncode != 0 or target.returncode != 0:
-        why = (src_err if source.returncode else target.stderr).strip().splitlines()
+        # The side that failed says why. A source that stopped halfway can leave the target a cut row
+        # (its COPY then fails as a consequence); a target that stopped leaves the source writing into a
+        # closed pipe, killed by SIGPIPE without a word (a negative return code).
+        source_failed = source.returncode > 0 or target.returncode == 0
+        why = (src_err if source_failed else target.stderr).strip().splitlines()
         raise psycopg.OperationalError(f"copying {job.id} failed: {why[-1] if why else 'psql exited early'}")
     return int(target.stdout.strip().split()[-1])  # "COPY <rows>"
 
@@ -237,13 +241,31 @@ def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector)
 # -- running many jobs -----------------------------------------------------------------------
 
 def _die_with_parent() -> None:
-    """Worker processes must not outlive a killed refresh (they would keep loading a copy
-    the next run discards anyway)."""
+    """psql children must not outlive a killed refresh (they would keep loading a copy the next
+    run discards anyway). Their copy thread waits for them, so the thread outlives them."""
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:  # pragma: no cover - not Linux
         pass
+
+
+def _exit_with_parent_process() -> None:
+    """The pool's workers: PR_SET_PDEATHSIG fires when the *thread* that started a process ends,
+    and the pool starts its workers from whichever copy thread submits first; when that thread
+    finished, an idle worker holding the pool's queue lock was killed and the refresh waited on
+    it forever. So a worker watches its parent process instead and leaves when it is gone."""
+    import os
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="dataops-parent-watch", daemon=True).start()
 
 
 def run_jobs(jobs: list[CopyJob], workers: int, on_done=None, before_masking=None) -> list[CopyResult]:
@@ -260,7 +282,7 @@ def run_jobs(jobs: list[CopyJob], workers: int, on_done=None, before_masking=Non
     procs = None
     if workers > 1 and masked_rows >= PROCESS_THRESHOLD_ROWS:
         procs = cf.ProcessPoolExecutor(max_workers=min(workers, sum(1 for j in jobs if j.maskers)),
-                                       initializer=_die_with_parent, mp_context=multiprocessing.get_context("spawn"))
+                                       initializer=_exit_with_parent_process, mp_context=multiprocessing.get_context("spawn"))
 
     def run(job: CopyJob) -> CopyResult:
         if job.maskers and before_masking is not None:
@@ -285,7 +307,9 @@ def run_jobs(jobs: list[CopyJob], workers: int, on_done=None, before_masking=Non
             fut.cancel()
         raise
     finally:
+        if procs is not None:  # before the threads: none of them waits on a worker any more
+            procs.shutdown(wait=False, cancel_futures=True)
         threads.shutdown(wait=True, cancel_futures=True)
         if procs is not None:
-            procs.shutdown(wait=True, cancel_futures=True)
+            procs.shutdown(wait=True)
     return results
