@@ -3,19 +3,38 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-crash install browser bench bench-refresh clean
+.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh clean
 
 demo: install
 	$(BIN)/dataops demo
 
-test: install browser
+test: install browser pg15
 	$(BIN)/pytest -q
 
 # The tests marked `extended`: every cell of the crash matrix beyond make test's sample (make test runs
-# every restore, verify and migrate cell and a fixed sample of the others), the fault and signal tests,
-# the concurrency refusals and the freshness alert through a deployment. CI runs it after make test.
+# every restore and verify cell, every migration failpoint once and a fixed sample of the others), the
+# faults from outside (server restarts, terminated sessions, S3 dying), the signal tests, prune during a
+# backup, the concurrency refusals, the CI pipelines of infra/ci, a deployment run of every flow, the
+# heartbeat watch and the freshness alert. CI runs it after make test.
 test-crash: install browser
 	$(BIN)/pytest -q -m extended
+
+# Every operation (backup, verify, restore, validate, migrate, transform, refresh, anonymize, leak scan) on the
+# public sample databases committed in tests/real/ (pagila, northwind, chinook, employees), with a table of
+# seconds per command at the end. Offline: nothing is downloaded.
+test-real: install
+	$(BIN)/pytest -q -m real
+
+# tests/test_pg15.py runs a PostgreSQL 15 server beside the embedded 16 (backup 15 -> restore 16, refresh
+# 15 -> 16, the refusal of 16 -> 15, validate and migrate on 15): Debian's postgresql-15, installed when
+# missing. If it cannot be, those tests fail saying so; DATAOPS_SKIP_PG15=1 skips them on purpose.
+pg15:
+	@test -x /usr/lib/postgresql/15/bin/postgres || test "$$DATAOPS_SKIP_PG15" = 1 || \
+	  { echo "installing postgresql-15 for tests/test_pg15.py (apt-get)"; \
+	    $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q postgresql-15 >/dev/null 2>&1 || \
+	    { $(if $(filter 0,$(shell id -u)),,sudo) apt-get update -q >/dev/null && \
+	      $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q postgresql-15 >/dev/null; } || \
+	    echo "could not install postgresql-15: tests/test_pg15.py will fail (DATAOPS_SKIP_PG15=1 skips it)"; }
 
 # The UI test drives Debian's chromium with playwright (no `playwright install`, no download).
 browser:
