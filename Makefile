@@ -8,15 +8,16 @@ BIN := $(VENV)/bin
 demo: install
 	$(BIN)/dataops demo
 
-test: install browser pg15
+test: install
 	$(BIN)/pytest -q
 
 # The tests marked `extended`: every cell of the crash matrix beyond make test's sample (make test runs
 # every restore and verify cell, every migration failpoint once and a fixed sample of the others), the
 # faults from outside (server restarts, terminated sessions, S3 dying), the signal tests, prune during a
 # backup, the concurrency refusals, the CI pipelines of infra/ci, a deployment run of every flow, the
-# heartbeat watch and the freshness alert. CI runs it after make test.
-test-crash: install browser
+# heartbeat watch, the freshness alert, the browser test of the UI and the PostgreSQL 15 tests. CI runs it
+# after make test.
+test-crash: install browser pg15
 	$(BIN)/pytest -q -m extended
 
 # Every operation (backup, verify, restore, validate, migrate, transform, refresh, anonymize, leak scan) on the

@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -258,6 +259,27 @@ def deployed(prefect_server):
 # tests (marked `extended`); CI runs both, and make test stays under 15 minutes on 2 cores -------------
 
 EXTENDED = pytest.mark.extended
+
+
+def answer_approval(client, flow_run_id, run_input: dict, timeout: float = 60) -> None:
+    """Resume a paused migration with an answer, as a person does: only once its form exists.
+    Prefect sets the run Paused first and saves the form's schema just after; an answer in between
+    makes the flow's own save of the schema fail (409, "a flow run input with this key already
+    exists"), so wait for the schema as the UI does before it shows the form."""
+    from prefect.flow_runs import resume_flow_run
+
+    from dataops.flows.migrate_database import APPROVAL_KEY
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.read_flow_run_input(flow_run_id, f"{APPROVAL_KEY}-schema")
+            break
+        except Exception:  # noqa: BLE001 - not there yet (404)
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    resume_flow_run(flow_run_id, run_input=run_input)
 
 
 def sampled(values, sample) -> list:

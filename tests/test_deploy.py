@@ -69,6 +69,7 @@ def test_deploy_registers_everything_idempotently(prefect_server, deploy_config)
     assert again == {n: d.id for n, d in deps.items()}
 
 
+@pytest.mark.extended  # make test-crash (CI runs it after make test): keeps make test under 15 minutes
 def test_failed_run_alerts_through_the_automation(prefect_server, deploy_config, webhook_receiver):
     env = {"PREFECT_API_URL": prefect_server["url"]}
     r = run_cli("--config", str(deploy_config), "deploy", env=env, timeout=400)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import answer_approval
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -37,7 +38,6 @@ def migration_revision(dsn) -> str:
 def test_refresh_and_approved_migration_run_on_a_worker(deployed):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
-    from prefect.flow_runs import resume_flow_run
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from dataops.tasks import pg
@@ -53,7 +53,7 @@ def test_refresh_and_approved_migration_run_on_a_worker(deployed):
                                    parameters={"target": "0003"})
         run = wait_for_state(client, migration.id, {"Paused", "PAUSED"}, timeout=240)
         assert run.state.is_paused(), run.state
-        resume_flow_run(migration.id, run_input={"approved": True, "approver": "test", "comment": "looks safe"})
+        answer_approval(client, migration.id, {"approved": True, "approver": "test", "comment": "looks safe"})
         run = wait_for_state(client, migration.id, {"COMPLETED"}, timeout=300)
         assert run.state.is_completed(), run.state.message
     assert migration_revision(stack.pg_dsn_production) == "0003"

@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from conftest import run_cli
+from conftest import answer_approval, run_cli
 from test_migrations_examples import REPO_MIGRATIONS, migrations_copy
 
 from dataops.dev.alert_receiver import AlertReceiver
@@ -197,7 +197,6 @@ def _resume_when_paused(config: str, run_input: dict) -> threading.Thread:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
     from prefect.client.schemas.objects import StateType
-    from prefect.flow_runs import resume_flow_run
 
     def work():
         deadline = time.monotonic() + 120
@@ -207,7 +206,7 @@ def _resume_when_paused(config: str, run_input: dict) -> threading.Thread:
                     state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PAUSED]))))
                 mine = [r for r in paused if r.parameters.get("config") == config]
                 if mine:
-                    resume_flow_run(mine[0].id, run_input=run_input)
+                    answer_approval(client, mine[0].id, run_input)
                     return
                 time.sleep(0.3)
 

@@ -37,6 +37,8 @@ from dataops.tasks.backup.catalog import list_backups
 from dataops.tasks.backup.storage import open_storage
 from dataops.tasks.migration.migrate import MigrationTarget, read_current, stamp
 
+pytestmark = pytest.mark.extended  # make test-crash (CI runs it after make test), with `make pg15` first
+
 SKIP_ENV = "DATAOPS_SKIP_PG15"
 HEAD = sorted(p.name[:4] for p in (REPO_MIGRATIONS / "versions").glob("0*.py"))[-1]
 
@@ -338,7 +340,6 @@ def test_backup_of_16_into_15_is_refused_before_anything_is_written(prefect_api,
 
 # -- 4. validate and migrate up/down on 15 -----------------------------------------------------------------
 
-@pytest.mark.extended  # make test-crash (CI runs it after make test): keeps make test under 15 minutes
 def test_validate_and_migrate_up_and_down_on_15(prefect_api, make_db15, s3_bucket, write_config):
     app = make_db15("app15")
     create_schema(app)

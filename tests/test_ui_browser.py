@@ -138,6 +138,7 @@ def playwright_api():
 
 
 @pytest.mark.timeout(600)  # ~30 s as a rule; the waits below are generous for a busy 2-core machine
+@pytest.mark.extended  # make test-crash (CI runs it after make test): keeps make test under 15 minutes
 def test_deployments_listed_and_migration_started_and_approved_in_the_ui(playwright_api, deployed, tmp_path_factory):
     sync_playwright, expect = playwright_api
     from prefect.client.orchestration import get_client
