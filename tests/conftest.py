@@ -273,7 +273,7 @@ def answer_approval(client, flow_run_id, run_input: dict, timeout: float = 60) -
     deadline = time.monotonic() + timeout
     while True:
         try:
-            client.read_flow_run_input(flow_run_id, f"{APPROVAL_KEY}-schema")
+            client.read_flow_run_input(flow_run_id, f"paused-{APPROVAL_KEY}-schema")  # keyset_from_paused_state
             break
         except Exception:  # noqa: BLE001 - not there yet (404)
             if time.monotonic() > deadline:
