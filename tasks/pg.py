@@ -196,8 +196,11 @@ def client_binary(name: str, server_major: int, bin_dir: Path | None = None) -> 
 
 
 def client_version(path: str) -> str:
+    """The tool's own version number: `pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)` is 15.18, not
+    the packager's suffix that ends the line."""
     out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout.strip()
-    return out.split()[-1]
+    found = re.search(r"\)\s+(\d+(?:\.\d+)*\S*)", out)
+    return found.group(1) if found else out.split()[-1]
 
 
 # -- whole databases ------------------------------------------------------------------
