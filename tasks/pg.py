@@ -16,7 +16,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from pathlib import Path
 
@@ -369,6 +369,40 @@ def user_tables(conn: psycopg.Connection) -> list[tuple[str, str]]:
         """
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
+
+
+# -- user triggers silenced for one transaction ------------------------------------------------
+
+_TRIGGER_MODES = {"D": "DISABLE TRIGGER {}", "R": "ENABLE REPLICA TRIGGER {}", "A": "ENABLE ALWAYS TRIGGER {}"}
+
+
+def silence_user_triggers(conn: psycopg.Connection, tables: list[sql.Composable],
+                          before_each: Callable[[], None] | None = None) -> list[tuple[sql.Composable, list]]:
+    """DISABLE TRIGGER USER on each table (in the order given: every worker takes the locks in
+    one order), returning what `restore_user_triggers` needs to put each trigger back in its
+    mode. A plain ENABLE TRIGGER USER afterwards would switch on a trigger an operator had
+    switched off on purpose, and reset ENABLE ALWAYS/REPLICA ones. The modes are read for every
+    table before any is disabled: on a partitioned table the ALTER reaches the partitions'
+    clones too. Both are transactional: they hold only until the caller commits."""
+    silenced = []
+    for table in tables:
+        modes = conn.execute(
+            "SELECT tgname, tgenabled::text FROM pg_trigger WHERE tgrelid = %s::regclass AND NOT tgisinternal "
+            "AND tgenabled <> 'O' ORDER BY tgname", (table.as_string(conn),)).fetchall()
+        silenced.append((table, [(name, mode) for name, mode in modes]))
+    for table in tables:
+        if before_each:
+            before_each()
+        conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(table))
+    return silenced
+
+
+def restore_user_triggers(conn: psycopg.Connection, silenced: list[tuple[sql.Composable, list]]) -> None:
+    for table, _ in silenced:
+        conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(table))
+    for table, modes in silenced:
+        for name, mode in modes:
+            conn.execute(sql.SQL("ALTER TABLE {} " + _TRIGGER_MODES[mode]).format(table, sql.Identifier(name)))
 
 
 def qualified(schema: str, table: str) -> sql.Composed:

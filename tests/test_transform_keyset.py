@@ -391,3 +391,34 @@ def test_an_empty_table_with_a_composite_key_is_done_at_once_and_reverts(world):
     s = transform(settings, settings.env("dev"), "bump", Overrides(workers=3))
     assert (s["status"], s["scanned"], s["ranges"]) == ("completed", 0, 1)
     assert revert(settings, settings.env("dev"), "bump")["status"] == "completed"
+
+
+OPERATOR_TRIGGERS = f"""
+CREATE TABLE audited (id int PRIMARY KEY, amount numeric NOT NULL, note text NOT NULL, bumps int NOT NULL DEFAULT 0,
+                      touched int NOT NULL DEFAULT 0);
+CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.touched := NEW.touched + 1; RETURN NEW; END $$;
+CREATE TRIGGER a_on BEFORE UPDATE ON audited FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE TRIGGER b_off BEFORE UPDATE ON audited FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE TRIGGER c_always BEFORE UPDATE ON audited FOR EACH ROW EXECUTE FUNCTION touch();
+CREATE TRIGGER d_replica BEFORE UPDATE ON audited FOR EACH ROW EXECUTE FUNCTION touch();
+ALTER TABLE audited DISABLE TRIGGER b_off;
+ALTER TABLE audited ENABLE ALWAYS TRIGGER c_always;
+ALTER TABLE audited ENABLE REPLICA TRIGGER d_replica;
+INSERT INTO audited SELECT g, g, 'n' || g FROM generate_series(1, {N}) g;
+"""
+
+
+def test_a_revert_leaves_each_trigger_in_the_mode_the_operator_set(world):
+    dsn, settings = world(OPERATOR_TRIGGERS, "bump", bump("audited"), batch_size=9)
+    modes, original = triggers_on(dsn), content(dsn, "audited")
+    assert [m for _, _, m in modes] == ["O", "D", "A", "R"]
+
+    transform(settings, settings.env("dev"), "bump", Overrides(workers=2))
+    # a_on and c_always fired on the change; the switched-off and the replica-only triggers did not
+    assert query(dsn, "SELECT min(touched), max(touched) FROM audited") == [(2, 2)]
+    r = revert(settings, settings.env("dev"), "bump", Overrides(workers=2))
+
+    assert (r["status"], r["changed"]) == ("completed", N)
+    assert content(dsn, "audited") == original  # no trigger fired on the restore
+    assert triggers_on(dsn) == modes  # b_off still off, c_always and d_replica as they were

@@ -96,14 +96,13 @@ class SnapshotBatcher(KeysetBound):
     def apply(self, conn: psycopg.Connection, lo: Key | None, hi: Key, deadline: Deadline) -> BatchCounts:
         t = self.target
         switches = t.trigger_switches if t.update_triggers or self.all_columns else []
-        for rel in switches:  # one order in every worker: they queue on these locks, never deadlock
-            deadline.arm(conn)  # the ALTER waits for writers in flight: within the budget, or the batch is retried
-            conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(rel))
+        # one order in every worker: they queue on these locks, never deadlock; each ALTER waits for writers in
+        # flight: within the budget, or the batch is retried
+        silenced = pg.silence_user_triggers(conn, switches, before_each=lambda: deadline.arm(conn))
         deadline.arm(conn)
         changed, inserted = conn.execute(self.statement(lo is not None),
                                          {"lo": lo, "hi": hi, "victim": self.victim}).fetchone()
-        for rel in switches:
-            conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(rel))
+        pg.restore_user_triggers(conn, silenced)
         return BatchCounts(matched=changed + inserted, changed=changed, inserted=inserted)
 
 

@@ -105,7 +105,7 @@ def restore_snapshot(conn: psycopg.Connection, snap: Snapshot) -> int:
     written = 0
     # Triggers (e.g. one that stamps updated_at) would write new values over the ones we
     # put back; disabling them is transactional and holds only until the caller commits.
-    conn.execute(sql.SQL("ALTER TABLE {} DISABLE TRIGGER USER").format(target))
+    silenced = pg.silence_user_triggers(conn, [target])
     if non_key:
         match = sql.SQL(" AND ").join(
             sql.SQL("t.{c} = s.{c}").format(c=sql.Identifier(k)) for k in snap.key)
@@ -120,7 +120,7 @@ def restore_snapshot(conn: psycopg.Connection, snap: Snapshot) -> int:
             "WHERE NOT EXISTS (SELECT 1 FROM {target} AS t WHERE {anti})").format(
             target=target, cols=col_list, source=source, anti=anti,
             scols=sql.SQL(", ").join(sql.SQL("s.{}").format(sql.Identifier(c)) for c in cols))).rowcount
-    conn.execute(sql.SQL("ALTER TABLE {} ENABLE TRIGGER USER").format(target))
+    pg.restore_user_triggers(conn, silenced)
     return written
 
 
