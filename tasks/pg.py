@@ -56,6 +56,7 @@ def connect(dsn: Dsn, *, autocommit: bool = False, timeout: int = 10, dbname: st
             raise BadInput(f"cannot log in to {dsn.host}:{dsn.port} as {dsn.user}: {text}; fix the credentials in database_url") from None
         raise TransientError(f"cannot connect to PostgreSQL at {dsn.host}:{dsn.port} (database \"{target}\"): {text}; "
                              "check that the server is running and database_url is right") from None
+    _iso_dates(conn)
     try:
         yield conn
     except psycopg.errors.InsufficientPrivilege as exc:
@@ -65,6 +66,18 @@ def connect(dsn: Dsn, *, autocommit: bool = False, timeout: int = 10, dbname: st
         raise err from None
     finally:
         conn.close()
+
+
+def _iso_dates(conn: psycopg.Connection) -> None:
+    """psycopg reads dates and timestamps only in ISO output: a database or role with
+    `SET datestyle = 'SQL, DMY'` (set for a legacy application) made every timestamptz read fail.
+    SET DateStyle = ISO changes the output format only; the input order the application relies
+    on (DMY) stays. DateStyle is reported at login, so the usual case costs no round trip."""
+    if (conn.info.parameter_status("DateStyle") or "ISO").startswith("ISO"):
+        return
+    conn.execute("SET DateStyle = ISO")
+    if not conn.autocommit:
+        conn.commit()
 
 
 def _rls_table(conn: psycopg.Connection, exc: BaseException) -> str | None:
