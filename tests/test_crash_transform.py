@@ -146,6 +146,18 @@ def triggers_enabled(dsn) -> bool:
     return query(dsn, "SELECT tgenabled FROM pg_trigger WHERE tgname = 'items_stamp'") == [("O",)]
 
 
+def items_transform(dsn, tmp_path) -> tuple:
+    """`items` loaded into `dsn` with the bump transform beside it: the config's path and the rows
+    before, what the fault tests start from."""
+    from test_transform_engine import write_settings, write_transform
+
+    with pg.connect(dsn) as conn:
+        conn.execute(ITEMS)
+        conn.commit()
+    write_transform(tmp_path / "transforms", NAME, BUMP["sql"])
+    return write_settings(tmp_path, dsn, tmp_path / "transforms").source, rows(dsn)
+
+
 def half_done_run(dsn, original: dict[int, tuple]) -> set[int]:
     """Check each row is untouched (every column, updated_at included) or changed exactly once;
     return the changed ones."""

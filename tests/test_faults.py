@@ -317,16 +317,10 @@ def test_a_transform_whose_batch_connection_is_ended_retries_the_range_from_its_
     """One range's connection ends (between or inside a batch): the batch in flight rolls back
     with its checkpoint, the range's task is retried from the checkpoint, and every row is changed
     exactly once."""
-    from test_crash_transform import BUMP, ITEMS, NAME, half_done_run, rows, runs
-    from test_transform_engine import write_settings, write_transform
+    from test_crash_transform import NAME, half_done_run, items_transform, runs
 
     dsn = make_db("xft")
-    with pg.connect(dsn) as conn:
-        conn.execute(ITEMS)
-        conn.commit()
-    write_transform(tmp_path / "transforms", NAME, BUMP["sql"])
-    cfg = write_settings(tmp_path, dsn, tmp_path / "transforms").source
-    original = rows(dsn)
+    cfg, original = items_transform(dsn, tmp_path)
 
     watcher = terminate_when(pg_server_dsn, f"application_name = 'dataops-transform:{NAME}:r1' "
                                             f"AND datname = '{dsn.database}' AND backend_start < now() - interval '1 s'")

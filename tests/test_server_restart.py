@@ -234,16 +234,10 @@ def test_a_transform_rides_through_a_restart_mid_run_and_changes_every_row_once(
     back with its checkpoint), its lock, its progress monitor. Each range's task is retried and
     resumes after its checkpoint, so the run completes with every row changed exactly once (the
     transform is not idempotent: a batch applied twice would show in `bumps`)."""
-    from test_crash_transform import BUMP, ITEMS, NAME, half_done_run, rows, runs
-    from test_transform_engine import write_settings, write_transform
+    from test_crash_transform import NAME, half_done_run, items_transform, runs
 
     dsn = own_server.database("xf")
-    with pg.connect(dsn) as conn:
-        conn.execute(ITEMS)
-        conn.commit()
-    write_transform(tmp_path / "transforms", NAME, BUMP["sql"])
-    cfg = write_settings(tmp_path, dsn, tmp_path / "transforms").source
-    original = rows(dsn)
+    cfg, original = items_transform(dsn, tmp_path)
     own_server.checkpoint()
 
     watcher = restart_when(own_server, "SELECT pid FROM pg_stat_activity WHERE application_name LIKE "
