@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ import psycopg
 from pglast import ast as pg_ast
 from pglast import parse_sql
 from pglast.enums import SetOperation
+from pglast.keywords import COL_NAME_KEYWORDS, RESERVED_KEYWORDS, TYPE_FUNC_NAME_KEYWORDS
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
@@ -36,7 +38,9 @@ SNAPSHOT_FORMAT = 1
 # is fingerprinted the same way, so that old manifests still verify: like is compared with like.
 #   1  view definitions as the server prints them. PostgreSQL 16 dropped the column qualifiers
 #      of a query over one relation (15: `SELECT customer.email FROM zoo.customer`, 16: `SELECT
-#      email FROM ...`), so a 15 database and its copy restored into 16 never matched.
+#      email FROM ...`), so a 15 database and its copy restored into 16 never matched. A copy
+#      on 16 or newer checked against a version-1 fingerprint taken on 15 or older is read with
+#      its views as 15 prints them (`source_major`), so those backups restore and verify too.
 #   2  view definitions in the form 16 prints: see `neutral_view_definition`. On 16 and 17 this
 #      is the server's own text, so a version-1 and a version-2 fingerprint of one database
 #      taken there are equal; on 15 they differ wherever a view reads one relation.
@@ -111,15 +115,19 @@ _COLLATION = ("CASE WHEN {coll} <> 0 AND {coll} <> {default} THEN "
               "FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace WHERE co.oid = {coll}) END")
 
 
-def catalog_snapshot(conn: psycopg.Connection, version: int = FINGERPRINT_VERSION) -> dict[str, Any]:
+def catalog_snapshot(conn: psycopg.Connection, version: int = FINGERPRINT_VERSION, *,
+                     source_major: int | None = None) -> dict[str, Any]:
     """The user schema as plain, sorted, JSON-ready data.
 
     Owners, privileges, comments, statistics and sequence values are left out on
     purpose: they legitimately differ between a database and a restored copy, and a
     fingerprint that flags them would be ignored. `version` (FINGERPRINT_VERSIONS) is the
-    form of server-printed text: pass the one a recorded fingerprint was taken with.
+    form of server-printed text: pass the one a recorded fingerprint was taken with and, for
+    version 1, the major version of the server it was taken on (`source_major`): version 1
+    is that server's own text.
     """
     check_fingerprint_version(version)
+    views = _view_form(version, source_major, conn.info.server_version // 10000)
     with pinned_settings(conn, {**STABLE_OUTPUT, "search_path": ""}):
         # An empty search_path makes format_type, pg_get_expr and pg_get_*def qualify every
         # user object, so the text does not depend on the caller's search_path.
@@ -138,7 +146,7 @@ def catalog_snapshot(conn: psycopg.Connection, version: int = FINGERPRINT_VERSIO
             "constraints": _constraints(q),
             "indexes": _indexes(q),
             "sequences": _sequences(q),
-            "views": _views(q, neutral=version >= 2),
+            "views": _views(q, views),
             "functions": _functions(q, conn.info.server_version),
             "triggers": _triggers(q),
             "enums": _enums(q),
@@ -241,9 +249,20 @@ def _sequences(q) -> dict:
             WHERE {_REL} ORDER BY 1, 2""")}
 
 
-def _views(q, neutral: bool) -> dict:
+def _view_form(version: int, source_major: int | None, major: int):
+    """How to write this server's view text for a fingerprint of `version` taken on `source_major`."""
+    if version >= 2:
+        return neutral_view_definition
+    if source_major is not None and source_major < 16 <= major:
+        return view_definition_as_15
+    if source_major is not None and major < 16 <= source_major:
+        return neutral_view_definition
+    return lambda definition: definition
+
+
+def _views(q, form) -> dict:
     return {f"{schema}.{name}": {"kind": "materialized view" if kind == "m" else "view",
-                                 "definition": neutral_view_definition(definition) if neutral else definition}
+                                 "definition": form(definition)}
             for schema, name, kind, definition in q(f"""
             SELECT n.nspname, c.relname, c.relkind, pg_get_viewdef(c.oid)
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -360,17 +379,10 @@ def neutral_view_definition(definition: str) -> str:
     or a qualifier not where it should be, is returned as it is: a spurious difference is
     better than a missed one.
     """
-    try:
-        (raw,) = parse_sql(definition)
-    except Exception:  # pglast's parser errors, or more than one statement
+    found = _one_relation_query(definition)
+    if found is None:
         return definition
-    top = raw.stmt
-    if (not isinstance(top, pg_ast.SelectStmt) or top.op != SetOperation.SETOP_NONE
-            or len(top.fromClause or ()) != 1 or isinstance(top.fromClause[0], pg_ast.JoinExpr)):
-        return definition
-    name = _from_item_name(top.fromClause[0])
-    if name is None:
-        return definition
+    top, name = found
     cuts = []
     for ref in _own_column_refs(top):
         fields = ref.fields or ()
@@ -382,6 +394,48 @@ def neutral_view_definition(definition: str) -> str:
     for start, end in sorted(set(cuts), reverse=True):
         definition = definition[:start] + definition[end:]
     return definition
+
+
+def view_definition_as_15(definition: str) -> str:
+    """The inverse of neutral_view_definition: a view's definition as PostgreSQL 15 (and older)
+    prints it, every column of the outer query over one relation qualified by that relation's
+    name, quoted as quote_ident does. Only for comparing with a version-1 fingerprint taken on 15."""
+    found = _one_relation_query(definition)
+    if found is None:
+        return definition
+    top, name = found
+    qualifier = quote_ident(name) + "."
+    starts = sorted({ref.location for ref in _own_column_refs(top)
+                     if len(ref.fields or ()) == 1 and isinstance(ref.fields[0], pg_ast.String)}, reverse=True)
+    for start in starts:
+        definition = definition[:start] + qualifier + definition[start:]
+    return definition
+
+
+def _one_relation_query(definition: str) -> tuple[Any, str] | None:
+    """(the outer SELECT, the name its one FROM item goes by) when `definition` is a query over
+    one relation, the case 15 and 16 print differently; else None."""
+    try:
+        (raw,) = parse_sql(definition)
+    except Exception:  # pglast's parser errors, or more than one statement
+        return None
+    top = raw.stmt
+    if (not isinstance(top, pg_ast.SelectStmt) or top.op != SetOperation.SETOP_NONE
+            or len(top.fromClause or ()) != 1 or isinstance(top.fromClause[0], pg_ast.JoinExpr)):
+        return None
+    name = _from_item_name(top.fromClause[0])
+    return None if name is None else (top, name)
+
+
+_QUOTED_KEYWORDS = frozenset(RESERVED_KEYWORDS) | frozenset(TYPE_FUNC_NAME_KEYWORDS) | frozenset(COL_NAME_KEYWORDS)
+
+
+def quote_ident(name: str) -> str:
+    """PostgreSQL's quote_ident: bare when lower-case letters, digits and underscores that are not a
+    keyword other than an unreserved one (pglast's keyword lists)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in _QUOTED_KEYWORDS:
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _from_item_name(item: Any) -> str | None:
@@ -430,8 +484,9 @@ def fingerprint(snapshot: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-def schema_fingerprint(conn: psycopg.Connection, version: int = FINGERPRINT_VERSION) -> str:
-    return fingerprint(catalog_snapshot(conn, version))
+def schema_fingerprint(conn: psycopg.Connection, version: int = FINGERPRINT_VERSION, *,
+                       source_major: int | None = None) -> str:
+    return fingerprint(catalog_snapshot(conn, version, source_major=source_major))
 
 
 # -- differences ----------------------------------------------------------------------------

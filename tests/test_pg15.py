@@ -414,18 +414,21 @@ def rewrite_manifest(storage, manifest, **fields) -> None:
                       json.dumps(body, indent=2, sort_keys=True).encode())
 
 
-def test_a_15_manifest_of_fingerprint_version_1_still_verifies(make_db15, s3_bucket, write_config):
+def test_a_15_manifest_of_fingerprint_version_1_still_verifies(make_db15, make_db, pg16_server, s3_bucket,
+                                                               write_config):
     """Written before version 2 (no version field; the views as 15 prints them): the copy is
-    fingerprinted the same way, so the backup still verifies and restores. A manifest of a newer
-    version than this dataops knows is refused before anything is written."""
+    fingerprinted the same way, so the backup still verifies and restores, into 15 and (its views
+    read as 15 prints them) into 16. A manifest of a newer version than this dataops knows is
+    refused before anything is written."""
     from dataops.tasks.backup.dump import backup
     from dataops.tasks.backup.restore import restore, verify
 
-    prod, staging = make_db15("old15"), make_db15("oldstg15")
+    prod, staging, upgraded = make_db15("old15"), make_db15("oldstg15"), make_db("oldup16")
     create_schema(prod)
     seed(prod, users=50)
     load_texts(prod)
-    cfg = write_config({"production": ("production", prod), "staging": ("staging", staging)}, bucket=s3_bucket)
+    cfg = write_config({"production": ("production", prod), "staging": ("staging", staging),
+                        "upgraded": ("staging", upgraded)}, bucket=s3_bucket)
     settings = load_settings(cfg)
     storage = open_storage(settings.storage)
     manifest = backup(settings, settings.env("production"))
@@ -440,6 +443,8 @@ def test_a_15_manifest_of_fingerprint_version_1_still_verifies(make_db15, s3_buc
     assert verification.ok, verification.problems
     restore(settings, storage, old, settings.env("staging"))
     assert zoo_checksums(staging) == zoo_checksums(prod)
+    restore(settings, storage, old, settings.env("upgraded"))  # before, refused: 16 prints the views otherwise
+    assert zoo_checksums(upgraded) == zoo_checksums(prod)
     # like with like is what makes it pass: the copy's version-2 fingerprint is another one
     _, problems = compare_with_expected(staging, old.tables, old.schema_fingerprint, source="the manifest")
     assert problems == [f"schema fingerprint {manifest.schema_fingerprint[:12]} differs from the manifest's "

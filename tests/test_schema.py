@@ -26,7 +26,9 @@ from dataops.tasks.schema import (
     diff_snapshots,
     fingerprint,
     neutral_view_definition,
+    quote_ident,
     schema_fingerprint,
+    view_definition_as_15,
 )
 
 SCHEMA_SQL = """
@@ -279,6 +281,32 @@ def test_a_view_as_15_prints_it_reads_as_16_prints_it(name):
     texts = VIEW_TEXTS[name]
     assert neutral_view_definition(texts["15"]) == texts["16"]
     assert neutral_view_definition(texts["16"]) == texts["16"]  # 16's own text is already neutral
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_TEXTS))
+def test_a_view_as_16_prints_it_reads_as_15_printed_it(name):
+    """What a copy on 16 is compared with a version-1 fingerprint taken on 15 through."""
+    texts = VIEW_TEXTS[name]
+    assert view_definition_as_15(texts["16"]) == texts["15"]
+    assert view_definition_as_15(texts["15"]) == texts["15"]
+
+
+def test_quote_ident_is_the_servers(twins):
+    names = ["item", "Odd Name", "user", "time", "year", "select", 'we"ird', "ä", "abc1", "1a", "_x", "system_user",
+             "between", "int", "name", "left", "value"]
+    with pg.connect(twins.a) as conn:
+        server = [r[0] for r in conn.execute("SELECT quote_ident(n) FROM unnest(%s::text[]) WITH ORDINALITY u(n, i) "
+                                             "ORDER BY i", (names,))]
+    assert [quote_ident(n) for n in names] == server
+
+
+def test_a_version_1_fingerprint_taken_on_15_is_read_with_15s_view_text(twins):
+    with pg.connect(twins.a) as conn:
+        as_15 = catalog_snapshot(conn, 1, source_major=15)
+        assert catalog_snapshot(conn, 1, source_major=16) == catalog_snapshot(conn, 1)
+        assert catalog_snapshot(conn, 2, source_major=15) == catalog_snapshot(conn, 2)  # only version 1 depends on it
+    assert as_15["views"]["public.active_users"]["definition"] == (
+        " SELECT users.id,\n    users.email\n   FROM public.users\n  WHERE users.active;")
 
 
 def test_the_texts_cover_qualified_and_unqualified_views():

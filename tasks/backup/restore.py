@@ -122,7 +122,8 @@ def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, ds
 def compare_with_manifest(dsn: Dsn, manifest: Manifest) -> tuple[dict[str, int], list[str]]:
     """Row counts and schema fingerprint of a restored database against the manifest."""
     return compare_with_expected(dsn, manifest.tables, manifest.schema_fingerprint, source="the manifest",
-                                 fingerprint_version=manifest.schema_fingerprint_version)
+                                 fingerprint_version=manifest.schema_fingerprint_version,
+                                 fingerprint_source_major=int(re.match(r"\d+", manifest.server_version).group()))
 
 
 def load_and_check(settings: Settings, storage: Storage, manifest: Manifest, scratch: Dsn,
