@@ -12,6 +12,7 @@ description is of exactly what was dumped. Nothing here writes to the database.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import re
@@ -20,10 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from pglast import ast as pg_ast
-from pglast import parse_sql
-from pglast.enums import SetOperation
-from pglast.keywords import COL_NAME_KEYWORDS, RESERVED_KEYWORDS, TYPE_FUNC_NAME_KEYWORDS
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
@@ -41,7 +38,7 @@ SNAPSHOT_FORMAT = 1
 #      email FROM ...`), so a 15 database and its copy restored into 16 never matched. A copy
 #      on 16 or newer checked against a version-1 fingerprint taken on 15 or older is read with
 #      its views as 15 prints them (`source_major`), so those backups restore and verify too.
-#   2  view definitions in the form 16 prints: see `neutral_view_definition`. On 16 and 17 this
+#   2  view definitions in the form 16 prints: see `neutral_view_definition`. On 16 this
 #      is the server's own text, so a version-1 and a version-2 fingerprint of one database
 #      taken there are equal; on 15 they differ wherever a view reads one relation.
 # Everything else the snapshot reads (constraints, defaults, generated columns, indexes,
@@ -379,6 +376,8 @@ def neutral_view_definition(definition: str) -> str:
     or a qualifier not where it should be, is returned as it is: a spurious difference is
     better than a missed one.
     """
+    from pglast import ast as pg_ast  # here, not at import: every command imports this module
+
     found = _one_relation_query(definition)
     if found is None:
         return definition
@@ -400,6 +399,8 @@ def view_definition_as_15(definition: str) -> str:
     """The inverse of neutral_view_definition: a view's definition as PostgreSQL 15 (and older)
     prints it, every column of the outer query over one relation qualified by that relation's
     name, quoted as quote_ident does. Only for comparing with a version-1 fingerprint taken on 15."""
+    from pglast import ast as pg_ast
+
     found = _one_relation_query(definition)
     if found is None:
         return definition
@@ -415,6 +416,10 @@ def view_definition_as_15(definition: str) -> str:
 def _one_relation_query(definition: str) -> tuple[Any, str] | None:
     """(the outer SELECT, the name its one FROM item goes by) when `definition` is a query over
     one relation, the case 15 and 16 print differently; else None."""
+    from pglast import ast as pg_ast
+    from pglast import parse_sql
+    from pglast.enums import SetOperation
+
     try:
         (raw,) = parse_sql(definition)
     except Exception:  # pglast's parser errors, or more than one statement
@@ -427,19 +432,25 @@ def _one_relation_query(definition: str) -> tuple[Any, str] | None:
     return None if name is None else (top, name)
 
 
-_QUOTED_KEYWORDS = frozenset(RESERVED_KEYWORDS) | frozenset(TYPE_FUNC_NAME_KEYWORDS) | frozenset(COL_NAME_KEYWORDS)
+@functools.cache
+def _quoted_keywords() -> frozenset[str]:
+    from pglast.keywords import COL_NAME_KEYWORDS, RESERVED_KEYWORDS, TYPE_FUNC_NAME_KEYWORDS
+
+    return frozenset(RESERVED_KEYWORDS) | frozenset(TYPE_FUNC_NAME_KEYWORDS) | frozenset(COL_NAME_KEYWORDS)
 
 
 def quote_ident(name: str) -> str:
     """PostgreSQL's quote_ident: bare when lower-case letters, digits and underscores that are not a
     keyword other than an unreserved one (pglast's keyword lists)."""
-    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in _QUOTED_KEYWORDS:
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in _quoted_keywords():
         return name
     return '"' + name.replace('"', '""') + '"'
 
 
 def _from_item_name(item: Any) -> str | None:
     """The name a single FROM item is referred to by: its alias, else a table's own name."""
+    from pglast import ast as pg_ast
+
     alias = getattr(item, "alias", None)
     if alias is not None:
         return alias.aliasname
@@ -450,6 +461,8 @@ def _from_item_name(item: Any) -> str | None:
 
 def _own_column_refs(select: Any) -> Iterator[Any]:
     """ColumnRefs in the clauses of `select` itself: not in its FROM item, WITH or subqueries."""
+    from pglast import ast as pg_ast
+
     stack = [getattr(select, field) for field in type(select).__slots__ if field not in ("fromClause", "withClause")]
     while stack:
         node = stack.pop()
