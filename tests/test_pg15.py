@@ -2,7 +2,10 @@
 
 Backup of 15 restored into 16 (the upgrade path), refresh-staging from 15 into 16, a 16 backup
 refused by a 15 target before anything is written, and validate and migrate up/down on 15. Each
-server gets client tools of its own major version (tasks/pg.py client_binary).
+server gets client tools of its own major version (tasks/pg.py client_binary). The schema
+fingerprint across the two (docs/schema-fingerprint.md): the zoo and TEXTS restored from 15 into
+16 match their manifest, validate --against a 16 environment reports real drift only, and
+manifests written before fingerprint version 2 still verify.
 
 PostgreSQL 15 is Debian's postgresql-15 (`make pg15` installs it when missing). Without it these
 tests FAIL, saying so: a skip would hide the gap. DATAOPS_SKIP_PG15=1 skips them on purpose.
