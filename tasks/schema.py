@@ -12,8 +12,10 @@ description is of exactly what was dumped. Nothing here writes to the database.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -22,9 +24,28 @@ import psycopg
 from psycopg.pq import TransactionStatus
 from psycopg.rows import tuple_row
 
+from dataops.errors import BadInput
+
 # Bump when the shape of a snapshot changes: fingerprints of different formats never match,
 # and this lets a verifier say why instead of reporting a spurious difference.
 SNAPSHOT_FORMAT = 1
+
+# How catalog text that a server version prints its own way is written into a snapshot. A
+# manifest records the version its fingerprint was taken with (absent: 1), and a restored copy
+# is fingerprinted the same way, so that old manifests still verify: like is compared with like.
+#   1  view definitions as the server prints them. PostgreSQL 16 dropped the column qualifiers
+#      of a query over one relation (15: `SELECT customer.email FROM zoo.customer`, 16: `SELECT
+#      email FROM ...`), so a 15 database and its copy restored into 16 never matched. A copy
+#      on 16 or newer checked against a version-1 fingerprint taken on 15 or older is read with
+#      its views as 15 prints them (`source_major`), so those backups restore and verify too.
+#   2  view definitions in the form 16 prints: see `neutral_view_definition`. On 16 this
+#      is the server's own text, so a version-1 and a version-2 fingerprint of one database
+#      taken there are equal; on 15 they differ wherever a view reads one relation.
+# Everything else the snapshot reads (constraints, defaults, generated columns, indexes,
+# triggers, policies, rules, function bodies) prints the same on 15 and 16: tests/test_pg15.py
+# compares each kind on the schema zoo and the cases it adds.
+FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSIONS = (1, 2)
 
 # Output settings that change how values print (timestamps, floats, bytea, money).
 # Pinned while reading, so that two sessions with different defaults agree.
@@ -91,13 +112,19 @@ _COLLATION = ("CASE WHEN {coll} <> 0 AND {coll} <> {default} THEN "
               "FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace WHERE co.oid = {coll}) END")
 
 
-def catalog_snapshot(conn: psycopg.Connection) -> dict[str, Any]:
+def catalog_snapshot(conn: psycopg.Connection, version: int = FINGERPRINT_VERSION, *,
+                     source_major: int | None = None) -> dict[str, Any]:
     """The user schema as plain, sorted, JSON-ready data.
 
     Owners, privileges, comments, statistics and sequence values are left out on
     purpose: they legitimately differ between a database and a restored copy, and a
-    fingerprint that flags them would be ignored.
+    fingerprint that flags them would be ignored. `version` (FINGERPRINT_VERSIONS) is the
+    form of server-printed text: pass the one a recorded fingerprint was taken with and, for
+    version 1, the major version of the server it was taken on (`source_major`): version 1
+    is that server's own text.
     """
+    check_fingerprint_version(version)
+    views = _view_form(version, source_major, conn.info.server_version // 10000)
     with pinned_settings(conn, {**STABLE_OUTPUT, "search_path": ""}):
         # An empty search_path makes format_type, pg_get_expr and pg_get_*def qualify every
         # user object, so the text does not depend on the caller's search_path.
@@ -116,7 +143,7 @@ def catalog_snapshot(conn: psycopg.Connection) -> dict[str, Any]:
             "constraints": _constraints(q),
             "indexes": _indexes(q),
             "sequences": _sequences(q),
-            "views": _views(q),
+            "views": _views(q, views),
             "functions": _functions(q, conn.info.server_version),
             "triggers": _triggers(q),
             "enums": _enums(q),
@@ -219,8 +246,20 @@ def _sequences(q) -> dict:
             WHERE {_REL} ORDER BY 1, 2""")}
 
 
-def _views(q) -> dict:
-    return {f"{schema}.{name}": {"kind": "materialized view" if kind == "m" else "view", "definition": definition}
+def _view_form(version: int, source_major: int | None, major: int):
+    """How to write this server's view text for a fingerprint of `version` taken on `source_major`."""
+    if version >= 2:
+        return neutral_view_definition
+    if source_major is not None and source_major < 16 <= major:
+        return view_definition_as_15
+    if source_major is not None and major < 16 <= source_major:
+        return neutral_view_definition
+    return lambda definition: definition
+
+
+def _views(q, form) -> dict:
+    return {f"{schema}.{name}": {"kind": "materialized view" if kind == "m" else "view",
+                                 "definition": form(definition)}
             for schema, name, kind, definition in q(f"""
             SELECT n.nspname, c.relname, c.relkind, pg_get_viewdef(c.oid)
             FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -321,7 +360,136 @@ def _rules(q) -> dict:
             WHERE r.rulename <> '_RETURN' AND {_REL} ORDER BY 1, 2, 3""")}
 
 
+# -- view text that does not depend on the server version -------------------------------------
+
+def neutral_view_definition(definition: str) -> str:
+    """A view's definition (pg_get_viewdef) as PostgreSQL 16 prints it, whichever server printed it.
+
+    16 leaves out the qualifier of a column where the query reads exactly one relation (one FROM
+    item, no join), because the view's range table no longer holds OLD and NEW; 15 writes it
+    (`customer.email`). Removing that qualifier is safe exactly there: an unqualified name can
+    only mean that one relation. Only the outer query's own clauses are touched, never a
+    subquery, a CTE, a set operation's branches or the FROM item, which both versions print
+    alike (qualified inside, where an outer column may be meant). Whole-row references
+    (`item.*`) keep their name. The text is cut at the locations pglast (PostgreSQL's own
+    parser) reports, so the rest is the server's text unchanged; a text that does not parse,
+    or a qualifier not where it should be, is returned as it is: a spurious difference is
+    better than a missed one.
+    """
+    from pglast import ast as pg_ast  # here, not at import: every command imports this module
+
+    found = _one_relation_query(definition)
+    if found is None:
+        return definition
+    top, name = found
+    cuts = []
+    for ref in _own_column_refs(top):
+        fields = ref.fields or ()
+        if len(fields) == 2 and all(isinstance(f, pg_ast.String) for f in fields) and fields[0].sval == name:
+            end = _qualifier_end(definition, ref.location, name)
+            if end is None:
+                return definition
+            cuts.append((ref.location, end))
+    for start, end in sorted(set(cuts), reverse=True):
+        definition = definition[:start] + definition[end:]
+    return definition
+
+
+def view_definition_as_15(definition: str) -> str:
+    """The inverse of neutral_view_definition: a view's definition as PostgreSQL 15 (and older)
+    prints it, every column of the outer query over one relation qualified by that relation's
+    name, quoted as quote_ident does. Only for comparing with a version-1 fingerprint taken on 15."""
+    from pglast import ast as pg_ast
+
+    found = _one_relation_query(definition)
+    if found is None:
+        return definition
+    top, name = found
+    qualifier = quote_ident(name) + "."
+    starts = sorted({ref.location for ref in _own_column_refs(top)
+                     if len(ref.fields or ()) == 1 and isinstance(ref.fields[0], pg_ast.String)}, reverse=True)
+    for start in starts:
+        definition = definition[:start] + qualifier + definition[start:]
+    return definition
+
+
+def _one_relation_query(definition: str) -> tuple[Any, str] | None:
+    """(the outer SELECT, the name its one FROM item goes by) when `definition` is a query over
+    one relation, the case 15 and 16 print differently; else None."""
+    from pglast import ast as pg_ast
+    from pglast import parse_sql
+    from pglast.enums import SetOperation
+
+    try:
+        (raw,) = parse_sql(definition)
+    except Exception:  # pglast's parser errors, or more than one statement
+        return None
+    top = raw.stmt
+    if (not isinstance(top, pg_ast.SelectStmt) or top.op != SetOperation.SETOP_NONE
+            or len(top.fromClause or ()) != 1 or isinstance(top.fromClause[0], pg_ast.JoinExpr)):
+        return None
+    name = _from_item_name(top.fromClause[0])
+    return None if name is None else (top, name)
+
+
+@functools.cache
+def _quoted_keywords() -> frozenset[str]:
+    from pglast.keywords import COL_NAME_KEYWORDS, RESERVED_KEYWORDS, TYPE_FUNC_NAME_KEYWORDS
+
+    return frozenset(RESERVED_KEYWORDS) | frozenset(TYPE_FUNC_NAME_KEYWORDS) | frozenset(COL_NAME_KEYWORDS)
+
+
+def quote_ident(name: str) -> str:
+    """PostgreSQL's quote_ident: bare when lower-case letters, digits and underscores that are not a
+    keyword other than an unreserved one (pglast's keyword lists)."""
+    if re.fullmatch(r"[a-z_][a-z0-9_]*", name) and name not in _quoted_keywords():
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _from_item_name(item: Any) -> str | None:
+    """The name a single FROM item is referred to by: its alias, else a table's own name."""
+    from pglast import ast as pg_ast
+
+    alias = getattr(item, "alias", None)
+    if alias is not None:
+        return alias.aliasname
+    if isinstance(item, pg_ast.RangeVar):
+        return item.relname
+    return None
+
+
+def _own_column_refs(select: Any) -> Iterator[Any]:
+    """ColumnRefs in the clauses of `select` itself: not in its FROM item, WITH or subqueries."""
+    from pglast import ast as pg_ast
+
+    stack = [getattr(select, field) for field in type(select).__slots__ if field not in ("fromClause", "withClause")]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (list, tuple)):
+            stack.extend(node)
+        elif isinstance(node, pg_ast.ColumnRef):
+            yield node
+        elif isinstance(node, pg_ast.Node) and not isinstance(node, pg_ast.SelectStmt):
+            stack.extend(getattr(node, field) for field in type(node).__slots__)
+
+
+def _qualifier_end(text: str, start: int, name: str) -> int | None:
+    """Where `name.` ends when it is printed at `start` (pglast's locations count characters),
+    plain or double-quoted as quote_ident writes it; None if it is not there."""
+    for printed in (name, '"' + name.replace('"', '""') + '"'):
+        if text.startswith(printed + ".", start):
+            return start + len(printed) + 1
+    return None
+
+
 # -- fingerprints -------------------------------------------------------------------------
+
+def check_fingerprint_version(version: int) -> None:
+    if version not in FINGERPRINT_VERSIONS:
+        raise BadInput(f"schema fingerprint version {version} is newer than this dataops knows "
+                       f"({', '.join(map(str, FINGERPRINT_VERSIONS))}); upgrade dataops to read it")
+
 
 def fingerprint(snapshot: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON, so equal schemas give equal strings on any machine."""
@@ -329,8 +497,9 @@ def fingerprint(snapshot: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-def schema_fingerprint(conn: psycopg.Connection) -> str:
-    return fingerprint(catalog_snapshot(conn))
+def schema_fingerprint(conn: psycopg.Connection, version: int = FINGERPRINT_VERSION, *,
+                       source_major: int | None = None) -> str:
+    return fingerprint(catalog_snapshot(conn, version, source_major=source_major))
 
 
 # -- differences ----------------------------------------------------------------------------

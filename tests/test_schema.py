@@ -11,13 +11,25 @@ import hashlib
 import json
 import subprocess
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import psycopg
 import pytest
 
+from dataops.errors import BadInput
 from dataops.tasks import pg
-from dataops.tasks.schema import Difference, catalog_snapshot, diff_snapshots, fingerprint, schema_fingerprint
+from dataops.tasks.schema import (
+    FINGERPRINT_VERSION,
+    Difference,
+    catalog_snapshot,
+    diff_snapshots,
+    fingerprint,
+    neutral_view_definition,
+    quote_ident,
+    schema_fingerprint,
+    view_definition_as_15,
+)
 
 SCHEMA_SQL = """
 CREATE SCHEMA app;
@@ -254,3 +266,102 @@ def test_snapshot_from_psycopg_connection_with_dict_rows(twins):
     """Callers may use another row factory; the snapshot must not depend on it."""
     with psycopg.connect(twins.a.conninfo(), row_factory=psycopg.rows.dict_row) as conn:
         assert catalog_snapshot(conn) == snapshot_with(twins.a)
+
+
+# -- view text across server versions ------------------------------------------------------------
+
+# pg_get_viewdef of the same views as PostgreSQL 15.x and 16.x print them: the zoo's and
+# tests/test_pg15.py's TEXTS, read from a 15 database and from its copy restored into 16
+# (tests/test_pg15.py checks the live servers still print these).
+VIEW_TEXTS = json.loads((Path(__file__).with_name("view_texts_pg15_pg16.json")).read_text())
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_TEXTS))
+def test_a_view_as_15_prints_it_reads_as_16_prints_it(name):
+    texts = VIEW_TEXTS[name]
+    assert neutral_view_definition(texts["15"]) == texts["16"]
+    assert neutral_view_definition(texts["16"]) == texts["16"]  # 16's own text is already neutral
+
+
+@pytest.mark.parametrize("name", sorted(VIEW_TEXTS))
+def test_a_view_as_16_prints_it_reads_as_15_printed_it(name):
+    """What a copy on 16 is compared with a version-1 fingerprint taken on 15 through."""
+    texts = VIEW_TEXTS[name]
+    assert view_definition_as_15(texts["16"]) == texts["15"]
+    assert view_definition_as_15(texts["15"]) == texts["15"]
+
+
+def test_quote_ident_is_the_servers(twins):
+    names = ["item", "Odd Name", "user", "time", "year", "select", 'we"ird', "ä", "abc1", "1a", "_x", "system_user",
+             "between", "int", "name", "left", "value"]
+    with pg.connect(twins.a) as conn:
+        server = [r[0] for r in conn.execute("SELECT quote_ident(n) FROM unnest(%s::text[]) WITH ORDINALITY u(n, i) "
+                                             "ORDER BY i", (names,))]
+    assert [quote_ident(n) for n in names] == server
+
+
+def test_a_version_1_fingerprint_taken_on_15_is_read_with_15s_view_text(twins):
+    with pg.connect(twins.a) as conn:
+        as_15 = catalog_snapshot(conn, 1, source_major=15)
+        assert catalog_snapshot(conn, 1, source_major=16) == catalog_snapshot(conn, 1)
+        assert catalog_snapshot(conn, 2, source_major=15) == catalog_snapshot(conn, 2)  # only version 1 depends on it
+    assert as_15["views"]["public.active_users"]["definition"] == (
+        " SELECT users.id,\n    users.email\n   FROM public.users\n  WHERE users.active;")
+
+
+def test_the_texts_cover_qualified_and_unqualified_views():
+    """The table above must keep both kinds, or the case above proves nothing."""
+    changed = [n for n, t in VIEW_TEXTS.items() if t["15"] != t["16"]]
+    same = [n for n, t in VIEW_TEXTS.items() if t["15"] == t["16"]]
+    assert len(changed) >= 15 and {"texts.v_join", "texts.v_union", "texts.v_lateral"} <= set(same)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    # the only relation's qualifier goes, also in clauses a reader might not look at
+    (" SELECT t.a, sum(t.b) OVER (PARTITION BY t.c ORDER BY t.a) AS s FROM public.t WHERE (t.a > 0) "
+     "GROUP BY t.a, t.b, t.c HAVING (count(t.a) > 1) ORDER BY t.a LIMIT 5;",
+     " SELECT a, sum(b) OVER (PARTITION BY c ORDER BY a) AS s FROM public.t WHERE (a > 0) "
+     "GROUP BY a, b, c HAVING (count(a) > 1) ORDER BY a LIMIT 5;"),
+    # a subquery keeps its qualifiers: there `t.a` may be the outer relation's column
+    (" SELECT t.a FROM public.t WHERE (EXISTS ( SELECT 1 FROM public.u WHERE (u.a = t.a)));",
+     " SELECT a FROM public.t WHERE (EXISTS ( SELECT 1 FROM public.u WHERE (u.a = t.a)));"),
+    # two relations: a qualifier may be what tells them apart
+    (" SELECT t.a FROM public.t, public.u WHERE (t.a = u.a);",
+     " SELECT t.a FROM public.t, public.u WHERE (t.a = u.a);"),
+    # whole-row references keep the name; a composite's field is reached through the column
+    (" SELECT t.*::public.t AS r, (t.c).x AS x FROM public.t;", " SELECT t.*::public.t AS r, (c).x AS x FROM public.t;"),
+    # a schema-qualified function call is not a column
+    (" SELECT public.f(t.a) AS f FROM public.t;", " SELECT public.f(a) AS f FROM public.t;"),
+    # quoted names, with a doubled quote and a dot inside
+    (' SELECT "we""ird.t"."A" FROM public."we""ird.t";', ' SELECT "A" FROM public."we""ird.t";'),
+    # not a view's text: left as it is
+    ("not sql at all", "not sql at all"),
+    (" SELECT 1; SELECT 2;", " SELECT 1; SELECT 2;"),
+])
+def test_neutral_view_definition_cases(text, expected):
+    assert neutral_view_definition(text) == expected
+
+
+def test_on_16_the_neutral_form_is_the_servers_own_text(twins):
+    """So a fingerprint recorded before version 2 (a manifest, a migration's audit row) of a 16
+    database still equals the one taken now."""
+    with pg.connect(twins.a) as conn:
+        v1, v2 = catalog_snapshot(conn, 1), catalog_snapshot(conn, 2)
+        assert catalog_snapshot(conn) == v2 and FINGERPRINT_VERSION == 2
+    assert v1["views"] and v1 == v2
+
+
+def test_an_unknown_fingerprint_version_is_refused(twins):
+    with pg.connect(twins.a) as conn, pytest.raises(BadInput, match=r"schema fingerprint version 3 is newer than "
+                                                                    r"this dataops knows \(1, 2\); upgrade dataops"):
+        schema_fingerprint(conn, 3)
+
+
+def test_a_view_that_really_changed_still_differs():
+    old = VIEW_TEXTS["texts.v_check"]["15"]
+    new = old.replace("'a'::text", "'b'::text")
+    a = {"views": {"texts.v_check": {"kind": "view", "definition": neutral_view_definition(old)}}}
+    b = {"views": {"texts.v_check": {"kind": "view", "definition": neutral_view_definition(new)}}}
+    assert [str(d) for d in diff_snapshots(a, b)] == [
+        "view texts.v_check differs: definition: SELECT id, name, kind FROM texts.item WHERE (kind = 'a'::text); (a) "
+        "vs SELECT id, name, kind FROM texts.item WHERE (kind = 'b'::text); (b)"]

@@ -58,6 +58,7 @@ class Manifest(BaseModel):
     duration_seconds: float
     tables: dict[str, int]
     schema_fingerprint: str
+    schema_fingerprint_version: int = 1  # how the fingerprint reads server-printed text (tasks/schema.py); absent: 1
     tool_version: str
     verification: Verification | None = None
 

@@ -32,7 +32,7 @@ from dataops.tasks.backup.catalog import Manifest, discard_leftovers, dump_key, 
 from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.backup.streams import HashingReader, Process, compress_reader, return_big_buffers
 from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
-from dataops.tasks.schema import catalog_snapshot, fingerprint
+from dataops.tasks.schema import FINGERPRINT_VERSION, catalog_snapshot, fingerprint
 
 log = logging.getLogger("dataops.backup")
 
@@ -137,7 +137,8 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
         server_version=pre.server_version, pg_dump_version=pre.pg_dump_version, dump_key=key,
         compression=cfg.compression, size=stored.size, raw_size=raw.size, sha256=stored.hexdigest,
         started_at=started, finished_at=finished_at, duration_seconds=round(time.monotonic() - t0, 3),
-        tables=tables, schema_fingerprint=fp, tool_version=dataops.__version__,
+        tables=tables, schema_fingerprint=fp, schema_fingerprint_version=FINGERPRINT_VERSION,
+        tool_version=dataops.__version__,
     )
 
 

@@ -27,6 +27,7 @@ from dataops.tasks.backup.dump import check_client
 from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.backup.streams import CHUNK, Download, HashingReader, Process, decompress_reader
 from dataops.tasks.retries import RETRY_TRANSIENT
+from dataops.tasks.schema import check_fingerprint_version
 from dataops.tasks.scratch import discard_leftovers, owned_scratch
 from dataops.tasks.validation.validate import compare_with_expected
 
@@ -120,7 +121,9 @@ def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, ds
 
 def compare_with_manifest(dsn: Dsn, manifest: Manifest) -> tuple[dict[str, int], list[str]]:
     """Row counts and schema fingerprint of a restored database against the manifest."""
-    return compare_with_expected(dsn, manifest.tables, manifest.schema_fingerprint, source="the manifest")
+    return compare_with_expected(dsn, manifest.tables, manifest.schema_fingerprint, source="the manifest",
+                                 fingerprint_version=manifest.schema_fingerprint_version,
+                                 fingerprint_source_major=int(re.match(r"\d+", manifest.server_version).group()))
 
 
 def load_and_check(settings: Settings, storage: Storage, manifest: Manifest, scratch: Dsn,
@@ -137,6 +140,7 @@ def restore(settings: Settings, storage: Storage, manifest: Manifest, target: En
     """Load the backup beside the target, check it, then swap it in: the target is replaced whole
     or not at all. Scratch databases left by killed runs on this server are discarded first."""
     guard_target(target, confirm)
+    check_fingerprint_version(manifest.schema_fingerprint_version)  # a newer dataops' manifest: before any work
     dsn = target.database_url
     refuse_older_server(settings, manifest, dsn, f"environment '{target.name}'")
     verify_checksum(storage, manifest)
@@ -175,6 +179,7 @@ def verify(settings: Settings, storage: Storage, manifest: Manifest, env: Enviro
     backups.scratch_database_url names another."""
     server = settings.backups.scratch_database_url or env.database_url
     t0 = time.monotonic()
+    check_fingerprint_version(manifest.schema_fingerprint_version)
     refuse_older_server(settings, manifest, server, f"the scratch server {server.host}:{server.port}")
     verify_checksum(storage, manifest)
     discard_leftovers(server)

@@ -39,7 +39,7 @@ from dataops.tasks.checksums import TableChecksum, parse_label, table_checksum
 from dataops.tasks.checksums import table_checksums as _conn_table_checksums
 from dataops.tasks.reporting import text_table
 from dataops.tasks.retries import RETRY_TRANSIENT
-from dataops.tasks.schema import Difference, catalog_snapshot, diff_snapshots, fingerprint
+from dataops.tasks.schema import FINGERPRINT_VERSION, Difference, catalog_snapshot, diff_snapshots, fingerprint
 from dataops.tasks.validation.checks import (
     ERROR,
     FAIL,
@@ -390,14 +390,15 @@ class DatabaseState:
 
 def database_state(db: Database, *, checks: Sequence[Check] | ValidationSettings | None = None,
                    checksums: bool = True, run: bool = True, exclude: Mapping[str, Sequence[str]] | None = None,
-                   connect_timeout: int = 10) -> DatabaseState:
+                   connect_timeout: int = 10, fingerprint_version: int = FINGERPRINT_VERSION,
+                   fingerprint_source_major: int | None = None) -> DatabaseState:
     """Fingerprint, row counts, checksums (if asked) and check results, all in one snapshot.
 
     run=False skips the integrity checks (a fingerprint and counts only).
     """
     todo, cfg = _resolve_checks(checks)
     with read_only_snapshot(db, statement_timeout_s=cfg.statement_timeout_s, connect_timeout=connect_timeout) as conn:
-        fp = fingerprint(catalog_snapshot(conn))
+        fp = fingerprint(catalog_snapshot(conn, fingerprint_version, source_major=fingerprint_source_major))
         if checksums:
             sums = _conn_table_checksums(conn, exclude={k: list(v) for k, v in (exclude or {}).items()})
             counts = {t: c.rows for t, c in sums.items()}
@@ -410,11 +411,14 @@ def database_state(db: Database, *, checks: Sequence[Check] | ValidationSettings
 
 def compare_with_expected(db: Database, tables: Mapping[str, int], expected_fingerprint: str,
                           checksums: Mapping[str, str] | None = None, *,
-                          source: str = "the expected state") -> tuple[dict[str, int], list[str]]:
+                          source: str = "the expected state", fingerprint_version: int = FINGERPRINT_VERSION,
+                          fingerprint_source_major: int | None = None) -> tuple[dict[str, int], list[str]]:
     """A database (a restored copy) against what was recorded (a backup manifest): (row
     counts, problems). Problems name the table and both numbers; none means it matches.
-    `source` names the record in the messages ("the manifest")."""
-    state = database_state(db, checksums=bool(checksums), run=False)
+    `source` names the record in the messages ("the manifest"); `fingerprint_version` and
+    `fingerprint_source_major` say how and on which server major its fingerprint was taken."""
+    state = database_state(db, checksums=bool(checksums), run=False, fingerprint_version=fingerprint_version,
+                           fingerprint_source_major=fingerprint_source_major)
     problems = []
     if state.fingerprint != expected_fingerprint:
         problems.append(f"schema fingerprint {state.fingerprint[:12]} differs from {source}'s "
