@@ -31,6 +31,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import NamedTuple
 
+import psycopg
+
 from dataops.tasks.migration.lint_rules import ERROR, RULES, WARNING
 from dataops.tasks.migration.migrate import VERSION_SCHEMA, MigrationTarget, RevisionPlan
 
@@ -127,6 +129,11 @@ def _dotted(names) -> str:
     return ".".join(parts if len(parts) > 1 else ["public", *parts])
 
 
+def _regclass(name: str) -> str:
+    """schema.table as the parser gave it (case kept) -> text for to_regclass()."""
+    return ".".join('"' + p.replace('"', '""') + '"' for p in name.split(".", 1))
+
+
 def _short(sql: str) -> str:
     one = " ".join(re.sub(r"--[^\n]*", " ", sql).split())
     return one if len(one) <= 160 else one[:157] + "..."
@@ -180,6 +187,21 @@ def _duplicates_query(table: str, columns: list[str], where: str | None, primary
     return f"find the duplicates first: {q}"
 
 
+def _long_identifiers(source: bytes) -> list[str]:
+    """Identifiers over 63 bytes, read from the tokens: the parser has already cut them."""
+    from pglast.parser import scan
+
+    names = []
+    for tok in scan(source.decode()):
+        if tok.name == "IDENT":
+            word = source[tok.start:tok.end + 1].decode()
+            if word.startswith('"'):
+                word = word[1:-1].replace('""', '"')
+            if len(word.encode()) > MAX_IDENTIFIER:
+                names.append(word)
+    return list(dict.fromkeys(names))
+
+
 def _sets_timeout_off(node) -> bool:
     if node.name != "lock_timeout" or _enum_name(node.kind) != "VAR_SET_VALUE" or not node.args:
         return False
@@ -220,11 +242,13 @@ class _Linter:
             node = raw.stmt
             kind = type(node).__name__
             end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(raw_bytes)
-            text = _short(raw_bytes[raw.stmt_location:end].decode())
+            source = raw_bytes[raw.stmt_location:end]
+            text = _short(source.decode())
             if kind == "TransactionStmt":
                 k = _enum_name(node.kind)
                 begin = k in ("TRANS_STMT_BEGIN", "TRANS_STMT_START")
-                if managed and transactional and i not in (tx_positions[0], tx_positions[-1]):
+                if managed and transactional and i not in (tx_positions[0], tx_positions[-1]) \
+                        and not any(h.rule == "transaction-control" for h, _ in hits):
                     hits.append((_Hit("transaction-control", "the revision ends or restarts dataops's transaction"),
                                  text))
                 elif not managed and begin and in_tx:
@@ -252,7 +276,7 @@ class _Linter:
                     hits.append((_Hit("enum-value-used-in-transaction", f"'{sorted(used)[0]}' was added above"), text))
             for hit in self._statement(node, kind, in_tx, added_not_valid):
                 hits.append((hit, text))
-            for name in self._long_identifiers(node):
+            for name in _long_identifiers(source):
                 hits.append((_Hit("identifier-too-long", f"{name[:40]}... is {len(name.encode())} bytes"), text))
             if kind == "AlterEnumStmt" and node.newVal and in_tx:
                 enum_values.add(node.newVal)
@@ -460,15 +484,6 @@ class _Linter:
                 out.append(_Hit("char-field", f"column {el.colname}"))
         return out
 
-    def _long_identifiers(self, node) -> list[str]:
-        names = []
-        for n in _nodes(node):
-            for attr in ("relname", "colname", "idxname", "conname", "newname", "trigname", "schemaname"):
-                v = getattr(n, attr, None)
-                if isinstance(v, str) and len(v.encode()) > MAX_IDENTIFIER:
-                    names.append(v)
-        return list(dict.fromkeys(names))
-
     def _is_foreign_key(self, table: str, name: str) -> bool:
         if self.live is not None:
             kind = self.live.constraint_kind(table, name)
@@ -497,30 +512,35 @@ class LiveDatabase:
 
     def constraint_kind(self, table: str, name: str) -> str | None:
         row = self.conn.execute("SELECT contype::text FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-                                "AND conname = %s", (table, name)).fetchone()
+                                "AND conname = %s", (_regclass(table), name)).fetchone()
         return row[0] if row else None
 
     def size(self, relation: str) -> tuple[str, int | None, str] | None:
         """(table, rows, pretty size) for a table, or the table an index belongs to."""
         if relation not in self._sizes:
-            self._sizes[relation] = self._size(relation)
+            try:
+                self._sizes[relation] = self._size(_regclass(relation))
+            except psycopg.Error:  # a lookup that fails leaves the finding without a size
+                self._sizes[relation] = None
         return self._sizes[relation]
 
     def _size(self, relation: str):
         row = self.conn.execute(
-            """SELECT coalesce(i.indrelid, c.oid)::regclass::text, coalesce(i.indrelid, c.oid)
+            """SELECT quote_ident(n.nspname) || '.' || quote_ident(t.relname), t.oid
                FROM pg_class c LEFT JOIN pg_index i ON i.indexrelid = c.oid
+               JOIN pg_class t ON t.oid = coalesce(i.indrelid, c.oid) JOIN pg_namespace n ON n.oid = t.relnamespace
                WHERE c.oid = to_regclass(%s)""", (relation,)).fetchone()
         if row is None:
             return None
         name, oid = row
         tuples, bytes_, never = self.conn.execute(
             """SELECT sum(greatest(c.reltuples, 0))::bigint, sum(pg_total_relation_size(c.oid))::bigint,
-                      bool_or(c.reltuples < 0)
-               FROM pg_partition_tree(%s::oid) p JOIN pg_class c ON c.oid = p.relid
-               WHERE p.isleaf""", (oid,)).fetchone()
+                      bool_or(c.reltuples < 0 OR (c.reltuples = 0 AND pg_relation_size(c.oid) > 0))
+               FROM pg_class c
+               WHERE c.relkind <> 'p' AND c.oid IN (SELECT relid FROM pg_partition_tree(%(t)s::oid) WHERE isleaf
+                                                     UNION SELECT %(t)s::oid)""", {"t": oid}).fetchone()
         rows = int(tuples or 0)
-        if never:  # never analyzed (or vacuumed): count, within a bound
+        if never:  # never analyzed (or only indexed while empty): count, within a bound
             try:
                 with self.conn.transaction():
                     self.conn.execute("SET LOCAL statement_timeout = '2s'")
@@ -536,6 +556,7 @@ def usage_lookup(conn):
     or column (views, and the table's activity since statistics were last reset)."""
 
     def lookup(table: str, column: str | None) -> str:
+        rc = _regclass(table)
         views = [r[0] for r in conn.execute(
             """SELECT DISTINCT vn.nspname || '.' || v.relname
                FROM pg_depend d JOIN pg_rewrite r ON r.oid = d.objid
@@ -544,10 +565,10 @@ def usage_lookup(conn):
                  AND v.oid <> d.refobjid
                  AND (%(c)s::text IS NULL OR d.refobjsubid =
                       (SELECT attnum FROM pg_attribute WHERE attrelid = to_regclass(%(t)s) AND attname = %(c)s))
-               ORDER BY 1""", {"t": table, "c": column}).fetchall()]
+               ORDER BY 1""", {"t": rc, "c": column}).fetchall()]
         stats = conn.execute(
             """SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0), n_tup_ins + n_tup_upd + n_tup_del
-               FROM pg_stat_user_tables WHERE relid = to_regclass(%s)""", (table,)).fetchone()
+               FROM pg_stat_user_tables WHERE relid = to_regclass(%s)""", (rc,)).fetchone()
         parts = []
         if views:
             parts.append(f"still used by view{'s' if len(views) > 1 else ''} {', '.join(views)}")
