@@ -192,9 +192,10 @@ def _long_identifiers(source: bytes) -> list[str]:
     from pglast.parser import scan
 
     names = []
-    for tok in scan(source.decode()):
+    text = source.decode()
+    for tok in scan(text):  # offsets in characters
         if tok.name == "IDENT":
-            word = source[tok.start:tok.end + 1].decode()
+            word = text[tok.start:tok.end + 1]
             if word.startswith('"'):
                 word = word[1:-1].replace('""', '"')
             if len(word.encode()) > MAX_IDENTIFIER:
