@@ -72,6 +72,9 @@ def test_identifier_length_is_counted_in_bytes():
     assert _rules(lint_sql(f'SET lock_timeout = 1000; CREATE TABLE public."{name}" (id bigint)')) == \
         ["identifier-too-long"]
     assert _rules(lint_sql(f'SET lock_timeout = 1000; CREATE TABLE public."{"ü" * 31}" (id bigint)')) == []
+    # statements after non-ASCII text are cut where they are (pglast counts characters)
+    found = lint_sql("SET lock_timeout = 1000; COMMENT ON TABLE public.t IS 'déjà vu'; DROP TABLE public.t;")
+    assert [(f.rule, f.statement) for f in found] == [("drop-table", "DROP TABLE public.t")]
 
 
 def _migrations(tmp_path: Path, **revisions: str) -> Path:

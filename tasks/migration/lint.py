@@ -187,15 +187,14 @@ def _duplicates_query(table: str, columns: list[str], where: str | None, primary
     return f"find the duplicates first: {q}"
 
 
-def _long_identifiers(source: bytes) -> list[str]:
+def _long_identifiers(source: str) -> list[str]:
     """Identifiers over 63 bytes, read from the tokens: the parser has already cut them."""
     from pglast.parser import scan
 
     names = []
-    text = source.decode()
-    for tok in scan(text):  # offsets in characters
+    for tok in scan(source):  # offsets in characters
         if tok.name == "IDENT":
-            word = text[tok.start:tok.end + 1]
+            word = source[tok.start:tok.end + 1]
             if word.startswith('"'):
                 word = word[1:-1].replace('""', '"')
             if len(word.encode()) > MAX_IDENTIFIER:
@@ -232,7 +231,6 @@ class _Linter:
             stmts = parse_sql(sql)
         except ParseError as exc:
             return [(_Hit("unparsable-sql", f"parser: {exc}"), _short(sql))]
-        raw_bytes = sql.encode()
         hits: list[tuple[_Hit, str]] = []
         in_tx = False
         added_not_valid: set[tuple[str, str]] = set()
@@ -242,9 +240,9 @@ class _Linter:
         for i, raw in enumerate(stmts):
             node = raw.stmt
             kind = type(node).__name__
-            end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(raw_bytes)
-            source = raw_bytes[raw.stmt_location:end]
-            text = _short(source.decode())
+            end = raw.stmt_location + raw.stmt_len if raw.stmt_len else len(sql)
+            source = sql[raw.stmt_location:end]  # pglast's offsets count characters
+            text = _short(source)
             if kind == "TransactionStmt":
                 k = _enum_name(node.kind)
                 begin = k in ("TRANS_STMT_BEGIN", "TRANS_STMT_START")
