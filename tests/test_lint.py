@@ -165,11 +165,16 @@ def test_setting_is_off_by_default_and_checked():
         MigrationSettings(lint_small_table_rows=0)
 
 
-def test_cli_lints_a_sql_file_with_sizes_and_refuses_a_missing_one(sized_db, tmp_path):
+def _config(tmp_path: Path, dsn) -> Path:
     cfg = tmp_path / "dataops.yaml"
-    cfg.write_text(yaml.safe_dump({"environments": {"app": {"role": "staging", "database_url": sized_db.secret()}},
+    cfg.write_text(yaml.safe_dump({"environments": {"app": {"role": "staging", "database_url": dsn.secret()}},
                                    "storage": {"url": f"file://{tmp_path / 'unused'}"},
                                    "migrations": {"path": str(ROOT / "migrations")}}))
+    return cfg
+
+
+def test_cli_lints_a_sql_file_with_sizes(sized_db, tmp_path):
+    cfg = _config(tmp_path, sized_db)
     sql = tmp_path / "hotfix.sql"
     sql.write_text("ALTER TABLE public.big ALTER COLUMN note TYPE varchar(200);\n")
     r = run_cli("--config", str(cfg), "migrate", "app", "lint", "--sql", str(sql), "--json")
@@ -178,6 +183,11 @@ def test_cli_lints_a_sql_file_with_sizes_and_refuses_a_missing_one(sized_db, tmp
     assert [(f["rule"], f["table"], f["rows"]) for f in found] == [("lock-timeout", None, None),
                                                                    ("column-type-change", "public.big", 5000)]
     assert "lint found 2 error(s)" in r.stderr
+
+
+@pytest.mark.extended
+def test_cli_refuses_a_missing_sql_file(db, tmp_path):
+    cfg = _config(tmp_path, db)
     before = sorted(p.name for p in tmp_path.iterdir())
     r = run_cli("--config", str(cfg), "migrate", "app", "lint", "--sql", str(tmp_path / "nope.sql"))
     assert r.returncode == 2 and "cannot read" in r.stderr and "give --sql an SQL file" in r.stderr
