@@ -133,7 +133,10 @@ def sized_db(db):
         conn.execute("""CREATE TABLE public.tiny (id bigint PRIMARY KEY, note text);
                         INSERT INTO public.tiny SELECT g, 'n' FROM generate_series(1, 10) g;
                         CREATE TABLE public.big (id bigint, note text);
-                        INSERT INTO public.big SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g;""")
+                        INSERT INTO public.big SELECT g, repeat('x', 100) FROM generate_series(1, 5000) g;
+                        CREATE SCHEMA "Odd Schema";
+                        CREATE TABLE "Odd Schema"."Mixed Case" (id bigint);
+                        INSERT INTO "Odd Schema"."Mixed Case" VALUES (1), (2), (3);""")
         conn.execute("ANALYZE public.tiny")  # big is never analyzed: its rows are counted
     return db
 
@@ -156,6 +159,10 @@ def test_findings_carry_table_size_and_small_tables_can_be_warnings(sized_db, tm
         ("index-not-concurrent", "warning", False), ("index-not-concurrent", "error", True),
         ("drop-column", "error", True)]
     assert "under migrations.lint_small_table_rows = 100" in relaxed[0].reason
+    with pg.connect(sized_db, autocommit=True) as conn:  # quoted names of an odd schema and table
+        odd = lint_sql('SET lock_timeout = 1000; CREATE INDEX ON "Odd Schema"."Mixed Case" (id);',
+                       live=LiveDatabase(conn))
+    assert [(f.rule, f.table, f.rows) for f in odd] == [("index-not-concurrent", '"Odd Schema"."Mixed Case"', 3)]
 
 
 def test_setting_is_off_by_default_and_checked():
