@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh clean
+.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare clean
 
 demo: install
 	$(BIN)/dataops demo
@@ -70,3 +70,14 @@ bench-refresh: install .venv-bench-tools/bin/python
 
 clean:
 	rm -rf $(VENV) .dataops .pytest_cache
+
+# Migration lint side by side with squawk (docs/lint-rules.md): squawk-cli 2.66.0 from npm into .cache/squawk, then
+# bench/bench_lint.py lints tests/lint_corpus with both, records squawk's answers in
+# tests/lint_corpus/squawk-2.66.json (what make test compares against, without npm) and writes its section of
+# bench/RESULTS.md.
+lint-compare: install .cache/squawk/node_modules/.bin/squawk
+	$(BIN)/python bench/bench_lint.py --squawk .cache/squawk/node_modules/.bin/squawk
+
+.cache/squawk/node_modules/.bin/squawk:
+	mkdir -p .cache/squawk
+	cd .cache/squawk && npm install --no-save --no-audit --no-fund squawk-cli@2.66.0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -56,16 +57,34 @@ def plan_cmd(to: str = _to_option()):
 
 
 @migrate_app.command("lint")
-def lint_cmd(to: str = _to_option(), as_json: bool = typer.Option(False, "--json", help="print JSON findings")):
-    """Check the pending revisions for locking and breaking changes; exit 1 on errors."""
+def lint_cmd(to: str = _to_option(), as_json: bool = typer.Option(False, "--json", help="print JSON findings"),
+             sql: Optional[Path] = typer.Option(None, "--sql", help="lint this SQL file instead, as run outside "
+                                                "dataops (no lock_timeout set for it)", show_default=False)):
+    """Check the pending revisions for locking and breaking changes; exit 1 on errors.
+
+    Read only: the database is asked for its revision and for the size of the tables findings
+    are about. Rules and their safe rewrites: docs/lint-rules.md."""
+    from dataops.tasks import pg
     from dataops.tasks.migration import migrate
-    from dataops.tasks.migration.lint import errors_sentence, lint_against, lint_text
+    from dataops.tasks.migration.lint import LiveDatabase, errors_sentence, heads_finding, lint, lint_sql, lint_text
 
     mt = migrate.target_for(*group.resolved())
-    plans = migrate.plan(mt, to)
-    findings = lint_against(mt, plans)
-    echo(json.dumps([f.as_dict() for f in findings], indent=2) if as_json else
-         (f"{len(plans)} pending revision(s)\n" + lint_text(findings)))
+    if sql is not None:
+        try:
+            text = sql.read_text()
+        except OSError as exc:
+            raise BadInput(f"cannot read {sql}: {exc.strerror}; give --sql an SQL file") from None
+    heads = None if sql is not None else heads_finding(mt.path)
+    if heads is not None:
+        plans, findings = [], [heads]
+    else:
+        plans = [] if sql is not None else migrate.plan(mt, to)
+        with pg.connect(mt.dsn, autocommit=True, timeout=mt.connect_timeout) as conn:
+            live, small = LiveDatabase(conn), mt.options.lint_small_table_rows
+            findings = (lint_sql(text, name=sql.name, live=live, small_table_rows=small) if sql is not None
+                        else lint(plans, live=live, small_table_rows=small))
+    head = f"{sql}" if sql is not None else f"{len(plans)} pending revision(s)"
+    echo(json.dumps([f.as_dict() for f in findings], indent=2) if as_json else f"{head}\n" + lint_text(findings))
     errors = errors_sentence(findings)
     if errors:
         raise OperationFailed(f"lint found {errors}")

@@ -159,6 +159,9 @@ class MigrationSettings(Strict):
     approval_timeout_s: int = Field(default=3600, ge=1, description="production: how long a run waits for approval")
     approval_poll_s: int = Field(default=10, ge=1, le=300, description="how often a paused run looks for the answer")
     allow_auto_approve: bool = Field(default=False, description="demo stacks only: honor auto_approve=True")
+    lint_small_table_rows: int | None = Field(
+        default=None, ge=1, description="lint: lock findings on tables with fewer rows are warnings, not errors "
+                                        "(off by default; a rewrite of a 10-row table is harmless)")
 
     @field_validator("lock_timeout", "statement_timeout")
     @classmethod

@@ -401,8 +401,12 @@ def plan(mt: MigrationTarget, to: str = "head", *, current: str | None | type = 
 
     if current is ...:
         current = read_current(mt.dsn, mt.connect_timeout)
+    revs = upgrade_path(mt, current, to)
+    at_once = _plan_at_once(mt, revs)  # Alembic loads every revision file per run: once, not once per revision
+    if at_once is not None:
+        return at_once
     out = []
-    for rev in upgrade_path(mt, current, to):
+    for rev in revs:
         buf = io.StringIO()
         cfg = alembic_config(mt.path, buffer=buf)
         spec = f"{rev.down_revision}:{rev.revision}" if rev.down_revision else rev.revision
@@ -414,6 +418,33 @@ def plan(mt: MigrationTarget, to: str = "head", *, current: str | None | type = 
                            f"{type(exc).__name__}: {exc}") from None
         out.append(RevisionPlan(rev.revision, rev.message, rev.transactional, buf.getvalue(), rev.path))
     return out
+
+
+def _plan_at_once(mt: MigrationTarget, revs: list[Revision]) -> list[RevisionPlan] | None:
+    """plan()'s SQL from one offline run, cut at each revision's BEGIN; None if that fails
+    (then plan() renders revision by revision and names the one that cannot be rendered)."""
+    import re
+
+    from alembic import command
+
+    if len(revs) < 2:
+        return None
+    buf = io.StringIO()
+    first = revs[0]
+    spec = f"{first.down_revision}:{revs[-1].revision}" if first.down_revision else revs[-1].revision
+    try:
+        with _ALEMBIC:
+            command.upgrade(alembic_config(mt.path, buffer=buf), spec, sql=True)
+    except Exception:  # noqa: BLE001 - the one-by-one path reports it
+        return None
+    text = buf.getvalue()
+    marks = list(re.finditer(r"^-- Running upgrade \S* ?-> (\S+)$", text, re.MULTILINE))
+    if [m.group(1) for m in marks] != [r.revision for r in revs] or \
+            not all(text[:m.start()].rstrip().endswith("BEGIN;") for m in marks[1:]):
+        return None
+    cuts = [0, *(text.rfind("BEGIN;", 0, m.start()) for m in marks[1:]), len(text)]
+    return [RevisionPlan(r.revision, r.message, r.transactional, text[cuts[i]:cuts[i + 1]], r.path)
+            for i, r in enumerate(revs)]
 
 
 def plan_text(plans: list[RevisionPlan]) -> str:
