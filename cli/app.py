@@ -66,16 +66,22 @@ FLOWS = frozenset({"backup", "restore", "verify-backup", "prune", "validate", "m
 
 def command_key() -> str:
     """The invoked command as `group command` (`migrate status`), `--check` added when given."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
+    leaf = ctx = _current_context()
     names = []
     while ctx is not None and ctx.parent is not None:
         names.append(ctx.info_name or "")
         ctx = ctx.parent
-    leaf = click.get_current_context(silent=True)
     key = " ".join(reversed(names))
     return f"{key} --check" if leaf is not None and leaf.params.get("check") else key
+
+
+def _current_context():
+    """The running command's click context: Typer 0.29 runs a click of its own (typer._click)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+    return get_current_context(silent=True)
 
 
 def runs_flows() -> bool:
