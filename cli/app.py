@@ -61,7 +61,10 @@ READ_ONLY = frozenset({"backups", "migrate status", "migrate plan", "migrate lin
                        "migrate history", "transform list", "transform status", "refresh-staging --check",
                        "local-api status", "local-api stop", "dev up", "dev down"})
 FLOWS = frozenset({"backup", "restore", "verify-backup", "prune", "validate", "migrate up", "migrate down",
-                   "transform run", "transform revert", "refresh-staging", "anonymize", "deploy", "demo", "server"})
+                   "transform run", "transform revert", "refresh-staging", "anonymize", "deploy"})
+# Commands that bring their own Prefect server (`server`) or API (`demo`: Prefect's temporary one unless
+# PREFECT_API_URL is set): the local API would be one too many.
+OWN_API = frozenset({"server", "demo"})
 
 
 def command_key() -> str:
@@ -86,7 +89,7 @@ def _current_context():
 
 def runs_flows() -> bool:
     """Whether this command needs a Prefect API: anything not known to only read does."""
-    return command_key() not in READ_ONLY
+    return command_key() not in READ_ONLY | OWN_API
 
 
 def env_arg(help_text: str = "environment name from dataops.yaml"):

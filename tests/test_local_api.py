@@ -24,7 +24,7 @@ from test_migrations_examples import migrations_copy
 from test_refresh_staging import ANON
 
 from dataops import local_api
-from dataops.cli.app import FLOWS, READ_ONLY, app
+from dataops.cli.app import FLOWS, OWN_API, READ_ONLY, app
 from dataops.dev.sample_app import create_schema
 
 
@@ -109,8 +109,8 @@ def test_every_command_is_read_only_or_runs_flows():
     for name, cmd in root.commands.items():
         sub = getattr(cmd, "commands", None)
         keys |= {f"{name} {s}" for s in sub} if sub else {name}
-    assert keys - READ_ONLY - FLOWS == set()
-    assert READ_ONLY & FLOWS == set()
+    assert keys - READ_ONLY - FLOWS - OWN_API == set()
+    assert READ_ONLY & FLOWS == READ_ONLY & OWN_API == FLOWS & OWN_API == set()
     assert {"refresh-staging", "refresh-staging --check"} <= FLOWS | READ_ONLY
 
 
