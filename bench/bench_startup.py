@@ -93,6 +93,8 @@ class World:
         self.n = 0
         self.base_env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "DATAOPS_"))}
         self.base_env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+        # Prefect's own 20 s bound on its temporary API's start is not met on a busy 2-core machine
+        self.base_env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"
 
     def database(self, prefix: str, users: int = 0, at: str | None = None):
         from dataops.dev.sample_app import create_schema, seed
@@ -269,14 +271,17 @@ def main() -> None:
                 out.append(f"| {name} | {med([x['wall'] for x in rs]):.2f} | {med([x['cpu'] for x in rs]):.2f} | "
                            f"{max(x['rss_mib'] for x in rs):.0f} | {ratio:.2f} |")
             out.append("")
+    except BaseException as exc:
+        out += ["", f"(the run stopped here: {type(exc).__name__}: {str(exc)[:300]})"]
+        raise
     finally:
         for st in tmp.glob("state-*"):
             world.stop_api(st)
         world.close()
-    text = "\n".join(out)
-    print(text)
-    if not args.no_write:
-        write_section(text)
+        text = "\n".join(out)
+        print(text)
+        if not args.no_write:
+            write_section(text)
     shutil.rmtree(tmp, ignore_errors=True)
 
 
