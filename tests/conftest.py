@@ -23,7 +23,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The local Prefect API that flow commands start when no server is named (dataops.local_api): the
 # session's own, in a folder of its own, stopped at the end (and by itself if the session dies).
-os.environ.setdefault("DATAOPS_STATE_DIR", tempfile.mkdtemp(prefix="dataops-state-"))
+_OWN_STATE_DIR = None if os.environ.get("DATAOPS_STATE_DIR") else tempfile.mkdtemp(prefix="dataops-state-")
+os.environ.setdefault("DATAOPS_STATE_DIR", _OWN_STATE_DIR or "")
 os.environ.setdefault("DATAOPS_LOCAL_API_IDLE_S", "300")
 
 from dataops.dsn import Dsn  # noqa: E402
@@ -52,6 +53,10 @@ def _stop_local_api():
     from dataops import local_api
 
     local_api.stop()
+    if _OWN_STATE_DIR:
+        import shutil
+
+        shutil.rmtree(_OWN_STATE_DIR, ignore_errors=True)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------
