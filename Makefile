@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare clean
+.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare bench-startup clean
 
 demo: install
 	$(BIN)/dataops demo
@@ -59,6 +59,10 @@ bench: install
 	$(BIN)/python bench/bench_validation.py
 	$(BIN)/python bench/bench_migrations.py
 	$(BIN)/python bench/bench_transform.py
+
+# Start-up per command and the CI pipeline, before and after the local Prefect API (issue 18).
+bench-startup: install
+	$(BIN)/python bench/bench_startup.py
 
 # The refresh against pg_anon and pganonymize, installed in a venv of their own (.venv-bench-tools).
 bench-refresh: install .venv-bench-tools/bin/python

@@ -4,8 +4,9 @@ is printed. Each command group lives in its own module beside this one and regis
 
 Contract that scripts and CI steps rely on: results go to stdout, logs to stderr; an
 error is one line `error: ...` that says what to fix; exit 2 for bad input, 1 for a
-failed operation. Each operation runs as a Prefect flow (a temporary local API unless
-`prefect.api_url` or PREFECT_API_URL names a server) and fails when the run fails.
+failed operation. Each operation runs as a Prefect flow and fails when the run fails; unless
+`prefect.api_url` or PREFECT_API_URL names a server, against the local API that dataops starts
+once and reuses (dataops.local_api; read-only commands start nothing).
 """
 
 from __future__ import annotations
@@ -49,8 +50,46 @@ def load_cli_settings(*environments: str):
     for name in environments:
         settings.env(name)
     state.config = str(config_path(state.config).resolve())
-    prepare_prefect(settings.prefect.api_url, state.verbose)
+    prepare_prefect(settings.prefect.api_url, state.verbose, local_api=settings.prefect.local_api and runs_flows(),
+                    idle_s=settings.prefect.local_api_idle_s)
     return settings
+
+
+# Commands that only read: they run no flow and start no Prefect API (a test checks that every
+# command is in one of these two sets, so a new one is placed on purpose).
+READ_ONLY = frozenset({"backups", "migrate status", "migrate plan", "migrate lint", "migrate new", "migrate test",
+                       "migrate history", "transform list", "transform status", "refresh-staging --check",
+                       "local-api status", "local-api stop", "dev up", "dev down"})
+FLOWS = frozenset({"backup", "restore", "verify-backup", "prune", "validate", "migrate up", "migrate down",
+                   "transform run", "transform revert", "refresh-staging", "anonymize", "deploy"})
+# Commands that bring their own Prefect server (`server`) or API (`demo`: Prefect's temporary one unless
+# PREFECT_API_URL is set): the local API would be one too many.
+OWN_API = frozenset({"server", "demo"})
+
+
+def command_key() -> str:
+    """The invoked command as `group command` (`migrate status`), `--check` added when given."""
+    leaf = ctx = _current_context()
+    names = []
+    while ctx is not None and ctx.parent is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    key = " ".join(reversed(names))
+    return f"{key} --check" if leaf is not None and leaf.params.get("check") else key
+
+
+def _current_context():
+    """The running command's click context: Typer 0.29 runs a click of its own (typer._click)."""
+    try:
+        from typer._click.globals import get_current_context
+    except ImportError:
+        from click import get_current_context
+    return get_current_context(silent=True)
+
+
+def runs_flows() -> bool:
+    """Whether this command needs a Prefect API: anything not known to only read does."""
+    return command_key() not in READ_ONLY | OWN_API
 
 
 def env_arg(help_text: str = "environment name from dataops.yaml"):

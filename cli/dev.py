@@ -36,10 +36,14 @@ def dev_up_cmd(users: int = typer.Option(10_000, "--users", min=10, help="users 
 
 @dev_app.command("down")
 def dev_down_cmd(root: Path = typer.Option(Path(".dataops"), "--root", help="where the stack keeps its data")):
-    """Stop the embedded stack started by `dataops dev up`."""
+    """Stop the embedded stack started by `dataops dev up`, and the local Prefect API."""
+    from dataops import local_api
     from dataops.dev.stack import dev_down
 
     stopped = dev_down(root.resolve())
+    api = local_api.stop()
+    if api is not None:
+        stopped.append(f"the local Prefect API (pid {api.pid}, port {api.port})")
     echo("\n".join(f"stopped {s}" for s in stopped) or "nothing was running")
 
 

@@ -13,7 +13,7 @@ from dataops.errors import DataopsError, classify
 from dataops.redact import redact
 
 # Each command module registers its commands on `app` when imported, in the order `--help` lists them.
-COMMAND_MODULES = ("backup", "validate", "migrate", "transform", "refresh", "deploy", "dev")
+COMMAND_MODULES = ("backup", "validate", "migrate", "transform", "refresh", "deploy", "dev", "local_api")
 for _name in COMMAND_MODULES:
     importlib.import_module(f"dataops.cli.{_name}")
 

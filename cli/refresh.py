@@ -28,9 +28,15 @@ def refresh_staging_cmd(
     from dataops.tasks.refresh.plan import resolve_environments
 
     src, tgt = resolve_environments(settings, source, target)
-    from dataops.flows.refresh_staging import refresh_staging
+    if check:  # only reads: no flow run, no Prefect API started
+        from dataops.flows.refresh_staging import as_dict
+        from dataops.tasks.refresh.steps import check_refresh
 
-    r = refresh_staging(src.name, tgt.name, check=check, config=state.config)
+        r = as_dict(check_refresh(settings, src, tgt))
+    else:
+        from dataops.flows.refresh_staging import refresh_staging
+
+        r = refresh_staging(src.name, tgt.name, check=check, config=state.config)
     if check:
         for line in r["masked"]:
             echo(f"masked  {line}")

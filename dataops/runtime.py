@@ -11,17 +11,36 @@ from pathlib import Path
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-def prepare_prefect(api_url: str | None, verbose: bool = False) -> None:
-    """Use the configured Prefect API, else Prefect's temporary local one; keep the console
-    for our own one-line results unless asked for the run logs."""
-    if api_url and not os.environ.get("PREFECT_API_URL"):
-        os.environ["PREFECT_API_URL"] = api_url
+def prepare_prefect(api_url: str | None, verbose: bool = False, local_api: bool = False,
+                    idle_s: float | None = None) -> None:
+    """Use the configured Prefect API; else, for a command that runs flows (`local_api`), the local
+    API that dataops keeps running in the background (dataops.local_api), else Prefect's temporary
+    one. Keep the console for our own one-line results unless asked for the run logs."""
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.pop("PREFECT_API_URL", None)  # set but empty: unset, as Prefect reads it
+        if api_url:
+            os.environ["PREFECT_API_URL"] = api_url
+        elif local_api:
+            from dataops import local_api as local
+
+            os.environ["PREFECT_API_URL"] = local.ensure(idle_s).url
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     if not verbose:
         os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
+    _refresh_prefect_settings()
     private_runtime_dir()
     exit_on_signals()
+
+
+def _refresh_prefect_settings() -> None:
+    """Prefect reads its settings from the environment once, when it is imported: if something
+    imported it already, make it read PREFECT_API_URL again (else it starts its temporary API)."""
+    import sys
+
+    context = sys.modules.get("prefect.context")
+    if context is not None and hasattr(context, "refresh_global_settings_context"):
+        context.refresh_global_settings_context()
 
 
 def exit_on_signals() -> None:

@@ -138,7 +138,13 @@ class PostgresSettings(Strict):
 
 
 class PrefectSettings(Strict):
-    api_url: str | None = Field(default=None, description="Prefect API; default: a temporary local one")
+    api_url: str | None = Field(default=None, description="Prefect API; default: the local one dataops keeps running "
+                                "(docs/local-api.md), or a temporary one per command with local_api: false")
+    local_api: bool = Field(default=True, description="without api_url: run flows against a local Prefect API started "
+                            "once in the background and reused (false: Prefect's temporary API, ~10 s per command)")
+    local_api_idle_s: int = Field(default=900, ge=1, le=7 * 86400,
+                                  description="the local API stops after this many seconds without a command "
+                                              "(DATAOPS_LOCAL_API_IDLE_S overrides)")
     crash_after_silence_s: int | None = Field(
         default=600, ge=60, le=86400,
         description="`dataops deploy`: a run whose heartbeats stop this long is marked Crashed (a host that died "

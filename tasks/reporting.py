@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import re
 
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
-
 from dataops.redact import redact
 
 log = logging.getLogger("dataops.reporting")
@@ -22,6 +20,8 @@ def artifact_key(*parts: str) -> str:
 
 
 def publish_markdown(key: str, markdown: str, description: str) -> None:
+    from prefect.artifacts import create_markdown_artifact  # here: the CLI imports text_table without Prefect
+
     try:
         create_markdown_artifact(key=artifact_key(key), markdown=redact(markdown), description=redact(description))
     except Exception as exc:  # noqa: BLE001 - a report must not fail the job it reports on
@@ -29,6 +29,8 @@ def publish_markdown(key: str, markdown: str, description: str) -> None:
 
 
 def publish_table(key: str, rows: list[dict], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
     try:
         safe = [{k: redact(str(v)) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
         create_table_artifact(key=artifact_key(key), table=safe, description=redact(description))

@@ -21,6 +21,11 @@ os.environ.setdefault("XDG_RUNTIME_DIR", str(_runtime))
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# The local Prefect API that flow commands start when no server is named (dataops.local_api): the
+# session's own, in a folder of its own, stopped at the end (and by itself if the session dies).
+_OWN_STATE_DIR = None if os.environ.get("DATAOPS_STATE_DIR") else tempfile.mkdtemp(prefix="dataops-state-")
+os.environ.setdefault("DATAOPS_STATE_DIR", _OWN_STATE_DIR or "")
+os.environ.setdefault("DATAOPS_LOCAL_API_IDLE_S", "300")
 
 from dataops.dsn import Dsn  # noqa: E402
 from dataops.tasks import pg  # noqa: E402
@@ -39,6 +44,19 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_local_api():
+    """No test session leaves a local Prefect API running."""
+    yield
+    from dataops import local_api
+
+    local_api.stop()
+    if _OWN_STATE_DIR:
+        import shutil
+
+        shutil.rmtree(_OWN_STATE_DIR, ignore_errors=True)
 
 
 # -- PostgreSQL -------------------------------------------------------------------------

@@ -226,7 +226,8 @@ def test_backup_stopped_mid_dump_leaves_no_pg_dump_or_temporary_api(db, s3_bucke
     with pg.connect(db, autocommit=True) as conn:  # ~15 MB of dump: far more than the 1 MiB pipe
         conn.execute("CREATE TABLE big AS SELECT g AS id, md5(g::text) AS a, md5((g + 1)::text) AS b "
                      "FROM generate_series(1, 200000) g")
-    cfg = write_config({"production": ("production", db)}, bucket=s3_bucket)
+    cfg = write_config({"production": ("production", db)}, bucket=s3_bucket,
+                       extra={"prefect": {"local_api": False}})  # Prefect's temporary API, not dataops' local one
     log = tmp_path / "backup.log"
     env = {"PREFECT_HOME": str(tmp_path / "prefect")}
     proc = start(["--config", str(cfg), "backup", "production"], log, {**env, "PREFECT_API_URL": ""})
