@@ -186,3 +186,21 @@ def test_the_dump_uploads_each_file_while_pg_dump_writes_the_others(make_db, wri
     assert sorted(m.tables) == [f"t{i}" for i in range(8)] and set(m.tables.values()) == {60000}
     stored = open_storage(settings.storage)
     assert verify_and_record(settings, stored, m, settings.env("production")).ok  # paused and resumed, still whole
+
+
+def test_a_parallel_backup_with_pg_dumps_own_compression_round_trips(make_db, write_config, tmp_path):
+    """`compression: pg_dump`: pg_dump -Fd -j 2 gzips each table's file itself; the parts are stored as
+    written (no .zst) and pg_restore reads them as they are."""
+    prod, stg = make_db("prod"), make_db("stg")
+    create_schema(prod)
+    seed(prod, users=60)
+    cfg = write_config({"production": ("production", prod), "staging": ("staging", stg)},
+                       storage={"url": f"file://{tmp_path}/store"}, backups={**JOBS, "compression": "pg_dump"})
+    settings = load_settings(cfg)
+    storage = open_storage(settings.storage)
+    m = backup(settings, settings.env("production"))
+    names = {p.name for p in m.parts}
+    assert "toc.dat" in names and any(n.endswith(".dat.gz") for n in names)
+    assert not any(p.key.endswith(".zst") for p in m.parts)
+    restore(settings, storage, m, settings.env("staging"))
+    assert checksums(stg) == checksums(prod)
