@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare bench-startup clean
+.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare bench-startup bench-parallel clean
 
 demo: install
 	$(BIN)/dataops demo
@@ -67,6 +67,10 @@ bench-startup: install
 # The refresh against pg_anon and pganonymize, installed in a venv of their own (.venv-bench-tools).
 bench-refresh: install .venv-bench-tools/bin/python
 	$(BIN)/python bench/bench_refresh.py
+
+# backups.jobs 1 against 2 and pg_dump -Fd -j 2 alone, side by side at 100k and 1M rows (issue 18)
+bench-parallel: install
+	$(BIN)/python bench/bench_backup.py --parallel
 
 .venv-bench-tools/bin/python:
 	$(PYTHON) -m venv .venv-bench-tools

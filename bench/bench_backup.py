@@ -22,6 +22,12 @@ What it does, in one run:
    (dataops.flows.backup_database) against a Prefect server of its own whose start is not timed.
 5. Writes the section "## Backup (issue 2)" of bench/RESULTS.md (other sections are kept).
 
+With --parallel (issue 18) it measures instead, at each of --sizes, interleaved round by round:
+the single stream (`backups.jobs: 1`) against `backups.jobs: 2` into moto S3, `pg_dump -Fd -j 2`
+alone (with -Z0, what the parallel backup runs, and with its default gzip), and verify()
+(fetch, check, pg_restore, compare) of one backup of each kind; and writes "## Parallel backup
+(issue 18)".
+
 The backup's time is measured inside the child around the backup() call (imports and
 interpreter start excluded, as in a long-running worker); the whole child process time
 is reported next to it.
@@ -147,11 +153,24 @@ def child_main(spec_path: str) -> None:
             pre = preflight(settings, env)
             m = dump_to_storage(settings, env, pre, Discard())
             out["call_s"] = time.monotonic() - t0
+        elif spec["kind"] == "verify":
+            from dataops.tasks.backup.catalog import get_backup
+            from dataops.tasks.backup.restore import verify
+            from dataops.tasks.backup.storage import open_storage
+
+            storage = open_storage(settings.storage)
+            m = get_backup(storage, ENV_NAME, spec["backup_id"])
+            t0 = time.monotonic()
+            v = verify(settings, storage, m, settings.env(ENV_NAME))
+            out["call_s"] = time.monotonic() - t0
+            if not v.ok:
+                raise SystemExit(f"verification failed: {v.problems}")
         else:
             raise SystemExit(f"unknown kind {spec['kind']}")
         cpu1 = _cpu_pair()
         out.update(size=m.size, raw_size=m.raw_size, dump_key=m.dump_key, dump_s=m.duration_seconds,
-                   rows=sum(m.tables.values()), cpu_self_s=cpu1[0] - cpu0[0], cpu_children_s=cpu1[1] - cpu0[1])
+                   rows=sum(m.tables.values()), cpu_self_s=cpu1[0] - cpu0[0], cpu_children_s=cpu1[1] - cpu0[1],
+                   parts=len(m.parts), local_disk_peak=m.local_disk_peak, backup_id=m.id)
     out.update(peak_rss=_proc_status("VmHWM"))
     print("BENCH-RESULT " + json.dumps(out), flush=True)
 
@@ -458,16 +477,58 @@ class Bench:
         else:
             shutil.rmtree(self.file_root / folder, ignore_errors=True)
 
+    def pg_dump_dir(self, extra: list[str]) -> dict:
+        """pg_dump -Fd [extra] into a local folder (then removed): wall, CPU, bytes written."""
+        conninfo, secret_env = self.dsn.libpq_args()
+        out = self.tmp / f"dir-{uuid.uuid4().hex[:8]}"
+        c0 = self.cpu_now()
+        t0 = time.monotonic()
+        proc = subprocess.Popen([self.pg_dump, "-Fd", *extra, "--no-sync", f"--file={out}", f"--dbname={conninfo}"],
+                                stderr=subprocess.PIPE, env={**os.environ, **secret_env})
+        sampler = Sampler(proc.pid)
+        err = proc.stderr.read()
+        rc = proc.wait()
+        wall = time.monotonic() - t0
+        sampler.stop()
+        c1 = self.cpu_now()
+        if rc != 0:
+            raise SystemExit(f"pg_dump -Fd {' '.join(extra)} failed: {err.decode(errors='replace')}")
+        size = sum(p.stat().st_size for p in out.iterdir())
+        shutil.rmtree(out)
+        cpu = {"postgres": c1["postgres"] - c0["postgres"], "pg_dump": c1["children"] - c0["children"],
+               "python": 0.0, "moto": c1["self"] - c0["self"]}
+        return {"call_s": wall, "size": size, "pg_dump_rss": sampler.peak_sum, "tree_rss": sampler.peak_sum,
+                "cpu": cpu}
+
+    def rebuild_database(self, rows: int) -> None:
+        """A new database of `rows` rows (orders + audit_logs), the previous one dropped."""
+        from dataops.tasks import pg
+
+        pg.drop_database(self.base_dsn, self.db_name)
+        self.db_name = f"bench_{uuid.uuid4().hex[:8]}"
+        pg.create_database(self.base_dsn, self.db_name)
+        self.dsn = self.base_dsn.with_database(self.db_name)
+        self.args.rows = rows
+        self.build_database()
+
     def backup_run(self, storage: str, *, kind: str = "backup", backups: dict | None = None, s3: dict | None = None,
-                   check: bool = False) -> dict:
+                   check: bool = False, keep: bool = False) -> dict:
         res = self.run_child({"kind": kind, "settings": self.settings_dict(storage, backups, s3)})
-        if kind == "backup":
+        if kind == "backup" and res.get("parts"):
+            listed = self.s3.list_objects_v2(Bucket=self.bucket, Prefix=f"backups/{res['dump_key'].rsplit('/', 2)[0]}/")
+            stored = sum(o["Size"] for o in listed.get("Contents", []) if "/dump.d/" in o["Key"])
+            if stored != res["size"]:
+                raise SystemExit(f"stored parts are {stored} bytes, the manifest says {res['size']}")
+            if not keep:
+                self.forget(storage, res["dump_key"].rsplit("/", 1)[0])
+        elif kind == "backup":
             stored = self.stored_size(storage, res["dump_key"])
             if stored != res["size"]:
                 raise SystemExit(f"stored object is {stored} bytes, the manifest says {res['size']}")
             if check:
                 res["restorable"] = self.check_restorable(storage, res["dump_key"])
-            self.forget(storage, res["dump_key"])
+            if not keep:
+                self.forget(storage, res["dump_key"])
         return res
 
     def check_restorable(self, storage: str, key: str) -> str:
@@ -575,12 +636,12 @@ def machine() -> dict:
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
-def write_section(text: str) -> None:
+def write_section(text: str, section: str = SECTION) -> None:
     """Replace this benchmark's H2 section of RESULTS.md, keeping every other section."""
     body = RESULTS.read_text() if RESULTS.exists() else (
         "# Benchmark results\n\nOne H2 section per script in `bench/`; each script rewrites only its own section.\n")
     lines = body.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
+    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == section), None)
     if start is None:
         new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
     else:
@@ -798,6 +859,139 @@ def report(b: Bench, f: dict, variants: list, flow: dict | None, ctx: dict) -> s
 
 
 # =====================================================================================
+# --parallel: backups.jobs (issue 18)
+# =====================================================================================
+
+PAR_SECTION = "## Parallel backup (issue 18)"
+PAR_ROUND = [
+    ("j1", "backup(), `backups.jobs: 1` (one stream, the default)", {"storage": "s3"}),
+    ("j2", "backup(), `backups.jobs: 2`", {"storage": "s3", "backups": {"jobs": 2}}),
+    ("fd2z0", "`pg_dump -Fd -j 2 -Z0` alone, into a local folder", {"pg_dump_dir": ["-j", "2", "-Z0"]}),
+    ("fd2", "`pg_dump -Fd -j 2` alone (its gzip), into a local folder", {"pg_dump_dir": ["-j", "2"]}),
+    ("v1", "verify() of a `jobs: 1` backup: download, check, pg_restore, compare", {"verify": 1}),
+    ("v2", "verify() of a `jobs: 2` backup: fetch and check parts, pg_restore -j 2, compare", {"verify": 2}),
+]
+
+
+def par_measure(b: Bench, how: dict, kept: dict[int, str]) -> dict:
+    if "pg_dump_dir" in how:
+        return b.pg_dump_dir(how["pg_dump_dir"])
+    if "verify" in how:
+        jobs = how["verify"]
+        return b.run_child({"kind": "verify", "backup_id": kept[jobs],
+                            "settings": b.settings_dict("s3", {"jobs": jobs})})
+    return b.backup_run("s3", backups=how.get("backups"))
+
+
+def cpu_total(r: dict) -> float:
+    return sum(r["cpu"].values())
+
+
+def par_report(b: Bench, sizes: list[dict], ctx: dict) -> str:
+    m = machine()
+    L: list[str] = []
+    a = L.append
+    a(PAR_SECTION)
+    a("")
+    a("`bench/bench_backup.py --parallel` (`make bench-parallel`): the single stream (`backups.jobs: 1`, "
+      "`pg_dump -Fc -Z0` piped through zstd into one object) against `backups.jobs: 2` (`pg_dump -Fd -j 2 -Z0` "
+      "in the same exported snapshot, each file compressed by zstd and uploaded as its own object as soon as "
+      "pg_dump closes it), against `pg_dump -Fd -j 2` alone; and the way back, verify() (the verify-backup "
+      "path: fetch, check every byte against the manifest, pg_restore into a scratch database, compare "
+      "row counts and schema fingerprint, drop) of one backup of each kind. Interleaved round by round, "
+      f"median of {ctx['repeat']} (single runs in brackets); backups into moto S3 on loopback.")
+    a("")
+    a(f"- date {ctx['date']}; {m['nproc']} CPUs ({m['cpu']}), {m['ram']} RAM, {m['os']}, Python {m['python']}; "
+      f"git {ctx['git']}")
+    a(f"- **the machine was shared**: load average {ctx['load0']} at the start, {ctx['load1']} at the end; "
+      f"1-minute load at the start of each round: {', '.join(f'{x:.1f}' for x in ctx['loads'])}. Absolute "
+      "times are inflated; compare the rows of one size, measured side by side.")
+    a(f"- PostgreSQL {b.pg_version} (pgserver), {b.pg_dump_version}; whole run {ctx['total_s']:.0f} s")
+    a("")
+    for sz in sizes:
+        c = sz["counts"]
+        a(f"### {sz['rows']:,} rows in orders + audit_logs ({sum(c.values()):,} rows in 9 tables, "
+          f"{sz['db_size'] / MiB:.0f} MiB on disk)")
+        a("")
+        a("| run | wall time | CPU s (postgres + pg_dump + Python + moto) | peak RSS, Python | stored | parts | "
+          "local disk peak |")
+        a("| --- | --- | --- | --- | --- | --- | --- |")
+        for key, label, _ in PAR_ROUND:
+            runs = sz["runs"][key]
+            walls = [r["call_s"] for r in runs]
+            cpu = {k: med([r["cpu"][k] for r in runs]) for k in ("postgres", "pg_dump", "python", "moto")}
+            rss = max(r.get("peak_rss", 0) for r in runs)
+            parts = runs[0].get("parts") or "-"
+            disk = runs[0].get("local_disk_peak")
+            if key.startswith("fd"):
+                disk = runs[0]["size"]
+            elif key == "v2":
+                disk = runs[0]["raw_size"]
+            a(f"| {label} | {med(walls):.2f} s ({', '.join(f'{w:.2f}' for w in walls)}) | "
+              f"{cpu['postgres']:.2f} + {cpu['pg_dump']:.2f} + {cpu['python']:.2f} + {cpu['moto']:.2f} = "
+              f"{sum(cpu.values()):.2f} | {mib(rss) if rss else '-'} | {mib(med([r['size'] for r in runs]))} | "
+              f"{parts} | {mib(disk) if disk else '-'} |")
+        a("")
+    a("### Side by side")
+    a("")
+    a("| rows | backup jobs 1 | backup jobs 2 | jobs 2 / jobs 1 (paired) | `pg_dump -Fd -j 2 -Z0` alone | "
+      "verify jobs 1 | verify jobs 2 | jobs 2 / jobs 1 (paired) |")
+    a("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for sz in sizes:
+        r = sz["runs"]
+        pb = med([x["call_s"] / y["call_s"] for x, y in zip(r["j2"], r["j1"])])
+        pv = med([x["call_s"] / y["call_s"] for x, y in zip(r["v2"], r["v1"])])
+        a(f"| {sz['rows']:,} | {med([x['call_s'] for x in r['j1']]):.2f} s | {med([x['call_s'] for x in r['j2']]):.2f} s | "
+          f"{pb:.2f} | {med([x['call_s'] for x in r['fd2z0']]):.2f} s | {med([x['call_s'] for x in r['v1']]):.2f} s | "
+          f"{med([x['call_s'] for x in r['v2']]):.2f} s | {pv:.2f} |")
+    a("")
+    a("Local disk: a parallel backup holds the files pg_dump is writing (at most one per job) and the finished "
+      "ones waiting for an upload worker, never more than `backups.local_queue_mb` (256) of the latter: "
+      "pg_dump is paused (SIGSTOP to its process group) above it and resumed at half. A parallel restore "
+      "(and verify) holds the whole uncompressed dump (the manifest's raw_size; the column above), because "
+      "pg_restore -Fd reads table files by name; it checks the free space first. The single stream uses no "
+      "local disk either way.")
+    return "\n".join(L) + "\n"
+
+
+def main_parallel(args) -> None:
+    started = time.monotonic()
+    load0 = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    b = Bench(args)
+    sizes: list[dict] = []
+    loads: list[float] = []
+    try:
+        b.start()
+        for n, rows in enumerate(int(x) for x in args.sizes.split(",")):
+            if n == 0:
+                b.args.rows = rows
+                b.build_database()
+            else:
+                b.rebuild_database(rows)
+            kept = {jobs: b.backup_run("s3", backups={"jobs": jobs}, keep=True)["backup_id"] for jobs in (1, 2)}
+            runs: dict[str, list[dict]] = {k: [] for k, _, _ in PAR_ROUND}
+            for i in range(args.repeat):
+                loads.append(os.getloadavg()[0])
+                for key, _, how in PAR_ROUND:
+                    runs[key].append(par_measure(b, how, kept))
+                print(f"{rows:,} rows, round {i + 1}: " + ", ".join(f"{k} {runs[k][-1]['call_s']:.2f} s"
+                                                                    for k, _, _ in PAR_ROUND), flush=True)
+            sizes.append({"rows": rows, "counts": dict(b.counts), "db_size": b.db_size, "runs": runs})
+            for bid in kept.values():
+                b.forget("s3", f"{ENV_NAME}/{bid}/x")
+        ctx = {"repeat": args.repeat, "git": _git_state(), "total_s": time.monotonic() - started, "load0": load0,
+               "loads": loads, "load1": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+        section = par_report(b, sizes, ctx)
+    finally:
+        b.stop()
+    print(section)
+    if not args.no_write:
+        write_section(section, PAR_SECTION)
+        print(f"wrote {RESULTS.relative_to(ROOT)}")
+
+
+# =====================================================================================
 # main
 # =====================================================================================
 
@@ -809,7 +1003,12 @@ def main() -> None:
     ap.add_argument("--no-flow", action="store_true", help="skip the Prefect flow measurement")
     ap.add_argument("--no-variants", action="store_true", help="skip the one-off settings")
     ap.add_argument("--no-write", action="store_true", help="print the section, do not touch RESULTS.md")
+    ap.add_argument("--parallel", action="store_true", help="backups.jobs 1 against 2 (issue 18) at each of --sizes")
+    ap.add_argument("--sizes", default="100000,1000000", help="with --parallel: rows in orders + audit_logs")
     args = ap.parse_args()
+    if args.parallel:
+        main_parallel(args)
+        return
 
     started = time.monotonic()
     load0 = " / ".join(f"{x:.2f}" for x in os.getloadavg())

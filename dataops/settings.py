@@ -107,6 +107,19 @@ class BackupSettings(Strict):
         default="zstd", description="zstd: pg_dump -Z0 compressed by multi-threaded zstd; pg_dump: its own gzip")
     compression_level: int = Field(default=3, ge=1, le=19, description="zstd level; 3 (with a larger match table): smaller than pg_dump's gzip")
     compression_threads: int = Field(default=0, ge=0, le=64, description="zstd workers; 0: one per core beside pg_dump's")
+    jobs: int = Field(
+        default=1, ge=1, le=64,
+        description="1: one pg_dump -Fc stream (the default). N > 1: pg_dump -Fd -j N in one snapshot, each table's "
+                    "file uploaded as its own object as soon as pg_dump closes it, restored with pg_restore -j N "
+                    "(docs/backup.md: from what size it pays, and the local disk it needs)")
+    local_dir: Path | None = Field(
+        default=None, description="where a parallel backup (jobs > 1) keeps the table files pg_dump is writing until "
+                                  "they are uploaded, and a parallel restore the whole uncompressed dump; default: "
+                                  "the system's temporary folder")
+    local_queue_mb: int = Field(
+        default=256, ge=1, le=1048576,
+        description="a parallel backup pauses pg_dump (SIGSTOP) while more than this many MiB of finished table files "
+                    "wait for their upload, so the local disk holds at most this plus the files being written")
     scratch_database_url: Dsn | None = Field(
         default=None, description="server for scratch databases (verify); default: the environment's own server"
     )

@@ -29,7 +29,9 @@ def backup_database(env: str, config: str | None = None) -> dict:
         f"# Backup {manifest.id}\n\n"
         f"- environment: **{env}** (database `{manifest.database}`, PostgreSQL {manifest.server_version})\n"
         f"- stored: `{manifest.dump_key}`, {manifest.size:,} bytes ({manifest.compression}), "
-        f"raw {manifest.raw_size:,} bytes\n- sha256: `{manifest.sha256}`\n"
+        f"raw {manifest.raw_size:,} bytes\n- sha256: `{manifest.sha256}`\n" +
+        (f"- parallel: pg_dump -Fd -j {manifest.jobs}, {len(manifest.parts)} parts (one object per file), "
+         f"local disk peak {(manifest.local_disk_peak or 0) / 1048576:.1f} MiB\n" if manifest.parts else "") +
         f"- took {manifest.duration_seconds:.1f} s\n- schema fingerprint: `{manifest.schema_fingerprint[:16]}`\n\n"
         "## Rows per table\n\n" + markdown_table([{"table": t, "rows": n} for t, n in manifest.tables.items()]),
         f"backup {manifest.id} of {env}",

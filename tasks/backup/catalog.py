@@ -1,7 +1,9 @@
 """The backup catalog: manifests in storage, listing, lookup, verification marks, retention, freshness.
 
 Layout under the storage prefix, one folder per backup:
-    <env>/<backup id>/dump.pgc[.zst]   the pg_dump custom-format archive (written first)
+    <env>/<backup id>/dump.pgc[.zst]   the pg_dump custom-format archive (written first), or
+    <env>/<backup id>/dump.d/<file>[.zst]  with backups.jobs > 1: each file of pg_dump's directory
+                                       format (toc.dat, one per table, blobs), its own object (parts.py)
     <env>/<backup id>/manifest.json    written last: its presence is what makes a backup
     <env>/<backup id>/verified.json    written by verify-backup
 A dump without its manifest is the leftover of a failed run: never listed, restored or pruned.
@@ -37,6 +39,19 @@ class Verification(BaseModel):
     scratch_server: str | None = None
 
 
+class Part(BaseModel):
+    """One file of a directory-format dump as stored: `size` and `sha256` are of the stored
+    (compressed) bytes, `raw_size` of the file pg_dump wrote."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str
+    key: str
+    size: int
+    raw_size: int
+    sha256: str
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -48,7 +63,7 @@ class Manifest(BaseModel):
     server_version: str
     pg_dump_version: str
     dump_key: str
-    archive_format: Literal["custom"] = "custom"
+    archive_format: Literal["custom", "directory"] = "custom"
     compression: Literal["zstd", "pg_dump"]
     size: int
     raw_size: int
@@ -60,7 +75,17 @@ class Manifest(BaseModel):
     schema_fingerprint: str
     schema_fingerprint_version: int = 1  # how the fingerprint reads server-printed text (tasks/schema.py); absent: 1
     tool_version: str
+    # A parallel backup (archive_format "directory"): its parts, dump_key being the toc.dat part's;
+    # size and raw_size are the parts' totals and sha256 is parts.parts_digest over them.
+    jobs: int = 1
+    parts: list[Part] = []
+    local_disk_peak: int | None = None  # bytes the parallel dump held on local disk at most
     verification: Verification | None = None
+
+    @property
+    def stored_keys(self) -> list[str]:
+        """Every object that holds the dump."""
+        return [p.key for p in self.parts] if self.parts else [self.dump_key]
 
     @property
     def verified(self) -> bool:
@@ -171,10 +196,10 @@ def discard_leftovers(storage: Storage, env: str) -> list[str]:
     folders: dict[str, list[str]] = {}
     for o in storage.list(f"{env}/"):
         parts = o.key.split("/")
-        if len(parts) == 3:
+        if len(parts) >= 3:  # a parallel backup's parts sit one folder deeper
             folders.setdefault(parts[1], []).append(o.key)
     for backup_id, keys in sorted(folders.items()):
-        if not any(k.endswith("/" + MANIFEST) for k in keys):
+        if f"{env}/{backup_id}/{MANIFEST}" not in keys:
             storage.delete(keys)
             gone.append(f"backup {backup_id} without a manifest ({len(keys)} object(s))")
     return gone

@@ -29,6 +29,7 @@ from dataops.failpoints import failpoint
 from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.backup.catalog import Manifest, discard_leftovers, dump_key, new_backup_id, write_manifest
+from dataops.tasks.backup.parts import dump_directory, parts_digest
 from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.backup.streams import HashingReader, Process, compress_reader, return_big_buffers
 from dataops.tasks.retries import RETRY_TRANSIENT, RUN_ONCE
@@ -84,7 +85,9 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
     """Stream a consistent dump into storage and return its manifest (not yet written).
 
     Any failure (pg_dump error, lost connection, upload error) aborts the multipart
-    upload, so no object is left under the dump's key.
+    upload, so no object is left under the dump's key. With backups.jobs > 1 the dump is
+    pg_dump -Fd -j N and each of its files is its own object (parts.dump_directory); a failure
+    deletes the parts already stored, and a kill leaves them without a manifest (never listed).
     """
     return_big_buffers()
     hold_backup_lock(env.name)  # a retry after a server restart takes the lock its session lost
@@ -100,6 +103,25 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
                     application_name="dataops-backup") as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         snapshot = conn.execute("SELECT pg_export_snapshot()").fetchone()[0]
+        if cfg.jobs > 1:
+            with ThreadPoolExecutor(1) as pool:
+                stats = pool.submit(_snapshot_stats, conn)  # in the snapshot pg_dump's workers share
+                try:
+                    out = dump_directory(settings, pre.pg_dump, storage, env.name, backup_id, snapshot, conninfo,
+                                         secret_env, check_client)
+                    tables, fp = stats.result()
+                except BaseException:
+                    conn.cancel_safe()
+                    raise
+            conn.execute("COMMIT")
+            return Manifest(
+                id=backup_id, environment=env.name, database=env.database_url.database, role=env.role.value,
+                server_version=pre.server_version, pg_dump_version=pre.pg_dump_version, dump_key=out.toc_key,
+                archive_format="directory", compression=cfg.compression, size=sum(p.size for p in out.parts),
+                raw_size=sum(p.raw_size for p in out.parts), sha256=parts_digest(out.parts), started_at=started,
+                finished_at=datetime.now(timezone.utc), duration_seconds=round(time.monotonic() - t0, 3),
+                tables=tables, schema_fingerprint=fp, tool_version=dataops.__version__, jobs=cfg.jobs,
+                parts=out.parts, local_disk_peak=out.local_disk_peak)
         args = [pre.pg_dump, "--format=custom", f"--snapshot={snapshot}", "--no-sync", f"--dbname={conninfo}"]
         args.append("--compress=0" if cfg.compression == "zstd" else "--compress=6")
         dump = Process(args, secret_env, stdout=subprocess.PIPE, name="pg_dump")
@@ -219,12 +241,19 @@ def backup_lock(settings: Settings, env: Environment) -> Iterator[list[str]]:
 def finish_backup(storage: Storage, manifest: Manifest) -> None:
     """Write the manifest, holding the backup lock: the dump becomes a backup only if nothing
     discarded it while the lock was lost (a prune deletes a dump without a manifest)."""
-    if hold_backup_lock(manifest.environment) and not storage.exists(manifest.dump_key):
+    if hold_backup_lock(manifest.environment) and not _all_stored(storage, manifest):
         raise OperationFailed(f"the dump of backup {manifest.id} was discarded while the backup lock of "
                               f"'{manifest.environment}' was lost (a server restart or pg_terminate_backend ended "
                               "its session, and a prune or another backup ran meanwhile); nothing was listed; run "
                               "the backup again")
     write_manifest(storage, manifest)
+
+
+def _all_stored(storage: Storage, manifest: Manifest) -> bool:
+    if not manifest.parts:
+        return storage.exists(manifest.dump_key)
+    stored = {o.key for o in storage.list(f"{manifest.environment}/{manifest.id}/")}
+    return all(key in stored for key in manifest.stored_keys)
 
 
 def backup(settings: Settings, env: Environment) -> Manifest:

@@ -8,12 +8,15 @@ leaves the target as it was. verify-backup runs the same path without the swap.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 from prefect import task
 
@@ -24,6 +27,7 @@ from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.backup.catalog import Manifest, Verification, mark_verified
 from dataops.tasks.backup.dump import check_client
+from dataops.tasks.backup.parts import check_parts, fetch_parts, local_folder, restore_directory
 from dataops.tasks.backup.storage import Storage, open_storage
 from dataops.tasks.backup.streams import CHUNK, Download, HashingReader, Process, decompress_reader
 from dataops.tasks.retries import RETRY_TRANSIENT
@@ -76,8 +80,12 @@ def refuse_older_server(settings: Settings, manifest: Manifest, dsn: Dsn, where:
                        f"older one; restore it into a PostgreSQL {source} or newer server")
 
 
-def verify_checksum(storage: Storage, manifest: Manifest) -> None:
-    """Read the whole object once and compare size and SHA-256 with the manifest."""
+def verify_checksum(storage: Storage, manifest: Manifest, workers: int = 2) -> None:
+    """Read the whole object once and compare size and SHA-256 with the manifest (a parallel
+    backup: every part, `workers` at a time, after checking that none is missing)."""
+    if manifest.parts:
+        check_parts(storage, manifest, workers)
+        return
     dump = download(storage, manifest)
     try:
         reader = HashingReader(dump)
@@ -92,13 +100,42 @@ def verify_checksum(storage: Storage, manifest: Manifest) -> None:
             f"sha256 {manifest.sha256[:16]}...; use another backup")
 
 
-def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, dsn: Dsn) -> None:
+def restore_jobs(settings: Settings, manifest: Manifest) -> int:
+    """pg_restore -j of a parallel backup: the configured jobs, or the backup's own when the
+    configuration says 1 (a parallel backup restored by a configuration that dumps in one stream)."""
+    return settings.backups.jobs if settings.backups.jobs > 1 else max(manifest.jobs, 1)
+
+
+@contextlib.contextmanager
+def checked_archive(settings: Settings, storage: Storage, manifest: Manifest) -> Iterator[Path | None]:
+    """The backup, checked against its manifest before anything is written. One stream: its
+    checksum read once (pg_restore_into streams it again and checks it again), yields None. A
+    parallel backup: every part downloaded, checked and decompressed into a local folder, which
+    pg_restore -Fd reads (disk: the dump's raw size), yields that folder."""
+    if not manifest.parts:
+        verify_checksum(storage, manifest)
+        yield None
+        return
+    with local_folder(settings, "parrestore") as folder:
+        fetch_parts(storage, manifest, folder, restore_jobs(settings, manifest))
+        yield folder
+
+
+def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, dsn: Dsn,
+                    local: Path | None = None) -> None:
     """Stream the archive into pg_restore. The checksum is checked again on this pass, so
     an object replaced between the check and the restore is still caught (the caller then
-    drops the scratch database)."""
+    drops the scratch database). A parallel backup is restored with pg_restore -j N from the
+    folder checked_archive fetched (fetched here when not given)."""
     major, _ = pg.server_version(dsn, settings.postgres.connect_timeout)
     binary = pg.client_binary("pg_restore", major, settings.postgres.bin_dir)
     conninfo, secret_env = dsn.libpq_args()
+    if manifest.parts:
+        with contextlib.ExitStack() as stack:
+            if local is None:
+                local = stack.enter_context(checked_archive(settings, storage, manifest))
+            restore_directory(binary, local, restore_jobs(settings, manifest), conninfo, secret_env, check_client)
+        return
     args = [binary, "--format=custom", "--no-owner", "--no-privileges", "--exit-on-error", f"--dbname={conninfo}"]
     dump = download(storage, manifest)
     proc = Process(args, secret_env, stdin=subprocess.PIPE, name="pg_restore")
@@ -127,10 +164,10 @@ def compare_with_manifest(dsn: Dsn, manifest: Manifest) -> tuple[dict[str, int],
 
 
 def load_and_check(settings: Settings, storage: Storage, manifest: Manifest, scratch: Dsn,
-                   purpose: str) -> RestoreResult:
+                   purpose: str, local: Path | None = None) -> RestoreResult:
     """Restore into the (new, empty) scratch database and compare it with the manifest."""
     t0 = time.monotonic()
-    pg_restore_into(settings, storage, manifest, scratch)
+    pg_restore_into(settings, storage, manifest, scratch, local)
     counts, problems = compare_with_manifest(scratch, manifest)
     return RestoreResult(manifest.id, purpose, scratch.database, round(time.monotonic() - t0, 3), counts, problems)
 
@@ -143,17 +180,18 @@ def restore(settings: Settings, storage: Storage, manifest: Manifest, target: En
     check_fingerprint_version(manifest.schema_fingerprint_version)  # a newer dataops' manifest: before any work
     dsn = target.database_url
     refuse_older_server(settings, manifest, dsn, f"environment '{target.name}'")
-    verify_checksum(storage, manifest)
-    with pg.replacement_lock(dsn, target.name, "restore", settings.postgres.connect_timeout):
-        return _restore_locked(settings, storage, manifest, target)
+    with checked_archive(settings, storage, manifest) as local, \
+            pg.replacement_lock(dsn, target.name, "restore", settings.postgres.connect_timeout):
+        return _restore_locked(settings, storage, manifest, target, local)
 
 
-def _restore_locked(settings: Settings, storage: Storage, manifest: Manifest, target: Environment) -> RestoreResult:
+def _restore_locked(settings: Settings, storage: Storage, manifest: Manifest, target: Environment,
+                    local: Path | None = None) -> RestoreResult:
     dsn = target.database_url
     discarded = discard_leftovers(dsn)
     with owned_scratch(dsn, dsn.database, "restore") as name:
         failpoint("restore.after_scratch_created")
-        result = load_and_check(settings, storage, manifest, dsn.with_database(name), "restore")
+        result = load_and_check(settings, storage, manifest, dsn.with_database(name), "restore", local)
         if not result.ok:
             raise OperationFailed(f"restored copy of backup {manifest.id} does not match its manifest: "
                                   f"{'; '.join(result.problems[:3])}; target '{target.name}' was left unchanged")
@@ -181,11 +219,11 @@ def verify(settings: Settings, storage: Storage, manifest: Manifest, env: Enviro
     t0 = time.monotonic()
     check_fingerprint_version(manifest.schema_fingerprint_version)
     refuse_older_server(settings, manifest, server, f"the scratch server {server.host}:{server.port}")
-    verify_checksum(storage, manifest)
-    discard_leftovers(server)
-    with owned_scratch(server, manifest.database, "verify") as name:
-        result = load_and_check(settings, storage, manifest, server.with_database(name), "verify")
-        failpoint("verify.after_load")
+    with checked_archive(settings, storage, manifest) as local:
+        discard_leftovers(server)
+        with owned_scratch(server, manifest.database, "verify") as name:
+            result = load_and_check(settings, storage, manifest, server.with_database(name), "verify", local)
+            failpoint("verify.after_load")
     return Verification(ok=result.ok, verified_at=datetime.now(timezone.utc),
                         duration_seconds=round(time.monotonic() - t0, 3), problems=result.problems,
                         scratch_server=f"{server.host}:{server.port}")
@@ -211,7 +249,7 @@ def verify_and_record(settings: Settings, storage: Storage, manifest: Manifest, 
 
 @task(name="verify-checksum", **RETRY_TRANSIENT)
 def verify_checksum_task(settings: Settings, manifest: Manifest) -> None:
-    verify_checksum(open_storage(settings.storage), manifest)
+    verify_checksum(open_storage(settings.storage), manifest, restore_jobs(settings, manifest))
 
 
 # Both retry a transient fault (a lost connection, a server restarted under pg_restore): a retry runs

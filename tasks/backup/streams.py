@@ -180,11 +180,12 @@ class Process:
     """A client binary with stderr drained in the background (so it can never block on a
     full pipe), and an error that quotes its last lines with secrets masked."""
 
-    def __init__(self, args: list[str], env: dict[str, str], *, stdin=None, stdout=None, name: str):
+    def __init__(self, args: list[str], env: dict[str, str], *, stdin=None, stdout=None, name: str,
+                 preexec_fn: Callable[[], None] | None = None):
         self.name = name
         self._err = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=self._err,
-                                     env={**os.environ, **env})
+                                     env={**os.environ, **env}, preexec_fn=preexec_fn)
         for pipe in (self.proc.stdin, self.proc.stdout):
             if pipe is not None:
                 widen_pipe(pipe.fileno())
