@@ -186,6 +186,9 @@ def parse_path(path: str, where: str) -> tuple:
             raise BadInput(f"{where}: json path {path!r} does not parse; write keys with dots and [*] for every array "
                            'element, e.g. contact.email or items[*].sku ("quoted.key" for keys holding dots)')
         key = found.group(1).replace('""', '"') if found.group(1) is not None else found.group(2)
+        if key is None and not found.group(3):
+            raise BadInput(f"{where}: json path {path!r} has an empty key; write keys with dots between them, e.g. "
+                           "contact.email")
         if key is not None:
             segs.append("*" if key == "*" and found.group(1) is None else key)
         for index in re.findall(r"\[(\*|\d+)\]", found.group(3)):
