@@ -146,7 +146,7 @@ def test_rule_syntax_errors_name_the_key():
             "storage": {"url": "file:///tmp/x"}}
     for text, message in [
         ("{faker: email, keep: true}", "give exactly one of faker, template, constant, null, hash, partial, shift_days, "
-                                       "keep (got faker, keep)"),
+                                       "keep, noise, regex, choice, generalize, json, cases (got faker, keep)"),
         ("{constant: null}", "constant: null is the null rule"),
         ("{partial: {keep_last: 2}, unique: true}", "unique applies to faker, hash and template rules"),
         ("{fakr: email}", "anonymize.rules.users.email.fakr: unknown key; did you mean 'faker'?"),
