@@ -255,7 +255,7 @@ def build_report(masking, names: list[tuple[str, str]], unchanged: dict[int, int
             c.note = {"noise": "compared per row: values moved by the noise",
                       "generalize": "compared per row: values coarsened (many share one by design)",
                       "choice": "compared per row: values come from the choice list"}.get(
-                m.kind, "compared per row: some cases give values other rows may hold")
+                m.kind, f"compared per row: some of its {m.kind} rules give values other rows may hold")
         else:
             c.leaked = int(leaked[i])
             if m.kind == "faker" and not m.unique:

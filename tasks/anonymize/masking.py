@@ -385,9 +385,9 @@ class Masker:
         is not meant to coincide with real values (a Faker pick, a choice, a moved date may)."""
         if self.kind == "faker":
             return self.unique
-        if self.kind == "cases":
-            return all(s.kind in ("keep", "null") or s.track_output for s in self.subs)
-        return self.kind in ("hash", "template", "partial", "regex", "json")
+        if self.kind in ("cases", "json"):  # json: whole documents; a choice or noise inside one can give
+            return all(s.kind in ("keep", "null") or s.track_output for s in self.subs)  # another row's document
+        return self.kind in ("hash", "template", "partial", "regex")
 
     @property
     def py(self) -> Callable[[bytes, bytes, list[bytes]], str]:
