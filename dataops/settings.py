@@ -246,7 +246,9 @@ class ScheduleSettings(Strict):
         return v
 
 
-_RULE_KINDS = ("faker", "template", "constant", "null", "hash", "partial", "shift_days", "keep")
+_RULE_KINDS = ("faker", "template", "constant", "null", "hash", "partial", "shift_days", "keep",
+               "noise", "regex", "choice", "generalize", "json_paths", "cases")
+_KIND_NAMES = {"json_paths": "json"}  # field name -> the key written in dataops.yaml
 _MASK_SEPARATORS = " ()+,./:@_-"  # partial masks keep these, so a phone number keeps its shape
 
 
@@ -266,10 +268,85 @@ class PartialRule(Strict):
         return v
 
 
+class NoiseRule(Strict):
+    """Deterministic noise: numbers move by up to `bound` (absolute) or `percent` of the value,
+    dates and timestamps by up to `bound` days. Symmetric, so sums and means stay close."""
+
+    bound: float | None = Field(default=None, gt=0, description="largest move; days for dates and timestamps")
+    percent: float | None = Field(default=None, gt=0, le=100, description="largest move as a percentage of the value")
+
+    @model_validator(mode="after")
+    def _one(self) -> "NoiseRule":
+        if (self.bound is None) == (self.percent is None):
+            raise ValueError("noise needs exactly one of bound (e.g. {bound: 10}) or percent (e.g. {percent: 5})")
+        return self
+
+
+class RegexRule(Strict):
+    pattern: str = Field(min_length=1, description="PostgreSQL regular expression (ARE)")
+    replace: str = Field(description="replacement; \\1 names a group")
+    flags: str = Field(default="g", pattern=r"^[gicnsx]*$", description="regexp_replace flags; g: every match")
+
+
+class ChoiceRule(Strict):
+    values: list[str | int | float | bool] = Field(min_length=1, max_length=10_000)
+    weights: list[int] | None = Field(default=None, description="a positive whole number per value")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            return {"values": v}
+        if isinstance(v, dict) and "values" not in v and v:  # {DE: 3, FR: 1}: value -> weight
+            if all(isinstance(w, int) and not isinstance(w, bool) for w in v.values()):
+                return {"values": list(v), "weights": list(v.values())}
+        return v
+
+    @model_validator(mode="after")
+    def _weights(self) -> "ChoiceRule":
+        if self.weights is not None:
+            if len(self.weights) != len(self.values):
+                raise ValueError(f"choice has {len(self.values)} values and {len(self.weights)} weights; give one "
+                                 "weight per value")
+            if any(w < 1 for w in self.weights) or sum(self.weights) > 1_000_000:
+                raise ValueError("choice weights must be whole numbers from 1, summing to at most 1000000")
+        return self
+
+
+class GeneralizeRule(Strict):
+    """Coarser values for analytics: numbers down to a multiple of `step` (ages 37 -> 30),
+    dates and timestamps truncated `to` a unit (2021-05-17 -> 2021-05-01), text cut to its
+    first `prefix` characters (zip 90210 -> 902, with `fill: '*'` -> 902**)."""
+
+    step: float | None = Field(default=None, gt=0)
+    to: Literal["day", "week", "month", "quarter", "year", "decade"] | None = None
+    prefix: int | None = Field(default=None, ge=0, le=1000)
+    fill: str | None = Field(default=None, min_length=1, max_length=1, description="with prefix: pad to the length")
+
+    @model_validator(mode="after")
+    def _one(self) -> "GeneralizeRule":
+        given = [k for k in ("step", "to", "prefix") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("generalize needs exactly one of step (numbers), to (dates: month, year, ...) or "
+                             "prefix (text)")
+        if self.fill is not None and self.prefix is None:
+            raise ValueError("fill applies to generalize: {prefix: n} only")
+        return self
+
+
+class RuleCase(Strict):
+    when: str = Field(min_length=1, description="SQL condition on the row, evaluated by PostgreSQL")
+    rule: "ColumnRule"
+
+
 class ColumnRule(Strict):
     """How one column is masked: a mapping with exactly one kind (faker, template, constant,
-    null, hash, partial, shift_days, keep), or a shorthand: a Faker provider name (`name`),
-    `keep`, `hash`, or null (YAML's `~`/`null`) for the null rule."""
+    null, hash, partial, shift_days, keep, noise, regex, choice, generalize, json, cases), or
+    a shorthand: a Faker provider name (`name`), `keep`, `hash`, or null (YAML's `~`/`null`)
+    for the null rule. `json` maps paths in a json/jsonb document to rules; `cases` is an
+    ordered list of {when: SQL condition, rule} with an `else` rule for the other rows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
     faker: str | None = Field(default=None, description="Faker provider called without arguments, e.g. email")
     locale: str | None = Field(default=None, description="Faker locale; default anonymize.locale")
@@ -280,6 +357,14 @@ class ColumnRule(Strict):
     partial: PartialRule | None = None
     shift_days: int | None = Field(default=None, ge=1, le=36500, description="move dates by up to this many days")
     keep: bool = False
+    noise: NoiseRule | None = None
+    regex: RegexRule | None = None
+    choice: ChoiceRule | None = None
+    generalize: GeneralizeRule | None = None
+    json_paths: dict[str, "ColumnRule"] | None = Field(
+        default=None, alias="json", description="json/jsonb column: path (contact.email, phones[*]) -> rule")
+    cases: list[RuleCase] | None = Field(default=None, min_length=1, description="ordered {when, rule}; first match")
+    fallback: "ColumnRule | None" = Field(default=None, alias="else", description="with cases: the other rows' rule")
     unique: bool = Field(default=False, description="append a keyed suffix so distinct inputs stay distinct")
 
     @model_validator(mode="before")
@@ -296,6 +381,8 @@ class ColumnRule(Strict):
             v = {("null" if k is None else k): val for k, val in v.items()}  # YAML reads `null:` as None
             if "constant" in v and v["constant"] is None:
                 raise ValueError("constant: null is the null rule; write `column: null`")
+            if "else" in v and v["else"] is None:
+                v["else"] = {"null": True}
             if v.get("hash") is True:
                 v["hash"] = {}
             elif v.get("hash") is False:
@@ -307,8 +394,23 @@ class ColumnRule(Strict):
         given = [k for k in _RULE_KINDS if (getattr(self, k) is True if k in ("null", "keep") else k in self.model_fields_set
                                             and getattr(self, k) is not None)]
         if len(given) != 1:
-            got = f" (got {', '.join(given)})" if given else ""
-            raise ValueError(f"give exactly one of {', '.join(_RULE_KINDS)}{got}")
+            got = f" (got {', '.join(_KIND_NAMES.get(k, k) for k in given)})" if given else ""
+            raise ValueError(f"give exactly one of {', '.join(_KIND_NAMES.get(k, k) for k in _RULE_KINDS)}{got}")
+        if given[0] == "cases" and self.fallback is None:
+            raise ValueError("cases needs an else: rule for the rows no condition matches (else: keep to copy them)")
+        if self.fallback is not None and given[0] != "cases":
+            raise ValueError("else applies to cases only")
+        if given[0] == "json_paths":
+            if not self.json_paths:
+                raise ValueError("json needs at least one path, e.g. json: {contact.email: email}")
+            for path, sub in self.json_paths.items():
+                if sub.kind in ("json", "cases"):
+                    raise ValueError(f"json path {path!r}: a path's rule cannot be json or cases; name the "
+                                     "deeper path instead")
+        if given[0] == "cases":
+            for sub in [c.rule for c in self.cases] + [self.fallback]:
+                if sub.kind in ("json", "cases") or sub.unique:
+                    raise ValueError("a rule under cases cannot be json, cases or unique")
         if self.unique and given[0] not in ("faker", "hash", "template"):
             raise ValueError("unique applies to faker, hash and template rules")
         if self.locale and given[0] != "faker":
@@ -324,8 +426,12 @@ class ColumnRule(Strict):
 
     @property
     def kind(self) -> str:
-        return next(k for k in _RULE_KINDS if (getattr(self, k) is True if k in ("null", "keep") else
-                                               k in self.model_fields_set and getattr(self, k) is not None))
+        k = next(k for k in _RULE_KINDS if (getattr(self, k) is True if k in ("null", "keep") else
+                                            k in self.model_fields_set and getattr(self, k) is not None))
+        return _KIND_NAMES.get(k, k)
+
+
+RuleCase.model_rebuild()
 
 
 class AnonymizeSettings(Strict):
@@ -491,8 +597,9 @@ def _known_keys() -> set[str]:
     for model in (Settings, Environment, StorageSettings, BackupSettings, PostgresSettings, PrefectSettings,
                   ScheduleSettings,
                   MigrationSettings, AlertSettings, AnonymizeSettings, RefreshSettings, ColumnRule, HashRule,
-                  PartialRule, ValidationSettings, RowCountBounds, CustomCheck, ExpectValue, TransformSettings):
+                  PartialRule, NoiseRule, RegexRule, ChoiceRule, GeneralizeRule, RuleCase, ValidationSettings, RowCountBounds, CustomCheck, ExpectValue, TransformSettings):
         keys.update(model.model_fields)
+        keys.update(f.alias for f in model.model_fields.values() if f.alias)
     return keys
 
 

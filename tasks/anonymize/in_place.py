@@ -362,11 +362,11 @@ def _update_table(conn: psycopg.Connection, plan: MaskingPlan, tm: TableMasking,
                     continue
                 counts[j][1] += 1
                 v, o = unescape(old), unescape(new)
-                if m.kind != "shift_days":
+                if m.track_source:
                     collector.add_source(digest(v)[24:32])
                 if o == v:
                     counts[j][0] += 1
-                elif m.kind in ("hash", "template", "partial") or (m.kind == "faker" and m.unique):
+                elif m.track_output and new != NULL:
                     collector.add_output(digest(o)[24:32], col_id.to_bytes(2, "little"))
             collector.flush()
     collector.flush(final=True)

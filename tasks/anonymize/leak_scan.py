@@ -250,6 +250,12 @@ def build_report(masking, names: list[tuple[str, str]], unchanged: dict[int, int
         elif m.kind == "shift_days":
             c.checked = values.get(i, 0)
             c.note = "compared per row: every date moved"
+        elif m.kind != "faker" and not m.track_output:  # noise, generalize, choice, some cases: many-to-one or
+            c.checked = values.get(i, 0)                  # moved values, which other rows may hold by design
+            c.note = {"noise": "compared per row: values moved by the noise",
+                      "generalize": "compared per row: values coarsened (many share one by design)",
+                      "choice": "compared per row: values come from the choice list"}.get(
+                m.kind, f"compared per row: some of its {m.kind} rules give values other rows may hold")
         else:
             c.leaked = int(leaked[i])
             if m.kind == "faker" and not m.unique:

@@ -32,6 +32,7 @@ from psycopg import sql
 
 from dataops.errors import BadInput
 from dataops.settings import _MASK_SEPARATORS, ColumnRule
+from dataops.tasks.anonymize.sql_rules import NUMBER_TYPES, SQL_KINDS, choice_values, parse_path, rule_sql
 
 NULL = b"\\N"
 TEXT_TYPES = {"text", "varchar", "bpchar", "citext", "name"}
@@ -320,6 +321,8 @@ class Masker:
     refs: dict[str, int] = field(default_factory=dict)  # template column -> field index
     where: str = ""  # where the rule was given (anonymize.rules.users.email), for errors
     pool_note: str = ""  # why the pool holds fewer values than its provider gives, for the label
+    subs: list["Masker"] = field(default_factory=list)  # json: one per path; cases: one per case, then else
+    paths: list[tuple] = field(default_factory=list)  # json: the parsed paths, in the order of subs
     _py: Callable[[bytes, bytes, list[bytes]], str] | None = field(default=None, repr=False, compare=False)
     _pool: list[str] | None = field(default=None, repr=False, compare=False)
 
@@ -365,6 +368,28 @@ class Masker:
         return self.pool_spec != before
 
     @property
+    def by_postgres(self) -> bool:
+        """Evaluated by PostgreSQL in the refresh's source SELECT too (dataops.tasks.anonymize.sql_rules):
+        the stream reads the masked value and the original side by side, for the leak scan."""
+        return self.kind in SQL_KINDS
+
+    @property
+    def track_source(self) -> bool:
+        """Its source values go to the leak scan's set of values that must not reappear. Not
+        moved dates and numbers (noise, generalize, shift_days): other rows hold them by chance."""
+        return self.kind not in ("shift_days", "noise", "generalize")
+
+    @property
+    def track_output(self) -> bool:
+        """Its written values are compared with every masked source value: rules whose output
+        is not meant to coincide with real values (a Faker pick, a choice, a moved date may)."""
+        if self.kind == "faker":
+            return self.unique
+        if self.kind in ("cases", "json"):  # json: whole documents; a choice or noise inside one can give
+            return all(s.kind in ("keep", "null") or s.track_output for s in self.subs)  # another row's document
+        return self.kind in ("hash", "template", "partial", "regex")
+
+    @property
     def py(self) -> Callable[[bytes, bytes, list[bytes]], str]:
         if self._py is None:
             self._py = _python_function(self)
@@ -388,6 +413,21 @@ class Masker:
             return f"partial (keep last {r.partial.keep_last})"
         if self.kind == "shift_days":
             return f"shift up to {r.shift_days} days"
+        if self.kind == "noise":
+            return f"noise up to {r.noise.percent:g}%" if r.noise.percent else f"noise up to {r.noise.bound:g}"
+        if self.kind == "regex":
+            return f"regex {r.regex.pattern} -> {r.regex.replace}"
+        if self.kind == "choice":
+            return f"choice of {len(r.choice.values)}" + (" (weighted)" if r.choice.weights else "")
+        if self.kind == "generalize":
+            g = r.generalize
+            return (f"generalize to multiples of {g.step:g}" if g.step is not None else
+                    f"generalize to {g.to}" if g.to else f"generalize to the first {g.prefix} characters")
+        if self.kind == "json":
+            return "json " + ", ".join(f"{p}: {s.label}" for p, s in zip(r.json_paths, self.subs))
+        if self.kind == "cases":
+            return "cases " + "; ".join([f"when {c.when}: {s.label}" for c, s in zip(r.cases, self.subs)]
+                                        + [f"else: {self.subs[-1].label}"])
         return self.kind
 
     # -- SQL, for in-place updates and for the source SELECT of null/constant ------------------
@@ -411,6 +451,8 @@ class Masker:
         `cast=False`: the value before the cast (an explicit cast to varchar(n) would cut
         a value that is too long instead of refusing it), for the rule checks.
         """
+        if self.kind in SQL_KINDS:
+            return rule_sql(self, col, refs, cast)
         typ = sql.SQL(self.column.type)
         if self.kind == "null":
             return sql.SQL("NULL::{}").format(typ)
@@ -546,6 +588,9 @@ def compile_rule(rule: ColumnRule, column: Column, *, keyed: Keyed, locale: str,
                 raise bad(f"template values have at least {shortest} characters ({{hash}} gives 16, unique adds "
                           f"{SUFFIX_CHARS}), more than {column.type} holds; shorten the template or use "
                           f"hash: {{length: {column.max_length}}}")
+    elif kind in SQL_KINDS:
+        _compile_sql_rule(m, bad, keyed=keyed, locale=locale, pool_size=pool_size, columns=columns, masked=masked,
+                          where=where)
     elif kind == "faker":
         loc = rule.locale or locale
         try:
@@ -557,6 +602,58 @@ def compile_rule(rule: ColumnRule, column: Column, *, keyed: Keyed, locale: str,
         if column.max_length:  # then the pool is needed now, to check its values fit
             _fit_pool(m, rule.faker, loc, pool_size, bad)
     return m
+
+
+def _compile_sql_rule(m: Masker, bad: Callable[[str], BadInput], **args) -> None:
+    """The checks of the rules PostgreSQL evaluates (the SQL itself: sql_rules)."""
+    rule, column, kind = m.rule, m.column, m.kind
+    base = column.base
+    if kind in ("noise", "choice", "generalize", "regex") and column.unique:
+        raise bad(f"column is unique and {kind} values collide; use faker or hash with unique: true")
+    if kind == "noise":
+        if base not in NUMBER_TYPES | DATE_TYPES:
+            raise bad(f"noise applies to number, date and timestamp columns, not {column.type}")
+        if base in DATE_TYPES and rule.noise.percent is not None:
+            raise bad("noise on dates takes bound (days), e.g. noise: {bound: 30}, not percent")
+    elif kind == "regex":
+        if base not in TEXT_TYPES:
+            raise bad(f"regex applies to text columns, not {column.type}")
+        try:
+            re.compile(rule.regex.pattern)  # PostgreSQL checks its own syntax on the sample (check_outputs)
+        except re.error:
+            pass
+    elif kind == "choice":
+        values = choice_values(m)
+        if column.max_length and base in TEXT_TYPES:
+            long = [v for v in values if len(v) > column.max_length]
+            if long:
+                raise bad(f"choice value {long[0]!r} has {len(long[0])} characters, more than {column.type} holds")
+    elif kind == "generalize":
+        g = rule.generalize
+        if g.step is not None and base not in NUMBER_TYPES:
+            raise bad(f"generalize: {{step: ...}} applies to number columns, not {column.type}")
+        if g.to is not None and base not in DATE_TYPES:
+            raise bad(f"generalize: {{to: {g.to}}} applies to date and timestamp columns, not {column.type}")
+        if g.prefix is not None and base not in TEXT_TYPES:
+            raise bad(f"generalize: {{prefix: ...}} applies to text columns, not {column.type}")
+    elif kind == "json":
+        if base not in ("json", "jsonb"):
+            raise bad(f"json paths apply to json and jsonb columns, not {column.type}")
+        for path, sub in rule.json_paths.items():
+            here = f"{args['where']}.json.{path}"
+            m.paths.append(parse_path(path, here))
+            if sub.kind == "shift_days" or (
+                    sub.kind == "generalize" and sub.generalize.to is not None):
+                raise BadInput(f"{here}: {sub.kind} on dates inside json is not supported; mask the path with "
+                               "hash, partial, choice or null")
+            numeric = sub.kind == "noise" or (sub.kind == "generalize" and sub.generalize.step is not None)
+            leaf = Column(column.name, "numeric" if numeric else "text", "numeric" if numeric else "text",
+                          False, False, None)
+            m.subs.append(compile_rule(sub, leaf, **{**args, "where": here}))
+    elif kind == "cases":
+        for i, case in enumerate(rule.cases):
+            m.subs.append(compile_rule(case.rule, column, **{**args, "where": f"{args['where']}.cases[{i}].rule"}))
+        m.subs.append(compile_rule(rule.fallback, column, **{**args, "where": f"{args['where']}.else"}))
 
 
 def _fit_pool(m: Masker, provider: str, locale: str, pool_size: int, bad: Callable[[str], BadInput],
@@ -641,3 +738,10 @@ def _python_function(m: Masker) -> Callable[[bytes, bytes, list[bytes]], str]:
             return lambda v, d, fields: uniquify(pool[int.from_bytes(d[:7], "big") % n], d)
         return lambda v, d, fields: pool[int.from_bytes(d[:7], "big") % n]
     raise AssertionError(f"{kind} rules are applied in SQL")  # pragma: no cover
+
+
+def walk(m: Masker):
+    """A masker and the maskers of its json paths and cases, depth first."""
+    yield m
+    for sub in m.subs:
+        yield from walk(sub)

@@ -34,6 +34,7 @@ from dataops.tasks.anonymize.masking import (
     Masker,
     compile_rule,
     uniquify,
+    walk,
 )
 from dataops.tasks.anonymize.pii import content_reasons, name_reason, table_reasons  # noqa: F401 (re-exported)
 
@@ -288,6 +289,8 @@ def plan_masking(settings: Settings, conn: psycopg.Connection, tables: dict[str,
                 raise BadInput(f"{where}: column is GENERATED ALWAYS AS IDENTITY, which an UPDATE cannot change; "
                                "anonymize in place cannot mask it (keep it, or use refresh-staging)")
             rules.setdefault(label, {})[col] = (rule, where)
+    pairs = key_pairs(read_foreign_keys(conn), copied, tables)
+    propagate(pairs, rules)
 
     unmasked, defaulted = [], []
     for label in sorted(copied):
@@ -327,14 +330,55 @@ def plan_masking(settings: Settings, conn: psycopg.Connection, tables: dict[str,
             tm.where[col_name] = where
         if tm.maskers or tm.kept:
             plan[label] = tm
-    pairs = key_pairs(read_foreign_keys(conn), copied, tables)
     agree_keys(pairs, plan)
+    check_sql_rules(conn, plan)
     check_outputs(conn, plan)
     check_keys(pairs, plan)
     deletes = {resolve_table(k, tables, f"anonymize.delete.{k}"): v for k, v in cfg.delete.items()}
     for label, cond in deletes.items():
         check_condition(conn, tables[label], cond, f"anonymize.delete.{label}")
     return MaskingPlan(keyed, {k: v for k, v in plan.items() if v.maskers}, unmasked, defaulted, deletes)
+
+
+def propagate(pairs: list[tuple["ForeignKey", str, str]], rules: dict[str, dict[str, tuple[ColumnRule, str]]]) -> None:
+    """A masked key masks its references: a column that references a masked column (and has no
+    rule of its own) gets the same rule, along chains of keys too, so joins on it still match
+    (Greenmask's apply_for_references). A reference with a different rule of its own is
+    refused by check_keys, naming both."""
+    for _ in range(len(pairs) + 1):
+        changed = False
+        for fk, cc, pc in pairs:
+            parent = rules.get(fk.parent, {}).get(pc)
+            if parent is None or parent[0].kind == "keep" or cc in rules.get(fk.child, {}):
+                continue
+            rule, where = parent
+            origin = where.split(" (")[0]
+            rules.setdefault(fk.child, {})[cc] = (rule, f"{origin} (applied to {fk.child}.{cc}, which references it "
+                                                        f"by foreign key {fk.name})")
+            changed = True
+        if not changed:
+            return
+
+
+def check_sql_rules(conn: psycopg.Connection, plan: dict[str, "TableMasking"]) -> None:
+    """The parts of the rules PostgreSQL evaluates that must work on any row, tried on none:
+    every cases condition (EXPLAIN on the table) and every regular expression."""
+    for label, tm in plan.items():
+        for col, top in tm.maskers.items():
+            where = tm.where.get(col, f"anonymize.rules.{label}.{col}")
+            for m in walk(top):
+                if m.kind == "cases":
+                    for i, case in enumerate(m.rule.cases):
+                        check_condition(conn, tm.table, case.when, f"{m.where or where}.cases[{i}].when")
+                elif m.kind == "regex":
+                    r = m.rule.regex
+                    try:
+                        with conn.transaction():
+                            conn.execute(sql.SQL("SELECT regexp_replace('x', {}, {}, {})").format(
+                                sql.Literal(r.pattern), sql.Literal(r.replace), sql.Literal(r.flags)))
+                    except psycopg.Error as exc:
+                        raise BadInput(f"{m.where or where}: the regular expression does not work in PostgreSQL: "
+                                       f"{first_line(exc)}; fix the pattern (PostgreSQL's ARE syntax)") from None
 
 
 def default_rule(default: str, col: Column, where: str, reason: str) -> ColumnRule:
@@ -373,7 +417,14 @@ def check_outputs(conn: psycopg.Connection, plan: dict[str, TableMasking]) -> No
                 if bad:
                     raise BadInput(f"{where}: the constant {m.constant!r} is not a valid {c.type} ({bad[0][1]}); "
                                    "pick one that fits the column")
-            elif m.kind in ("template", "hash", "partial", "shift_days") and (
+            elif m.kind == "choice" and not plain_text:
+                from dataops.tasks.anonymize.sql_rules import choice_values
+
+                bad = invalid_values(conn, choice_values(m), c)
+                if bad:
+                    raise BadInput(f"{where}: the choice value {bad[0][0]!r} is not a valid {c.type} ({bad[0][1]}); "
+                                   "list values that fit the column")
+            if m.by_postgres or m.kind in ("template", "hash", "partial", "shift_days") and (
                     c.domain is not None or (m.kind == "template" and c.max_length)):
                 query = sql.SQL("SELECT DISTINCT v FROM (SELECT concat({}) AS v FROM {} AS x LIMIT {}) s "
                                 "WHERE v <> ''").format(m.sql(sql.Identifier(col), cast=False), tm.table.qualified,
@@ -383,7 +434,7 @@ def check_outputs(conn: psycopg.Connection, plan: dict[str, TableMasking]) -> No
                         values = [r[0] for r in conn.cursor(row_factory=tuple_row).execute(query)]
                 except psycopg.Error as exc:
                     raise BadInput(f"{where}: {m.label} fails on the column's values: {first_line(exc)}") from None
-                bad = invalid_values(conn, values, c)
+                bad = invalid_values(conn, values, c) if not (m.by_postgres and plain_text and not c.max_length) else []
                 if bad:
                     raise BadInput(f"{where}: {m.label} gives {bad[0][0]!r} for a row, not a valid {c.type} "
                                    f"({bad[0][1]}); pick a rule that fits the column")
@@ -493,6 +544,10 @@ def check_keys(pairs: list[tuple[ForeignKey, str, str]], plan: dict[str, TableMa
         if mc is None:
             raise BadInput(f"{plan[fk.parent].where[pc]}: {link}; give {fk.child}.{cc} the same rule, or its rows "
                            "would point at no row")
+        if "cases" in (mc.kind, mp.kind):
+            raise BadInput(f"{plan[fk.child].where[cc]}: {link}; a cases rule on a key column decides by other "
+                           "columns, so a value could mask differently in the two tables; use one hash or faker rule "
+                           "for the key")
         if mc.kind == "template" and (mc.refs or mp.refs):
             raise BadInput(f"{plan[fk.child].where[cc]}: {link}; a template that names other columns gives different "
                            "values in the two tables; use {hash} only, or the same hash or faker rule on both")

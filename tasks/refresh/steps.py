@@ -314,10 +314,17 @@ def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace:
         maskers = masking.maskers if masking else {}
         select = []
         python = []
+        originals, extras = [], {}  # rules PostgreSQL evaluates: the source value rides at the row's end
         for i, col in enumerate(t.columns):
             ident = sql.Identifier(col.name)
             m = maskers.get(col.name)
-            if m is not None and m.in_sql:
+            if m is not None and m.by_postgres:
+                refs = {name.name: sql.SQL("t0.{}").format(sql.Identifier(name.name)) for name in t.columns}
+                select.append(sql.SQL("{} AS {}").format(m.sql(sql.SQL("t0.{}").format(ident), refs=refs), ident))
+                extras[i] = len(t.columns) + len(originals)
+                originals.append(sql.SQL("t0.{}").format(ident))
+                python.append((i, column_ids.of(tp.label, col.name), m))
+            elif m is not None and m.in_sql:
                 select.append(sql.SQL("{} AS {}").format(m.sql(sql.SQL("t0.{}").format(ident)), ident))
                 column_ids.of(tp.label, col.name)
             else:
@@ -339,11 +346,11 @@ def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace:
                         where.append(sql.SQL("t0.ctid >= {}::tid").format(sql.Literal(f"({lo},0)")))
                     if part < parts - 1:  # the last part is open-ended: the table may have grown since
                         where.append(sql.SQL("t0.ctid < {}::tid").format(sql.Literal(f"({hi},0)")))
-                if not where and all(not m.in_sql for m in maskers.values()):
+                if not where and all(not m.in_sql and not m.by_postgres for m in maskers.values()):
                     copy_out = sql.SQL("COPY {} ({}) TO STDOUT").format(piece.rel.qualified, cols)  # its own rows only
                 else:
                     copy_out = sql.SQL("COPY ({}SELECT {} FROM {} AS t0{}) TO STDOUT").format(
-                        with_, sql.SQL(", ").join(select), piece.rel.scan,
+                        with_, sql.SQL(", ").join(select + originals), piece.rel.scan,
                         sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""))
                 copy_in = sql.SQL("COPY {} ({}) FROM STDIN").format(piece.rel.qualified, cols)
                 table_jobs.append((copy_out, copy_in, max(1, piece.est_rows // parts)))
@@ -353,7 +360,7 @@ def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace:
                 source=source_conninfo, target=target_conninfo, snapshot=snap.id,
                 copy_out=copy_out.as_string(snap.conn), copy_in=copy_in.as_string(snap.conn), maskers=python,
                 leak_dir=workspace.path, leak_bits=workspace.bits, est_rows=est,
-                psql=None if python else pipe))
+                psql=None if python else pipe, extras=extras))
     return jobs
 
 

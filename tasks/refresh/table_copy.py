@@ -53,6 +53,9 @@ class CopyJob:
     # Jobs with nothing to mask in Python go through two psql processes instead: C all the
     # way (~0.7 us a row less CPU than a Python loop). (psql path, source libpq args, target libpq args)
     psql: tuple[str, tuple[str, dict], tuple[str, dict]] | None = None
+    # Rules PostgreSQL evaluates (sql_rules) come masked in their field; the source value follows
+    # at the end of the row for the leak scan: field index -> index of the source value's field.
+    extras: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -90,7 +93,7 @@ def run_copy_job(job: CopyJob) -> CopyResult:
                 from dataops.tasks.anonymize.leak_scan import Collector
 
                 collector = Collector(job.leak_dir, job.id.replace("#", "_"), job.leak_bits)
-                rows, unchanged, values = _masked_stream(cin, cout, job.maskers, collector)
+                rows, unchanged, values = _masked_stream(cin, cout, job.maskers, collector, job.extras)
                 collector.flush(final=True)
             else:
                 rows, unchanged, values = _raw_stream(cin, cout), {}, {}
@@ -162,20 +165,26 @@ MEMO_LIMIT = 20_000  # distinct values remembered per column (a few MB)
 MEMO_PROBE = 20_000  # after this many values, stop remembering if fewer than 1 in 5 repeat
 
 
-def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector) -> tuple[int, dict, dict]:
+def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector,
+                   extras: dict[int, int] | None = None) -> tuple[int, dict, dict]:
     """Rewrite the masked fields of each row. A masked value depends on the value alone
     (templates aside), so columns with repeating values (names, birth dates) remember
     their last outputs: a repeat costs a dict lookup instead of two SHA-256 rounds."""
     keyed = maskers[0][2].keyed
     inner, outer = keyed._inner, keyed._outer
     specs = []
+    _by_postgres: list[tuple] = []
+    width = min(extras.values()) if extras else None
+    seen = [0] * len(maskers)
     for k, (idx, col_id, m) in enumerate(maskers):
-        track_source = m.kind != "shift_days"  # shifted dates are other people's dates by design
-        track_output = m.kind in ("hash", "template", "partial") or (m.kind == "faker" and m.unique)
+        track_source, track_output = m.track_source, m.track_output
         memo = None if (m.kind == "template" or m.column.unique) else {}
+        if extras and idx in extras:
+            _by_postgres.append((idx, extras[idx], track_source, track_output, col_id.to_bytes(2, "little"), k))
+            continue
         # idx, function, tracked source/output, id bytes, k, memo, memo probes, values seen
         specs.append([idx, m.py, track_source, track_output, col_id.to_bytes(2, "little"), k, memo, 0, 0])
-    unchanged = [0] * len(specs)
+    unchanged = [0] * len(maskers)
     add_source, add_output = collector.add_source, collector.add_output
     needs_escape = _NEEDS_ESCAPE
     rows = 0
@@ -224,6 +233,11 @@ def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector)
                     spec[6] = None  # mostly distinct values: remembering them only costs memory
                 elif len(memo) < MEMO_LIMIT:
                     memo[f] = (o, same)
+        if width is not None:
+            for idx, at, t_src, t_out, cid, k in _by_postgres:
+                _check_by_postgres(fields[at], fields[idx], t_src, t_out, cid, k, unchanged, seen, keyed,
+                                   add_source, add_output)
+            del fields[width:]
         buf.append(b"\t".join(fields))
         if len(buf) >= BATCH_ROWS:
             buf.append(b"")
@@ -235,7 +249,27 @@ def _masked_stream(cin, cout, maskers: list[tuple[int, int, Masker]], collector)
         buf.append(b"")
         cout.write(b"\n".join(buf))
         rows += len(buf) - 1
-    return rows, {maskers[k][1]: n for k, n in enumerate(unchanged) if n}, {maskers[sp[5]][1]: sp[8] for sp in specs}
+    for sp in specs:
+        seen[sp[5]] = sp[8]
+    return rows, {maskers[k][1]: n for k, n in enumerate(unchanged) if n}, {maskers[k][1]: n for k, n in enumerate(seen)}
+
+
+def _check_by_postgres(src: bytes, out: bytes, t_src: bool, t_out: bool, cid: bytes, k: int, unchanged: list,
+                       seen: list, keyed, add_source, add_output) -> None:
+    """The leak scan's share of a value PostgreSQL masked: its source value came along at the row's end."""
+    if src == NULL:
+        return
+    seen[k] += 1
+    v = unescape(src) if b"\\" in src else src
+    if t_src:
+        add_source(keyed.digest(v)[24:32])
+    if out == NULL:
+        return
+    o = unescape(out) if b"\\" in out else out
+    if o == v:
+        unchanged[k] += 1
+    elif t_out:
+        add_output(keyed.digest(o)[24:32], cid)
 
 
 # -- running many jobs -----------------------------------------------------------------------
