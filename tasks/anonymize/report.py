@@ -16,11 +16,12 @@ UPDATE ran, before the commit. The counts are computed by PostgreSQL and only th
 come back. They cost one extra scan per masked table before and one after (with a sort per
 masked column for count(DISTINCT)), which is why they run only when a report is asked for.
 
-Uniqueness: a column must stay unique when its rule promises it (`unique: true`, which a
-Faker rule on a unique column gets by itself) or when the column is covered by a unique
-index and held no duplicates before; then its distinct count after must equal its distinct
-count and its non-null rows before. A lost uniqueness is reported as LOST, and the report
-is not ok.
+Uniqueness: distinct values must stay distinct when the rule promises it (`unique: true`,
+which a Faker rule on a unique column gets by itself) or when the column is covered by a
+unique index and held no duplicates before (a unique key must stay unique): then the
+distinct count and the non-null rows after must equal those before (so a column that was
+unique still is, and one with duplicates keeps exactly as many). Otherwise it is reported
+as LOST, and the report is not ok.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class ColumnCounts:
         if not self.must_stay_unique:
             return "not required"
         same = self.distinct_after == self.distinct_before and self.rows_after == self.rows_before
-        return "kept" if same and self.distinct_after == self.rows_after else "LOST"
+        return "kept" if same else "LOST"
 
     def as_row(self) -> dict:
         return {"table": self.table, "column": self.column, "rule": self.rule, "rows": self.rows_before,
@@ -182,10 +183,10 @@ def check_report_path(path: str) -> Path:
     folder must exist and be writable, the path must not be a folder, and its suffix says
     the format (.json or .md)."""
     p = Path(path).expanduser()
-    if p.suffix.lower() not in REPORT_SUFFIXES:
-        raise BadInput(f"report path {path}: name it .json (JSON) or .md (Markdown)")
     if p.is_dir():
         raise BadInput(f"report path {path} is a folder; name a file in it, such as {p / 'masking-report.json'}")
+    if p.suffix.lower() not in REPORT_SUFFIXES:
+        raise BadInput(f"report path {path}: name it .json (JSON) or .md (Markdown)")
     folder = p.parent if str(p.parent) else Path(".")
     if not folder.is_dir():
         raise BadInput(f"report path {path}: folder {folder} does not exist; create it or name another")
