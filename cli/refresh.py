@@ -2,7 +2,10 @@
 
 refresh-staging runs the refresh-staging flow (plan, copy with masking, checks, switch);
 `--check` stops after the guards and the rule check and exits 2 when a personal-looking
-column has no rule, so CI can run it whenever the schema changes. anonymize runs the
+column has no rule, so CI can run it whenever the schema changes; it then prints rules for
+those columns as YAML to paste under anonymize.rules (a suggestion: nothing is applied).
+`anonymize ENV --report [PATH]` also prints a masking report (counts only) and writes it to
+PATH as JSON or Markdown. anonymize runs the
 anonymize-database flow on a non-production database.
 """
 
@@ -13,7 +16,7 @@ from typing import Optional
 import typer
 
 from dataops.cli.app import app, echo, load_cli_settings, state
-from dataops.errors import SafetyRefusal
+from dataops.errors import BadInput, SafetyRefusal
 
 
 @app.command("refresh-staging")
@@ -46,6 +49,13 @@ def refresh_staging_cmd(
             echo(f"NO RULE {line}")
         for table, (kept, total) in r["subset"].items():
             echo(f"subset  {table}: {kept:,} of {total:,} rows")
+        if r.get("suggested"):
+            echo("")
+            echo("Suggested rules (review, then paste under anonymize.rules in dataops.yaml; nothing was applied):")
+            echo(r["suggested"].rstrip("\n"))
+            if r.get("suggestion_check"):
+                echo(f"# note: with these rules the rule check still says: {r['suggestion_check']}")
+            echo("")
         echo(r["summary"])
         if r["unmasked_personal"]:
             raise SafetyRefusal(f"{len(r['unmasked_personal'])} personal-looking column(s) have no masking rule "
@@ -62,16 +72,40 @@ def refresh_staging_cmd(
 
 @app.command("anonymize")
 def anonymize_cmd(env: str = typer.Argument(..., help="environment to anonymize in place (never production)",
-                                            show_default=False)):
+                                            show_default=False),
+                  path: Optional[str] = typer.Argument(None, metavar="[PATH]", show_default=False,
+                                                       help="with --report: write the report to this .json or .md "
+                                                       "file"),
+                  report: bool = typer.Option(False, "--report", help="also write a masking report: per masked "
+                                              "column the rule, distinct values before and after, uniqueness kept "
+                                              "(counts only, never values)")):
     """Apply the masking rules of dataops.yaml in place to ENV (a database that already holds a copy)."""
+    target = None
+    if path is not None:
+        if not report:
+            raise BadInput(f"unexpected argument {path}; to write a masking report there, add --report")
+        from dataops.tasks.anonymize.report import check_report_path
+
+        target = check_report_path(path)  # refused before anything runs
     settings = load_cli_settings()
     from dataops.tasks.anonymize.in_place import guard_environment
 
     guard_environment(settings.env(env))
     from dataops.flows.anonymize_database import anonymize_database
 
-    r = anonymize_database(env, config=state.config)
+    r = anonymize_database(env, config=state.config, masking_report=report)
     for table, rows in r["tables"].items():
         echo(f"{table}: {rows:,} rows masked" + (f", {r['deleted'][table]:,} deleted" if table in r["deleted"] else ""))
     echo(r["leak_scan"]["summary"])
+    if report:
+        from dataops.tasks.anonymize.report import MaskingReport, write_report
+        from dataops.tasks.reporting import text_table
+
+        masking = MaskingReport.from_dict(r["masking_report"])
+        if masking.columns:
+            echo(text_table([c.as_row() for c in masking.columns]))
+        echo(masking.summary())
+        if target is not None:
+            write_report(masking, target)
+            echo(f"masking report written to {target}")
     echo(r["summary"])

@@ -11,12 +11,17 @@ from dataops.tasks.reporting import markdown_table, publish_markdown
 
 
 @flow(name="anonymize-database")
-def anonymize_database(env: str, config: str | None = None) -> dict:
+def anonymize_database(env: str, config: str | None = None, masking_report: bool = False) -> dict:
+    """`masking_report`: also count each masked column's distinct values before and after (the masking
+    report, published as an artifact and returned under masking_report)."""
     settings = load_settings(config)
     environment = settings.env(env)  # resolved once; the task gets the Environment
     guard_environment(environment)  # refuse production before any task runs
-    report: AnonymizeReport = anonymize_task(settings, environment)
+    report: AnonymizeReport = anonymize_task(settings, environment, count=masking_report)
+    masking = report.masking
     get_run_logger().info("%s; %s", report.summary(), report.leaks.summary())
+    if masking is not None:
+        publish_markdown(f"masking-report-{env}", masking.to_markdown(), masking.summary())
     publish_markdown(
         f"anonymize-{env}",
         f"# Anonymized {env} in place\n\n**{report.summary()}**\n\n- {report.leaks.summary()}\n"
@@ -30,7 +35,8 @@ def anonymize_database(env: str, config: str | None = None) -> dict:
             "masked": [f"{t}.{c}: {rule}" for t, c, rule in report.masked],
             "leak_scan": {"leaked": report.leaks.leaked, "checked": report.leaks.checked,
                           "summary": report.leaks.summary()},
-            "seconds": round(report.seconds, 2), "summary": report.summary()}
+            "seconds": round(report.seconds, 2), "summary": report.summary(),
+            "masking_report": None if masking is None else masking.as_dict()}
 
 
 if __name__ == "__main__":

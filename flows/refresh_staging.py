@@ -149,6 +149,7 @@ def as_dict(report: RefreshReport) -> dict:
         "subset": {t.table: list(t.subset) for t in report.tables if t.subset is not None},
         "masked": [f"{t}.{c}: {rule}" for t, c, rule in report.masked],
         "unmasked_personal": report.unmasked_personal, "defaulted": report.defaulted,
+        "suggested": report.suggested, "suggestion_check": report.suggestion_check,
         "leak_scan": None if leaks is None else {"leaked": leaks.leaked, "checked": leaks.checked,
                                                   "source_values": leaks.source_values, "summary": leaks.summary()},
         "checks": report.checks, "phases": {k: round(v, 2) for k, v in report.phases.items()},
@@ -172,6 +173,9 @@ def render(report: RefreshReport) -> str:
     if report.unmasked_personal:
         lines += ["", "## Personal-looking columns without a rule (refresh refused)", ""]
         lines += [f"- {f}" for f in report.unmasked_personal]
+        if report.suggested:
+            lines += ["", "Suggested rules (paste under anonymize.rules in dataops.yaml after review):", "",
+                      "```yaml", report.suggested.rstrip("\n"), "```"]
     if report.defaulted:
         lines += ["", "## Masked by anonymize.default", ""] + [f"- {f}" for f in report.defaulted]
     lines += ["", "## Tables", "", markdown_table([t.as_row(report.check_only) for t in report.tables])]

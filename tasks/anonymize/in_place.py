@@ -45,6 +45,7 @@ from dataops.settings import Environment, Settings
 from dataops.tasks import pg
 from dataops.tasks.anonymize.leak_scan import Collector, LeakReport, Workspace, build_report, match_digests
 from dataops.tasks.anonymize.masking import NULL, unescape
+from dataops.tasks.anonymize.report import DistinctCounts, MaskingReport
 from dataops.tasks.anonymize.rules import MaskingPlan, TableMasking, plan_masking, read_tables
 from dataops.tasks.retries import RUN_ONCE
 from dataops.tasks.schema import STABLE_OUTPUT
@@ -69,6 +70,7 @@ class AnonymizeReport:
     leaks: LeakReport | None = None
     seconds: float = 0.0
     vacuum_seconds: float = 0.0
+    masking: MaskingReport | None = None  # counts of `--report` (dataops.tasks.anonymize.report)
 
     def summary(self) -> str:
         deleted = sum(self.deleted.values())
@@ -77,7 +79,7 @@ class AnonymizeReport:
 
 
 def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
-              progress: Callable[[str], None] | None = None) -> AnonymizeReport:
+              progress: Callable[[str], None] | None = None, count: bool = False) -> AnonymizeReport:
     say = progress or (lambda msg: log.info("%s", msg))
     guard_environment(env)  # the flow refuses first; a plain call must be refused too
     t0 = time.monotonic()
@@ -87,7 +89,7 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
         with pg.connect(env.database_url, timeout=settings.postgres.connect_timeout,
                         application_name="dataops-anonymize") as conn:
             xid = conn.execute("SELECT txid_current()").fetchone()[0]  # to ask the server after a lost commit
-            tables, unlinked = _mask(settings, conn, env, report, say)
+            tables, unlinked = _mask(settings, conn, env, report, say, count)
             failpoint("anonymize.before_commit")  # a kill here: every delete and update rolls back, nothing masked
             committing = True
             conn.commit()
@@ -114,7 +116,7 @@ def anonymize(settings: Settings, env: Environment, *, vacuum: bool = True,
 
 
 def _mask(settings: Settings, conn: psycopg.Connection, env: Environment, report: AnonymizeReport,
-          say: Callable[[str], None]) -> tuple[dict, int]:
+          say: Callable[[str], None], count: bool = False) -> tuple[dict, int]:
     """Every delete and update of the run, in the open transaction of `conn` (the caller commits);
     returns the tables read and the number of large objects unlinked."""
     for name, value in STABLE_OUTPUT.items():
@@ -147,6 +149,7 @@ def _mask(settings: Settings, conn: psycopg.Connection, env: Environment, report
     unchanged: dict[int, int] = {}
     values: dict[int, int] = {}
     sql_checked: dict[str, tuple[int, int]] = {}
+    counts = DistinctCounts(conn, plan) if count else None  # after the deletes, under the lock
     expected = sum(tm.table.est_rows * len(tm.in_python) for tm in plan.tables.values())
     with Workspace(expected) as ws:
         for label, tm in plan.tables.items():
@@ -158,6 +161,8 @@ def _mask(settings: Settings, conn: psycopg.Connection, env: Environment, report
                     sql_checked[f"{label}.{col}"] = _sql_check(conn, tm, col)
             say(f"masked {len(tm.maskers)} columns of {label} in {rows:,} rows")
         report.leaks = build_report(plan, names, unchanged, values, match_digests(plan, names, ws), sql_checked)
+    if counts:
+        report.masking = counts.finish(conn, env.name, report.leaks, report.deleted, report.defaulted)
     for stmt in rules:
         conn.execute(stmt)
     _add_keys(conn, keys)
@@ -391,5 +396,5 @@ def _sql_check(conn: psycopg.Connection, tm: TableMasking, col: str) -> tuple[in
 # longer match what a refresh from the same source writes.
 
 @task(name="anonymize-in-place", **RUN_ONCE)
-def anonymize_task(settings: Settings, env: Environment) -> AnonymizeReport:
-    return anonymize(settings, env)
+def anonymize_task(settings: Settings, env: Environment, count: bool = False) -> AnonymizeReport:
+    return anonymize(settings, env, count=count)

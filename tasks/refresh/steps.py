@@ -46,6 +46,7 @@ from dataops.tasks import pg
 from dataops.tasks.anonymize.leak_scan import LeakReport, Matches, Workspace, build_report, match_digests
 from dataops.tasks.anonymize.masking import fill_pools
 from dataops.tasks.anonymize.rules import regclass
+from dataops.tasks.anonymize.suggest import propose_rules
 from dataops.tasks.checksums import checksum_text, row_hash_sql
 from dataops.tasks.refresh.plan import RefreshPlan, TablePlan, count_subset, parts_for, plan_refresh
 from dataops.tasks.refresh.table_copy import CopyJob, CopyResult, run_jobs
@@ -135,6 +136,8 @@ class RefreshReport:
     masked: list[tuple[str, str, str]] = field(default_factory=list)  # (table, column, rule)
     unmasked_personal: list[str] = field(default_factory=list)
     defaulted: list[str] = field(default_factory=list)
+    suggested: str = ""  # check only: YAML rules for the unmasked personal columns (dataops.tasks.anonymize.suggest)
+    suggestion_check: str | None = None  # why the suggested rules would not pass the rule check yet, if so
     leaks: LeakReport | None = None
     phases: dict[str, float] = field(default_factory=dict)
     checks: list[str] = field(default_factory=list)  # what was verified, one line each
@@ -177,6 +180,10 @@ def check_refresh(settings: Settings, source: Environment, target: Environment) 
         for tp in plan.copied:
             if tp.filtered:
                 by_label[tp.label].subset = count_subset(snap.conn, tp)
+        if plan.masking.unmasked_personal:  # rules to paste, printed by --check: never applied
+            report.suggested, report.suggestion_check = propose_rules(
+                settings, snap.conn, plan.masking, {k: tp.table for k, tp in plan.tables.items()},
+                {tp.label for tp in plan.copied})
     return report
 
 
