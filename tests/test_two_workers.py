@@ -240,11 +240,11 @@ def pid_of_flow_run(run_id) -> int | None:
 # -- the tests --------------------------------------------------------------------------------
 
 def test_scheduled_runs_spread_over_both_workers(pool, client):
-    """Six nightly runs due at once (backups and the retention's dry run): each worker takes one
+    """Four nightly runs due at once (backups and the retention's dry run): each worker takes one
     at a time, so both take some; every run completes, started by one worker only."""
     from prefect.deployments import run_deployment
 
-    due = [("backup-database/nightly-production-backup", {})] * 4 + \
+    due = [("backup-database/nightly-production-backup", {})] * 2 + \
           [("prune-backups/daily-backup-retention", {"dry_run": True})] * 2
     ids = [run_deployment(name, parameters=params, timeout=0).id for name, params in due]
     runs = wait_final(client, ids, timeout=600)
