@@ -15,8 +15,8 @@ test: install
 # every restore and verify cell, every migration failpoint once and a fixed sample of the others), the
 # faults from outside (server restarts, terminated sessions, S3 dying), the signal tests, prune during a
 # backup, the concurrency refusals, the CI pipelines of infra/ci, a deployment run of every flow, the
-# heartbeat watch, the freshness alert, the browser test of the UI and the PostgreSQL 15 tests. CI runs it
-# after make test.
+# heartbeat watch, the freshness alert, the browser test of the UI, the PostgreSQL 15 tests and two workers
+# serving the pool (tests/test_two_workers.py). CI runs it after make test.
 test-crash: install browser pg15
 	$(BIN)/pytest -q -m extended
 

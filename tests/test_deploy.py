@@ -39,7 +39,7 @@ def test_deploy_registers_everything_idempotently(prefect_server, deploy_config)
     expected = {"nightly-staging-refresh", "nightly-production-backup", "daily-production-validation",
                 "production-migration", "restore-backup", "run-transform", "nightly-backup-verification",
                 "daily-backup-retention", "revert-transform", "rollback-migration", "downgrade-migration",
-                "anonymize-staging"}
+                "anonymize-staging", "run-transform-dask"}
     assert expected == set(deps)
     refresh = deps["nightly-staging-refresh"].schedules[0].schedule
     assert (refresh.cron, refresh.timezone) == ("0 2 * * *", "Europe/Paris")
