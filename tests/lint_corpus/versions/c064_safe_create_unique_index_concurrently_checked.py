@@ -4,6 +4,7 @@ Lint corpus entry c064 (tests/lint_corpus/README.md): linted by `dataops migrate
 squawk (bench/bench_lint.py), never applied; the downgrade is a placeholder.
 """
 from alembic import op
+
 # dataops: allow=unique-index-existing-data
 
 revision = "c064"

@@ -4,6 +4,7 @@ Lint corpus entry c090 (tests/lint_corpus/README.md): linted by `dataops migrate
 squawk (bench/bench_lint.py), never applied; the downgrade is a placeholder.
 """
 from alembic import op
+
 # dataops: allow=drop-column
 
 revision = "c090"
