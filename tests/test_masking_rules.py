@@ -242,3 +242,32 @@ def test_cli_refuses_a_bad_rule_with_exit_2_and_writes_nothing(one_db, write_con
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and "anonymize.rules.orders.amount: generalize: {prefix: ...} applies to text" in lines[0]
     assert _rows(one_db, "orders") == before
+
+
+def test_anonymize_in_place_leaves_each_trigger_in_the_mode_the_operator_set(make_db, write_config):
+    """Anonymize silences user triggers for its UPDATE; afterwards a trigger an operator had switched
+    off stays off, and ENABLE ALWAYS stays ALWAYS (ENABLE TRIGGER USER had switched them all to on)."""
+    dev = make_db("mrtrig")
+    with pg.connect(dev) as conn:
+        conn.execute("""
+            CREATE TABLE people (id int PRIMARY KEY, email text NOT NULL, touched int NOT NULL DEFAULT 0);
+            CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN NEW.touched := NEW.touched + 1; RETURN NEW; END $$;
+            CREATE TRIGGER a_on BEFORE UPDATE ON people FOR EACH ROW EXECUTE FUNCTION touch();
+            CREATE TRIGGER b_off BEFORE UPDATE ON people FOR EACH ROW EXECUTE FUNCTION touch();
+            CREATE TRIGGER c_always BEFORE UPDATE ON people FOR EACH ROW EXECUTE FUNCTION touch();
+            ALTER TABLE people DISABLE TRIGGER b_off;
+            ALTER TABLE people ENABLE ALWAYS TRIGGER c_always;
+            INSERT INTO people SELECT i, 'p' || i || '@mail.example' FROM generate_series(1, 50) i;""")
+        conn.commit()
+    modes = "SELECT tgname, tgenabled::text FROM pg_trigger WHERE tgrelid = 'people'::regclass ORDER BY 1"
+    with pg.connect(dev) as conn:
+        before = conn.execute(modes).fetchall()
+    settings = load_settings(write_config({"dev": ("development", dev)},
+                                          extra={"anonymize": {"salt": SALT, "rules": {"people": {"email": "hash"}}}}))
+    anonymize(settings, settings.env("dev"), vacuum=False)
+    with pg.connect(dev) as conn:
+        assert conn.execute(modes).fetchall() == before == [("a_on", "O"), ("b_off", "D"), ("c_always", "A")]
+        # every email masked, and no trigger fired on the masking
+        assert conn.execute("SELECT max(touched), count(*) FILTER (WHERE email LIKE '%@mail.example') FROM people"
+                            ).fetchone() == (0, 0)
