@@ -417,6 +417,9 @@ def check_outputs(conn: psycopg.Connection, plan: dict[str, TableMasking]) -> No
                 if bad:
                     raise BadInput(f"{where}: the constant {m.constant!r} is not a valid {c.type} ({bad[0][1]}); "
                                    "pick one that fits the column")
+                # as the column prints it (0 in a numeric(10,2) is 0.00): the leak scan compares printed values
+                m.constant = conn.cursor(row_factory=tuple_row).execute(sql.SQL("SELECT concat(CAST({} AS {}))").format(
+                    sql.Literal(m.constant), sql.SQL(c.type))).fetchone()[0]
             elif m.kind == "choice" and not plain_text:
                 from dataops.tasks.anonymize.sql_rules import choice_values
 
