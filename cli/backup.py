@@ -70,7 +70,7 @@ def restore(env: str = env_arg("environment the backup was taken from"),
 
     r = restore_database(env, backup_id, into, confirm=confirm, config=state.config)
     echo(f"restored {r['backup_id']} into {into}: {len(r['tables'])} tables, {sum(r['tables'].values()):,} rows, "
-         f"{r['seconds']:.1f} s")
+         f"{r['seconds']:.1f} s; {r['privileges']}")
 
 
 @app.command("verify-backup")

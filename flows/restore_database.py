@@ -26,10 +26,10 @@ def restore_database(env: str, backup_id: str, target: str, confirm: str | None 
         f"restore-{target}",
         f"# Restore of backup {manifest.id}\n\n- from: **{env}**\n- into: **{target}** (database `{result.database}`)\n"
         f"- checksum verified before the restore; row counts and schema fingerprint match the manifest\n"
-        f"- took {result.seconds:.1f} s\n" +
+        f"- took {result.seconds:.1f} s\n- {result.privileges}\n" +
         "".join(f"- discarded {name}, left by an interrupted run\n" for name in result.discarded) + "\n" +
         markdown_table([{"table": t, "rows": n} for t, n in result.tables.items()]),
         f"restore of {manifest.id} into {target}",
     )
     return {"backup_id": manifest.id, "target": target, "seconds": result.seconds, "tables": result.tables,
-            "discarded": result.discarded}
+            "discarded": result.discarded, "privileges": result.privileges}

@@ -376,12 +376,47 @@ def user_tables(conn: psycopg.Connection) -> list[tuple[str, str]]:
         """
         SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
         WHERE c.relkind IN ('r', 'p') AND NOT c.relispartition
-          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%%'
+          AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_%'
           AND n.nspname NOT LIKE 'dataops\\_%%'
         ORDER BY 1, 2
         """
     ).fetchall()
     return [(r[0], r[1]) for r in rows]
+
+
+# -- roles a database names ----------------------------------------------------------------
+
+_USER_NS = "n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\\_toast%'"
+_OBJECT_ROLES = f"""
+SELECT DISTINCT r.rolname FROM pg_roles r JOIN (
+    SELECT c.relowner AS oid, c.relacl AS acl FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE {_USER_NS}
+    UNION ALL SELECT n.nspowner, n.nspacl FROM pg_namespace n WHERE {_USER_NS} AND n.nspname NOT LIKE 'pg\\_%'
+    UNION ALL SELECT p.proowner, p.proacl FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace WHERE {_USER_NS}
+    UNION ALL SELECT t.typowner, t.typacl FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace WHERE {_USER_NS}
+    UNION ALL SELECT 0, a.attacl FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace WHERE a.attacl IS NOT NULL AND {_USER_NS}
+    UNION ALL SELECT d.defaclrole, d.defaclacl FROM pg_default_acl d
+    UNION ALL SELECT l.lomowner, l.lomacl FROM pg_largeobject_metadata l
+    UNION ALL SELECT e.extowner, NULL FROM pg_extension e
+    UNION ALL SELECT unnest(p.polroles), NULL FROM pg_policy p
+) o ON r.oid = o.oid OR r.oid IN (SELECT (aclexplode(o.acl)).grantee)
+ORDER BY 1"""
+
+
+def object_roles(conn: psycopg.Connection) -> list[str]:
+    """The roles that own the database's objects or hold their GRANTs (and policies' roles): what a
+    restore needs on the target server to keep owners and privileges. PUBLIC is no role."""
+    return [r[0] for r in conn.execute(_OBJECT_ROLES).fetchall()]
+
+
+def missing_roles(conn: psycopg.Connection, roles: list[str]) -> list[str]:
+    """Of `roles`, those this session could not restore objects as: absent on the server, or ones
+    the connected user is not a member of (ALTER ... OWNER TO needs that, unless superuser)."""
+    rows = conn.execute("SELECT r.name, CASE WHEN EXISTS (SELECT 1 FROM pg_roles WHERE rolname = r.name) "
+                        "THEN pg_has_role(current_user, r.name, 'MEMBER') ELSE false END "
+                        "FROM unnest(%s::text[]) AS r(name)", (roles,)).fetchall()
+    return [name for name, usable in rows if not usable]
 
 
 # -- user triggers silenced for one transaction ------------------------------------------------

@@ -294,3 +294,58 @@ def test_migrate_up_down_and_test_on_partitioned_and_inherited_tables(zoo_db, tm
     r = run_cli("--config", str(cfg), "migrate", "dev", "test", env=env)
     assert r.returncode == 0, r.stderr[-3000:] + r.stdout[-2000:]
     assert "3 revision(s): up, check, down, same schema, up again: ok" in r.stdout
+
+
+OWNERS_AND_ACLS = """
+SELECT n.nspname || '.' || c.relname, pg_get_userbyid(c.relowner), coalesce(c.relacl::text, '')
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE n.nspname IN ('zoo', 'sales', 'Odd.Schema', 'public') AND c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f')
+UNION ALL SELECT 'schema ' || nspname, pg_get_userbyid(nspowner), coalesce(nspacl::text, '')
+FROM pg_namespace WHERE nspname IN ('zoo', 'sales', 'Odd.Schema')
+ORDER BY 1"""
+
+
+def test_a_restore_keeps_owners_and_grants_when_the_target_has_the_roles_and_says_so_when_not(
+        zoo_db, make_db, s3_bucket, write_config):
+    """A disaster-recovery restore gives the application its privileges back: owners and GRANTs
+    come along when every role the backup names exists on the target server. When one is gone
+    (dropped since the backup), the restore still loads every row, without owners and GRANTs,
+    and its result names the missing role."""
+    from dataops.settings import load_settings
+    from dataops.tasks.backup.dump import backup
+    from dataops.tasks.backup.restore import restore
+    from dataops.tasks.backup.storage import open_storage
+
+    staging = make_db("zacl")
+    with pg.connect(zoo_db) as conn:
+        conn.execute("CREATE ROLE zoo_auditor NOLOGIN; CREATE TABLE zoo.audited (id int PRIMARY KEY); "
+                     "ALTER TABLE zoo.audited OWNER TO zoo_auditor; GRANT SELECT ON zoo.payment TO zoo_auditor")
+        conn.commit()
+        acls = conn.execute(OWNERS_AND_ACLS).fetchall()
+    assert ("zoo.audited", "zoo_auditor", "") in acls and any("zoo_reader=r/" in a for _, _, a in acls)
+    settings = load_settings(write_config({"production": ("production", zoo_db), "staging": ("staging", staging)},
+                                          bucket=s3_bucket))
+    storage = open_storage(settings.storage)
+    try:
+        m = backup(settings, settings.env("production"))
+        assert {"zoo_reader", "zoo_auditor"} <= set(m.roles)
+        r = restore(settings, storage, m, settings.env("staging"))
+        assert r.privileges.startswith("owners and GRANTs restored"), r.privileges
+        with pg.connect(staging) as conn:
+            assert conn.execute(OWNERS_AND_ACLS).fetchall() == acls
+    finally:
+        with pg.connect(zoo_db) as conn:  # the role goes, as after a clean-up since the backup
+            conn.execute("DROP TABLE IF EXISTS zoo.audited; REVOKE ALL ON zoo.payment FROM zoo_auditor")
+            conn.commit()
+        with pg.connect(staging) as conn:
+            conn.execute("DROP TABLE IF EXISTS zoo.audited; REVOKE ALL ON zoo.payment FROM zoo_auditor")
+            conn.commit()
+        with pg.connect(zoo_db, autocommit=True, dbname=pg.MAINTENANCE_DB) as conn:
+            conn.execute("DROP ROLE IF EXISTS zoo_auditor")
+
+    before = zoo_checksums(zoo_db)
+    r = restore(settings, storage, m, settings.env("staging"))
+    assert r.privileges.startswith("restored without owners and GRANTs: role(s) zoo_auditor are missing"), r.privileges
+    assert {k: v for k, v in zoo_checksums(staging).items() if "audited" not in k} == before
+    with pg.connect(staging) as conn:
+        assert not any(a for _, _, a in conn.execute(OWNERS_AND_ACLS).fetchall())  # no GRANT came along

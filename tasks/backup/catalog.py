@@ -75,6 +75,9 @@ class Manifest(BaseModel):
     schema_fingerprint: str
     schema_fingerprint_version: int = 1  # how the fingerprint reads server-printed text (tasks/schema.py); absent: 1
     tool_version: str
+    # Roles that own objects of the database or hold its GRANTs, read in the dump's snapshot: a restore
+    # keeps owners and GRANTs when the target server has them all. None: a backup from before they were kept.
+    roles: list[str] | None = None
     # A parallel backup (archive_format "directory"): its parts, dump_key being the toc.dat part's;
     # size and raw_size are the parts' totals and sha256 is parts.parts_digest over them.
     jobs: int = 1

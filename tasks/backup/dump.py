@@ -109,7 +109,7 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
                 try:
                     out = dump_directory(settings, pre.pg_dump, storage, env.name, backup_id, snapshot, conninfo,
                                          secret_env, check_client)
-                    tables, fp = stats.result()
+                    tables, fp, roles = stats.result()
                 except BaseException:
                     conn.cancel_safe()
                     raise
@@ -120,7 +120,8 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
                 archive_format="directory", compression=cfg.compression, size=sum(p.size for p in out.parts),
                 raw_size=sum(p.raw_size for p in out.parts), sha256=parts_digest(out.parts), started_at=started,
                 finished_at=datetime.now(timezone.utc), duration_seconds=round(time.monotonic() - t0, 3),
-                tables=tables, schema_fingerprint=fp, tool_version=dataops.__version__, jobs=cfg.jobs,
+                tables=tables, schema_fingerprint=fp, schema_fingerprint_version=FINGERPRINT_VERSION,
+                tool_version=dataops.__version__, roles=roles, jobs=cfg.jobs,
                 parts=out.parts, local_disk_peak=out.local_disk_peak)
         args = [pre.pg_dump, "--format=custom", f"--snapshot={snapshot}", "--no-sync", f"--dbname={conninfo}"]
         args.append("--compress=0" if cfg.compression == "zstd" else "--compress=6")
@@ -140,7 +141,7 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
                 upload = pool.submit(storage.upload_stream, key, stored)
                 try:
                     upload.result()
-                    tables, fp = stats.result()
+                    tables, fp, roles = stats.result()
                 except BaseException:
                     # A stop (SIGTERM) or a failed upload must not wait for a pg_dump or a count that
                     # waits on a table lock: pg_dump killed, its stream ends unfinished and the
@@ -160,16 +161,16 @@ def dump_to_storage(settings: Settings, env: Environment, pre: Preflight, storag
         compression=cfg.compression, size=stored.size, raw_size=raw.size, sha256=stored.hexdigest,
         started_at=started, finished_at=finished_at, duration_seconds=round(time.monotonic() - t0, 3),
         tables=tables, schema_fingerprint=fp, schema_fingerprint_version=FINGERPRINT_VERSION,
-        tool_version=dataops.__version__,
+        tool_version=dataops.__version__, roles=roles,
     )
 
 
-def _snapshot_stats(conn) -> tuple[dict[str, int], str]:
+def _snapshot_stats(conn) -> tuple[dict[str, int], str, list[str]]:
     # Counting runs beside pg_dump, which keeps the cores busy, so what matters is the CPU it
     # takes from the dump, not its own wall time: on the 4.5M-row bench database one backend
     # counts with 0.19 CPU-s, two parallel workers and their leader spend 0.25 (bench/RESULTS.md).
     conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
-    return pg.row_counts(conn), fingerprint(catalog_snapshot(conn))
+    return pg.row_counts(conn), fingerprint(catalog_snapshot(conn)), pg.object_roles(conn)
 
 
 class _HeldLock:

@@ -368,9 +368,10 @@ def fetch_parts(storage: Storage, manifest: Manifest, folder: Path, workers: int
 
 
 def restore_directory(pg_restore: str, folder: Path, jobs: int, conninfo: str, secret_env: dict[str, str],
-                      check_client) -> None:
-    args = [pg_restore, "--format=directory", f"--jobs={jobs}", "--no-owner", "--no-privileges", "--exit-on-error",
-            f"--dbname={conninfo}", str(folder)]
+                      check_client, keep_privileges: bool = False) -> None:
+    args = [pg_restore, "--format=directory", f"--jobs={jobs}", "--exit-on-error", f"--dbname={conninfo}", str(folder)]
+    if not keep_privileges:
+        args[3:3] = ["--no-owner", "--no-privileges"]
     proc = Process(args, secret_env, name="pg_restore", preexec_fn=_die_with_parent)
     try:
         check_client(proc)

@@ -47,6 +47,7 @@ class RestoreResult:
     tables: dict[str, int] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
     discarded: list[str] = field(default_factory=list)  # scratch databases of killed runs, dropped first
+    privileges: str = ""  # whether owners and GRANTs came along, and if not why
 
     @property
     def ok(self) -> bool:
@@ -122,7 +123,7 @@ def checked_archive(settings: Settings, storage: Storage, manifest: Manifest) ->
 
 
 def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, dsn: Dsn,
-                    local: Path | None = None) -> None:
+                    local: Path | None = None, keep_privileges: bool = False) -> None:
     """Stream the archive into pg_restore. The checksum is checked again on this pass, so
     an object replaced between the check and the restore is still caught (the caller then
     drops the scratch database). A parallel backup is restored with pg_restore -j N from the
@@ -134,9 +135,12 @@ def pg_restore_into(settings: Settings, storage: Storage, manifest: Manifest, ds
         with contextlib.ExitStack() as stack:
             if local is None:
                 local = stack.enter_context(checked_archive(settings, storage, manifest))
-            restore_directory(binary, local, restore_jobs(settings, manifest), conninfo, secret_env, check_client)
+            restore_directory(binary, local, restore_jobs(settings, manifest), conninfo, secret_env, check_client,
+                              keep_privileges)
         return
-    args = [binary, "--format=custom", "--no-owner", "--no-privileges", "--exit-on-error", f"--dbname={conninfo}"]
+    args = [binary, "--format=custom", "--exit-on-error", f"--dbname={conninfo}"]
+    if not keep_privileges:  # a scratch copy (verify) or a server without the backup's roles
+        args[2:2] = ["--no-owner", "--no-privileges"]
     dump = download(storage, manifest)
     proc = Process(args, secret_env, stdin=subprocess.PIPE, name="pg_restore")
     source = HashingReader(dump)
@@ -164,10 +168,10 @@ def compare_with_manifest(dsn: Dsn, manifest: Manifest) -> tuple[dict[str, int],
 
 
 def load_and_check(settings: Settings, storage: Storage, manifest: Manifest, scratch: Dsn,
-                   purpose: str, local: Path | None = None) -> RestoreResult:
+                   purpose: str, local: Path | None = None, keep_privileges: bool = False) -> RestoreResult:
     """Restore into the (new, empty) scratch database and compare it with the manifest."""
     t0 = time.monotonic()
-    pg_restore_into(settings, storage, manifest, scratch, local)
+    pg_restore_into(settings, storage, manifest, scratch, local, keep_privileges)
     counts, problems = compare_with_manifest(scratch, manifest)
     return RestoreResult(manifest.id, purpose, scratch.database, round(time.monotonic() - t0, 3), counts, problems)
 
@@ -185,13 +189,31 @@ def restore(settings: Settings, storage: Storage, manifest: Manifest, target: En
         return _restore_locked(settings, storage, manifest, target, local)
 
 
+def privileges_plan(settings: Settings, manifest: Manifest, dsn: Dsn) -> tuple[bool, str]:
+    """Keep owners and GRANTs when the target server has every role the backup names (a
+    disaster-recovery restore must give the application its privileges back); otherwise restore
+    without them rather than fail, and say which roles were missing."""
+    if manifest.roles is None:
+        return False, "restored without owners and GRANTs: the backup is older than dataops keeping its roles"
+    with pg.connect(dsn, autocommit=True, timeout=settings.postgres.connect_timeout, dbname=pg.MAINTENANCE_DB) as conn:
+        missing = pg.missing_roles(conn, manifest.roles)
+    if missing:
+        return False, (f"restored without owners and GRANTs: role(s) {', '.join(missing[:5])}"
+                       f"{' and more' if len(missing) > 5 else ''} are missing on the target server or not "
+                       "granted to the restoring user; create them and restore again to keep them")
+    return True, f"owners and GRANTs restored ({len(manifest.roles)} roles)"
+
+
 def _restore_locked(settings: Settings, storage: Storage, manifest: Manifest, target: Environment,
                     local: Path | None = None) -> RestoreResult:
     dsn = target.database_url
     discarded = discard_leftovers(dsn)
+    keep, privileges = privileges_plan(settings, manifest, dsn)
+    if not keep:
+        log.warning("%s", privileges)
     with owned_scratch(dsn, dsn.database, "restore") as name:
         failpoint("restore.after_scratch_created")
-        result = load_and_check(settings, storage, manifest, dsn.with_database(name), "restore", local)
+        result = load_and_check(settings, storage, manifest, dsn.with_database(name), "restore", local, keep)
         if not result.ok:
             raise OperationFailed(f"restored copy of backup {manifest.id} does not match its manifest: "
                                   f"{'; '.join(result.problems[:3])}; target '{target.name}' was left unchanged")
@@ -207,6 +229,7 @@ def _restore_locked(settings: Settings, storage: Storage, manifest: Manifest, ta
             log.warning("restored, but could not drop the replaced database %s yet (%s); the next restore or refresh "
                         "of %s drops it", old, exc, target.name)
     result.target, result.database, result.discarded = target.name, dsn.database, discarded
+    result.privileges = privileges
     log.info("restored backup %s into %s (%s)", manifest.id, target.name, dsn)
     return result
 
