@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh clean
+.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh bench-curves clean
 
 demo: install
 	$(BIN)/dataops demo
@@ -63,6 +63,10 @@ bench: install
 # The refresh against pg_anon and pganonymize, installed in a venv of their own (.venv-bench-tools).
 bench-refresh: install .venv-bench-tools/bin/python
 	$(BIN)/python bench/bench_refresh.py
+
+# Backup, restore, validate, transforms and refresh at 100k, 1M and 3M users: bench/curves.png and a RESULTS section.
+bench-curves: install
+	$(BIN)/python bench/bench_curves.py
 
 .venv-bench-tools/bin/python:
 	$(PYTHON) -m venv .venv-bench-tools
