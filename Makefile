@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare bench-startup bench-parallel clean
+.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare bench-startup bench-parallel bench-curves clean
+
 
 demo: install
 	$(BIN)/dataops demo
@@ -71,6 +72,10 @@ bench-refresh: install .venv-bench-tools/bin/python
 # backups.jobs 1 against 2 and pg_dump -Fd -j 2 alone, side by side at 100k and 1M rows (issue 18)
 bench-parallel: install
 	$(BIN)/python bench/bench_backup.py --parallel
+
+# Backup, restore, validate, transforms and refresh at 100k, 1M and 3M users: bench/curves.png and a RESULTS section.
+bench-curves: install
+	$(BIN)/python bench/bench_curves.py
 
 .venv-bench-tools/bin/python:
 	$(PYTHON) -m venv .venv-bench-tools
