@@ -52,6 +52,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -636,21 +638,6 @@ def machine() -> dict:
             "os": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
 
 
-def write_section(text: str, section: str = SECTION) -> None:
-    """Replace this benchmark's H2 section of RESULTS.md, keeping every other section."""
-    body = RESULTS.read_text() if RESULTS.exists() else (
-        "# Benchmark results\n\nOne H2 section per script in `bench/`; each script rewrites only its own section.\n")
-    lines = body.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == section), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-    RESULTS.write_text(new)
-
-
 def summarize(runs: list[dict]) -> dict:
     return {"wall": med([x["call_s"] for x in runs]), "walls": [x["call_s"] for x in runs],
             "size": med([x["size"] for x in runs]),
@@ -1078,7 +1065,7 @@ def main() -> None:
         b.stop()
     print(section)
     if not args.no_write:
-        write_section(section)
+        write_section(section, SECTION)
         print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

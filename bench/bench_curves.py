@@ -54,6 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench_refresh import RULES, SALT, CpuMeter, TreeRss, _load, _prepare_environ  # noqa: E402
+from results import write_section  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 PNG = ROOT / "bench" / "curves.png"
@@ -324,18 +325,6 @@ def render(setup: dict, res: dict, sizes: list[int], data: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_section(text: str) -> None:
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = body.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + ([""] + lines[end:] if end < len(lines) else [])) + "\n"
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="100000,1000000,3000000")
@@ -385,7 +374,7 @@ def main() -> None:
         print(text)
         if not args.no_write:
             draw(res, sizes)
-            write_section(text)
+            write_section(text, SECTION)
             print(f"wrote {RESULTS.relative_to(ROOT)} and {PNG.relative_to(ROOT)}")
         return
     srv, base = start_server(args.root)
@@ -425,7 +414,7 @@ def main() -> None:
     print(text)
     if not args.no_write:
         draw(res, sizes)
-        write_section(text)
+        write_section(text, SECTION)
         print(f"wrote {RESULTS.relative_to(ROOT)} and {PNG.relative_to(ROOT)}")
 
 

@@ -33,6 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Lint vs squawk (issue 17)"
@@ -180,20 +182,6 @@ def render(rows, t_ours, t_theirs, t_inproc, load0, load1, n_runs) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's H2 section of RESULTS.md (re-read just now), keeping every other section."""
-    body = RESULTS.read_text()
-    lines = body.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--squawk", default=str(ROOT / ".cache" / "squawk" / "node_modules" / ".bin" / "squawk"))
@@ -248,7 +236,7 @@ def main() -> None:
         RECORD.write_text(json.dumps({"squawk": version, "command": "squawk --reporter json cNNN.sql ...",
                                       "input": "each revision's SQL as `dataops migrate ENV plan` renders it",
                                       "not_counted": list(NOISE), "revisions": squawk_by_rev}, indent=1) + "\n")
-        write_section(text)
+        write_section(text, SECTION)
         print(f"wrote {RESULTS.relative_to(ROOT)} and {RECORD.relative_to(ROOT)}")
 
 

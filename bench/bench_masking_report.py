@@ -28,25 +28,31 @@ from dataops.settings import parse_settings  # noqa: E402
 from dataops.tasks import pg  # noqa: E402
 from dataops.tasks.anonymize.in_place import anonymize  # noqa: E402
 
-USERS = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
-srv = pgserver.get_server(tempfile.mkdtemp(prefix="s21b-"), cleanup_mode="delete")
-base = Dsn(srv.get_uri("postgres"))
-tmpl = f"tmpl_{uuid.uuid4().hex[:6]}"
-pg.create_database(base, tmpl)
-create_schema(base.with_database(tmpl)); seed(base.with_database(tmpl), users=USERS)
-results = {"A (no report)": [], "B (--report counts)": []}
-for i in range(3):
-    for label, count in (("A (no report)", False), ("B (--report counts)", True)) if i % 2 == 0 else (("B (--report counts)", True), ("A (no report)", False)):
-        name = f"c_{uuid.uuid4().hex[:6]}"
-        with pg.connect(base, autocommit=True) as c:
-            c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{tmpl}"')
-        s = parse_settings({"environments": {"dev": {"role": "staging", "database_url": base.with_database(name).secret()}},
-                            "storage": {"url": "file:///tmp/unused"}, "anonymize": ANON})
-        t0 = time.monotonic()
-        anonymize(s, s.env("dev"), vacuum=False, count=count)
-        results[label].append(time.monotonic() - t0)
-        with pg.connect(base, autocommit=True) as c:
-            c.execute(f'DROP DATABASE "{name}"')
-print(json.dumps({"users": USERS, "loadavg": os.getloadavg(),
-                  **{k: {"runs": [round(x, 2) for x in v], "median": round(statistics.median(v), 2)} for k, v in results.items()}}))
-srv.cleanup()
+
+def main() -> None:
+    USERS = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
+    srv = pgserver.get_server(tempfile.mkdtemp(prefix="s21b-"), cleanup_mode="delete")
+    base = Dsn(srv.get_uri("postgres"))
+    tmpl = f"tmpl_{uuid.uuid4().hex[:6]}"
+    pg.create_database(base, tmpl)
+    create_schema(base.with_database(tmpl)); seed(base.with_database(tmpl), users=USERS)
+    results = {"A (no report)": [], "B (--report counts)": []}
+    for i in range(3):
+        for label, count in (("A (no report)", False), ("B (--report counts)", True)) if i % 2 == 0 else (("B (--report counts)", True), ("A (no report)", False)):
+            name = f"c_{uuid.uuid4().hex[:6]}"
+            with pg.connect(base, autocommit=True) as c:
+                c.execute(f'CREATE DATABASE "{name}" TEMPLATE "{tmpl}"')
+            s = parse_settings({"environments": {"dev": {"role": "staging", "database_url": base.with_database(name).secret()}},
+                                "storage": {"url": "file:///tmp/unused"}, "anonymize": ANON})
+            t0 = time.monotonic()
+            anonymize(s, s.env("dev"), vacuum=False, count=count)
+            results[label].append(time.monotonic() - t0)
+            with pg.connect(base, autocommit=True) as c:
+                c.execute(f'DROP DATABASE "{name}"')
+    print(json.dumps({"users": USERS, "loadavg": os.getloadavg(),
+                      **{k: {"runs": [round(x, 2) for x in v], "median": round(statistics.median(v), 2)} for k, v in results.items()}}))
+    srv.cleanup()
+
+
+if __name__ == "__main__":
+    main()

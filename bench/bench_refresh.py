@@ -50,6 +50,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -555,19 +557,6 @@ def verify_copy(base, name: str) -> str:
 
 # -- 6. the report ----------------------------------------------------------------------------------
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's H2 section of RESULTS.md (re-read right before), keeping the others."""
-    body = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    lines = body.splitlines()
-    start = next((i for i, ln in enumerate(lines) if ln.strip() == SECTION), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "\n".join(lines[:start] + text.rstrip("\n").splitlines() + ([""] + lines[end:] if end < len(lines) else [])) + "\n"
-    RESULTS.write_text(new)
-
-
 def _median(xs: list[float]) -> float:
     xs = sorted(xs)
     n = len(xs)
@@ -815,7 +804,7 @@ def main() -> None:
     if args.no_write:
         print(text)
     else:
-        write_section(text)
+        write_section(text, SECTION)
         print(text)
         print(f"wrote {RESULTS.relative_to(ROOT)}")
 
@@ -906,7 +895,7 @@ def main_17(args) -> None:
     if args.no_write:
         print(text)
     else:
-        write_section(text)
+        write_section(text, SECTION_17)
         print(text)
 
 

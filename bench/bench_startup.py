@@ -38,6 +38,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "RESULTS.md"
 SECTION = "## Start-up and the CI pipeline (issue 18)"
@@ -61,19 +63,6 @@ def timed(args: list[str], env: dict, cwd: Path | None = None, check: bool = Tru
 
 def med(xs):
     return statistics.median(xs) if xs else float("nan")
-
-
-def write_section(text: str) -> None:
-    body = RESULTS.read_text()
-    lines = body.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-    RESULTS.write_text(new)
 
 
 class World:
@@ -281,7 +270,7 @@ def main() -> None:
         text = "\n".join(out)
         print(text)
         if not args.no_write:
-            write_section(text)
+            write_section(text, SECTION)
     shutil.rmtree(tmp, ignore_errors=True)
 
 

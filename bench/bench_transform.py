@@ -44,6 +44,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -285,20 +287,6 @@ def memory_run(settings, name: str) -> dict:
 
 # -- report -------------------------------------------------------------------------------------------
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's H2 section of RESULTS.md (re-read just now), keeping every other section."""
-    body = RESULTS.read_text() if RESULTS.exists() else (
-        "# Benchmark results\n\nOne H2 section per script in `bench/`; each script rewrites only its own section.\n")
-    lines = body.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        new = "".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=1_000_000)
@@ -398,7 +386,7 @@ def main() -> None:
     if args.no_write:
         print(text)
     else:
-        write_section(text)
+        write_section(text, SECTION)
         print(f"wrote {SECTION} to {RESULTS}")
 
 

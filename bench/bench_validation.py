@@ -38,6 +38,8 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from results import write_section  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -396,22 +398,6 @@ def _cpu() -> str:
     return platform.processor() or "unknown"
 
 
-def write_section(text: str) -> None:
-    """Replace this benchmark's H2 section of RESULTS.md, keeping every other section
-    (read right before writing: other benchmarks write their own sections)."""
-    body = RESULTS.read_text() if RESULTS.exists() else (
-        "# Benchmark results\n\nOne H2 section per script in `bench/`; each script rewrites only its own section.\n")
-    lines = body.splitlines(keepends=True)
-    start = next((i for i, ln in enumerate(lines) if ln.rstrip() == SECTION), None)
-    if start is None:
-        new = body.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n"
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "".join(lines[end:])
-        new = "".join(lines[:start]) + text.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
-    RESULTS.write_text(new)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -426,7 +412,7 @@ def main() -> None:
     text = report(out, started, load_before, os.getloadavg())
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, SECTION)
         print(f"wrote {SECTION!r} in {RESULTS}", file=sys.stderr)
 
 
