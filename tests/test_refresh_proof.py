@@ -40,8 +40,8 @@ def test_a_value_altered_in_transit_fails_the_refresh(stack, pg_server_dsn, monk
                 data = b"\t".join(fields) + b"\n" + rest
             return self.out.write(data)
 
-    def tampered(cin, cout, maskers, collector):
-        return real(cin, Tamper(cout), maskers, collector)
+    def tampered(cin, cout, maskers, collector, *rest):
+        return real(cin, Tamper(cout), maskers, collector, *rest)
 
     monkeypatch.setattr(table_copy, "_masked_stream", tampered)
     with pytest.raises(OperationFailed) as err:
