@@ -27,7 +27,7 @@ def refresh_staging_cmd(
                                              "role staging)", show_default=False),
         check: bool = typer.Option(False, "--check", help="check the guards and masking rules, copy nothing")):
     """Replace staging with a masked copy of production, checked before it is switched in."""
-    settings = load_cli_settings()
+    settings = load_cli_settings(*[name for name in (source, target) if name])
     from dataops.tasks.refresh.plan import resolve_environments
 
     src, tgt = resolve_environments(settings, source, target)
@@ -87,7 +87,7 @@ def anonymize_cmd(env: str = typer.Argument(..., help="environment to anonymize 
         from dataops.tasks.anonymize.report import check_report_path
 
         target = check_report_path(path)  # refused before anything runs
-    settings = load_cli_settings()
+    settings = load_cli_settings(env)
     from dataops.tasks.anonymize.in_place import guard_environment
 
     guard_environment(settings.env(env))

@@ -146,6 +146,7 @@ def _pid_of_flow_run(run_id) -> int | None:
     return None
 
 
+@pytest.mark.extended  # make test-crash (CI runs it after make test): keeps make test under 15 minutes
 def test_killed_migration_is_rolled_back_by_the_server(deployed):
     """kill -9 runs no failure hook: the automation on Crashed starts rollback-migration."""
     from prefect.client.orchestration import get_client
