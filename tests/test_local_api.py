@@ -135,10 +135,10 @@ def test_read_only_commands_start_nothing(world):
 @pytest.mark.extended
 def test_started_once_reused_recovered_and_stopped(world, tmp_path):
     state = world["state"]
-    # two first commands at once: one server
-    procs = [subprocess.Popen([sys.executable, "-m", "dataops.cli", "--config", str(world["cfg"]), "backup", "staging"],
+    # two first commands at once: one server (backups of two environments: two of one are refused by its lock)
+    procs = [subprocess.Popen([sys.executable, "-m", "dataops.cli", "--config", str(world["cfg"]), "backup", env],
                               env=world["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for _ in range(2)]
+             for env in ("staging", "production")]
     for p in procs:
         out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
