@@ -18,6 +18,7 @@ Slow (a server, a deployment, two workers and minutes of runs): `make test-crash
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -97,18 +98,25 @@ class Host:
 
 def start_dask(folder: Path, api_url: str) -> tuple[list[subprocess.Popen], str]:
     """A Dask scheduler and one `dask worker` with two processes of one thread each, as on hosts of
-    their own (their logs in `folder`)."""
-    port = free_port()
+    their own (their logs in `folder`). The scheduler picks its own port and names it in its
+    scheduler file: a port chosen here first was once taken by another process in between."""
     env = {**os.environ, "PREFECT_API_URL": api_url}
+    info = folder / "scheduler.json"
     procs = []
-    for args, log in ((["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
-                        "--no-dashboard"], "scheduler.log"),
-                      (["distributed.cli.dask_worker", f"tcp://127.0.0.1:{port}", "--nworkers", "2", "--nthreads", "1",
-                        "--no-dashboard"], "dask-worker.log")):
+    for args, log in ((["distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+                        "--scheduler-file", str(info), "--no-dashboard"], "scheduler.log"),
+                      (["distributed.cli.dask_worker", "--scheduler-file", str(info), "--nworkers", "2", "--nthreads",
+                        "1", "--no-dashboard"], "dask-worker.log")):
         with open(folder / log, "wb") as out:
             procs.append(subprocess.Popen([sys.executable, "-m", *args], env=env, cwd=folder, stdout=out,
                                           stderr=subprocess.STDOUT, start_new_session=True))
-    return procs, f"tcp://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while not (info.exists() and info.stat().st_size):
+        assert procs[0].poll() is None, (folder / "scheduler.log").read_text(errors="replace")[-3000:]
+        assert time.monotonic() < deadline, "the Dask scheduler wrote no scheduler file in 120 s"
+        time.sleep(0.2)
+    time.sleep(0.2)  # the file is written whole at once; a moment for the last bytes to land
+    return procs, json.loads(info.read_text())["address"]
 
 
 @pytest.fixture(scope="module")
