@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 
 import pytest
 from conftest import run_cli
@@ -19,7 +20,7 @@ from dataops.settings import load_settings
 from dataops.tasks.anonymize.in_place import anonymize
 from dataops.tasks.anonymize.report import ColumnCounts, MaskingReport, check_report_path
 
-PASSWORD = "pw-Zq8-never-shown"
+PASSWORD = os.environ.get("DATAOPS_TEST_SECRET") or "pw-" + secrets.token_hex(8)  # made per run, never committed
 DELETED = "event_type IN ('login', 'password_change')"
 MASKED = {  # table -> masked columns of ANON, and the rows that are left when they are counted
     "users": ("email", "full_name", "first_name", "last_name", "phone", "date_of_birth", "address", "ip_address",
