@@ -11,7 +11,6 @@ from test_refresh_staging import checksums, run_refresh, scratch_databases, stac
 
 from dataops.errors import OperationFailed
 from dataops.settings import load_settings
-from dataops.tasks import pg
 from dataops.tasks.refresh import table_copy
 
 USERS_COLUMNS = 12
@@ -49,33 +48,4 @@ def test_a_value_altered_in_transit_fails_the_refresh(stack, pg_server_dsn, monk
     assert altered, "the users stream was altered"
     assert "table users: checksum of the unmasked columns differs from the source" in err.value.message
     assert "'staging' was left unchanged" in err.value.message
-    assert checksums(stg) == before and scratch_databases(pg_server_dsn) == []
-
-
-@pytest.mark.parametrize("damage,problem", [
-    ("UPDATE users SET created_at = created_at - interval '1 microsecond' WHERE id = (SELECT max(id) FROM users)",
-     "table users: checksum of the unmasked columns differs from the source"),
-    ("UPDATE user_emails SET user_id = (SELECT min(id) FROM users) WHERE id = (SELECT max(id) FROM user_emails) "
-     "AND user_id <> (SELECT min(id) FROM users)",
-     "table user_emails: checksum of the unmasked columns differs from the source"),
-])
-def test_a_masked_table_altered_in_the_target_fails_the_refresh(stack, pg_server_dsn, damage, problem):  # noqa: F811
-    """A masked table's unmasked columns, changed in the new copy after the load."""
-    from dataops.tasks.refresh.steps import PlainSteps, copy_data
-
-    prod, stg, config = stack
-    before = checksums(stg)
-
-    class Damaging(PlainSteps):
-        @staticmethod
-        def copy_data(plan, snap, new, *args):
-            results = copy_data(plan, snap, new, *args)
-            with pg.connect(new.dsn) as conn:
-                assert conn.execute(damage).rowcount == 1
-                conn.commit()
-            return results
-
-    with pytest.raises(OperationFailed) as err:
-        run_refresh(load_settings(config()), steps=Damaging)
-    assert problem in err.value.message and "'staging' was left unchanged" in err.value.message
     assert checksums(stg) == before and scratch_databases(pg_server_dsn) == []

@@ -273,6 +273,12 @@ def test_excluded_and_truncated_tables(stack):
      "table orders: checksum of the unmasked columns differs from the source"),
     ("DELETE FROM user_profiles WHERE user_id = (SELECT min(user_id) FROM user_profiles)",
      "table user_profiles: 2"),
+    # tables masked in Python: their unmasked columns are proved by the same second scan
+    ("UPDATE users SET created_at = created_at - interval '1 microsecond' WHERE id = (SELECT max(id) FROM users)",
+     "table users: checksum of the unmasked columns differs from the source"),
+    ("UPDATE user_emails SET user_id = (SELECT min(id) FROM users) WHERE id = (SELECT max(id) FROM user_emails) "
+     "AND user_id <> (SELECT min(id) FROM users)",
+     "table user_emails: checksum of the unmasked columns differs from the source"),
 ])
 def test_a_copy_that_differs_from_the_source_is_never_switched_in(stack, pg_server_dsn, damage, problem):
     """The checks compare the copy with the source snapshot: damage done to the copy after
