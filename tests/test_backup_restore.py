@@ -192,3 +192,7 @@ def test_file_storage_round_trip(prefect_api, seeded, make_db, tmp_path, write_c
     assert not list((tmp_path / "store").rglob(".*partial*"))
     restore_database("production", "latest", "staging", config=str(cfg))
     assert checksums(staging) == checksums(seeded)
+    with pg.connect(staging) as conn:  # analyzed by the restore (not autovacuum): plans work from the first query
+        never = conn.execute("SELECT array_agg(relname ORDER BY relname) FROM pg_stat_user_tables "
+                             "WHERE last_analyze IS NULL").fetchone()[0]
+    assert never is None, never

@@ -373,3 +373,20 @@ def test_bad_transform_modules_are_bad_input(schema_only_db, tmp_path, body, mes
         transform(settings, settings.env("dev"), "bad")
     with pytest.raises(BadInput, match=r"unknown transform 'nope' in .* \(known: bad\)"):
         plan(settings, settings.env("dev"), "nope", Options())
+
+
+def test_a_table_without_planner_statistics_is_analyzed_before_the_batches(make_db, tmp_path):
+    """A copy pg_restore just loaded has no statistics: at 9M rows the planner then chose a full
+    scan for every keyset batch and the backfill gave up (bench_curves at 3M users)."""
+    dsn = app_db(make_db)
+    add_tax_amount(dsn)
+    with pg.connect(dsn, autocommit=True) as conn:  # as pg_restore leaves a table: no statistics
+        conn.execute("CREATE TABLE orders_fresh (LIKE orders INCLUDING ALL)")
+        conn.execute("INSERT INTO orders_fresh SELECT * FROM orders")
+        conn.execute("DROP TABLE orders CASCADE")
+        conn.execute("ALTER TABLE orders_fresh RENAME TO orders")
+        assert conn.execute("SELECT count(*) FROM pg_stats WHERE tablename = 'orders'").fetchone()[0] == 0
+    settings = write_settings(tmp_path, dsn)
+    transform(settings, settings.env("dev"), "orders_backfill_tax_amount")
+    assert query(dsn, "SELECT last_analyze IS NOT NULL FROM pg_stat_user_tables WHERE relname = 'orders'") == [(True,)]
+    assert query(dsn, "SELECT count(*) FROM orders WHERE tax_amount IS NULL") == [(0,)]

@@ -233,12 +233,15 @@ def match_digests(masking, names: list[tuple[str, str]], workspace: Workspace) -
 
 
 def build_report(masking, names: list[tuple[str, str]], unchanged: dict[int, int], values: dict[int, int],
-                 matches: Matches, sql_checked: dict[str, tuple[int, int]]) -> LeakReport:
+                 matches: Matches, sql_checked: dict[str, tuple[int, int]],
+                 counted_by_sql: set[int] = frozenset()) -> LeakReport:
     """The leak report of one run. `names[i]` is the (table, column) of column id i;
     `unchanged` counts values per column id that their rule left as they were; `values`
     counts the non-NULL values masked in Python per column id; `matches` comes from
     match_digests; `sql_checked` has (rows, bad values) of the null and constant columns,
-    which the target was checked for by SQL."""
+    which the target was checked for by SQL; `counted_by_sql` are the column ids PostgreSQL masked
+    in the copy's SELECT with no row passing through Python (Masker.row_free): their values were
+    counted by SQL and not compared one by one."""
     maskers = [masking.tables[t].maskers[c] for t, c in names]
     leaked, pooled = matches.leaked, matches.pooled
     report = LeakReport(source_values=matches.source_values)
@@ -247,6 +250,10 @@ def build_report(masking, names: list[tuple[str, str]], unchanged: dict[int, int
         if m.kind in ("null", "constant"):
             c.checked, c.leaked = sql_checked.get(f"{table}.{column}", (0, 0))
             c.note = "checked in the target: only NULL" if m.kind == "null" else "checked in the target: only the constant"
+        elif i in counted_by_sql:
+            c.checked, c.unchanged = values.get(i, 0), 0
+            c.note = ("masked by PostgreSQL in the copy's SELECT, values counted there; not compared one by one: "
+                      "its outputs may equal other rows' values by design")
         elif m.kind == "shift_days":
             c.checked = values.get(i, 0)
             c.note = "compared per row: every date moved"

@@ -376,8 +376,24 @@ class Masker:
     @property
     def track_source(self) -> bool:
         """Its source values go to the leak scan's set of values that must not reappear. Not
-        moved dates and numbers (noise, generalize, shift_days): other rows hold them by chance."""
+        moved dates and numbers (noise, generalize, shift_days): other rows hold them by chance.
+        Not the categories a choice replaces, nor json documents whose written documents are not
+        compared either: only a compared output could meet them, and a compared output (a hash,
+        a template, an email) is never a whole document or a category by design."""
+        if self.kind == "choice":
+            return False
+        if self.kind == "json":
+            return self.track_output
+        if self.kind == "cases":
+            return any(s.track_source for s in self.subs)
         return self.kind not in ("shift_days", "noise", "generalize")
+
+    @property
+    def row_free(self) -> bool:
+        """Masked by PostgreSQL in the copy's SELECT with nothing for the leak scan to take
+        from each row (no digest either way): its table can stream through two psql processes
+        without a row passing through Python; its values are counted by SQL instead."""
+        return self.in_sql or (self.by_postgres and not self.track_source and not self.track_output)
 
     @property
     def track_output(self) -> bool:

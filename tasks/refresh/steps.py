@@ -322,18 +322,21 @@ def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace:
         select = []
         python = []
         originals, extras = [], {}  # rules PostgreSQL evaluates: the source value rides at the row's end
+        by_sql = False  # rules PostgreSQL evaluates in a table that streams without Python
         for i, col in enumerate(t.columns):
             ident = sql.Identifier(col.name)
             m = maskers.get(col.name)
-            if m is not None and m.by_postgres:
+            if m is not None and m.by_postgres and not m.row_free:
                 refs = {name.name: sql.SQL("t0.{}").format(sql.Identifier(name.name)) for name in t.columns}
                 select.append(sql.SQL("{} AS {}").format(m.sql(sql.SQL("t0.{}").format(ident), refs=refs), ident))
                 extras[i] = len(t.columns) + len(originals)
                 originals.append(sql.SQL("t0.{}").format(ident))
                 python.append((i, column_ids.of(tp.label, col.name), m))
-            elif m is not None and m.in_sql:
-                select.append(sql.SQL("{} AS {}").format(m.sql(sql.SQL("t0.{}").format(ident)), ident))
+            elif m is not None and m.row_free:  # masked in the SELECT; counted by SQL (source_checksums)
+                refs = {name.name: sql.SQL("t0.{}").format(sql.Identifier(name.name)) for name in t.columns}
+                select.append(sql.SQL("{} AS {}").format(m.sql(sql.SQL("t0.{}").format(ident), refs=refs), ident))
                 column_ids.of(tp.label, col.name)
+                by_sql = by_sql or m.by_postgres
             else:
                 select.append(sql.SQL("t0.{}").format(ident))
                 if m is not None:
@@ -344,7 +347,7 @@ def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace:
         # A partitioned table is copied leaf by leaf, each into the same leaf of the copy (the
         # schema came from the same dump, so the bounds are the same); checked as one table.
         for piece in tp.pieces:
-            parts = parts_for(piece, bool(python), plan.jobs)
+            parts = parts_for(piece, bool(python) or by_sql, plan.jobs)  # masking CPU: worth both cores
             for part in range(parts):
                 where = [tp.keep] if tp.keep is not None else []
                 if parts > 1:
@@ -409,9 +412,17 @@ def source_checksums(settings: Settings, plan: RefreshPlan, snap: SourceSnapshot
         conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snap.id)))
         with pinned_settings(conn, STABLE_OUTPUT):
             for tp in plan.copied:
-                out[tp.label] = _checksum(conn, tp, _unmasked(plan, tp.label), tp.keep, tp.ctes)
+                counted = [sql.SQL("count(t0.{})").format(sql.Identifier(c)) for c in _counted_by_sql(plan, tp.label)]
+                out[tp.label] = _checksum(conn, tp, _unmasked(plan, tp.label), tp.keep, tp.ctes, counted)
         conn.execute("COMMIT")
     return out
+
+
+def _counted_by_sql(plan: RefreshPlan, label: str) -> list[str]:
+    """Columns PostgreSQL masks in the copy's SELECT with no row passing through Python
+    (Masker.row_free): the leak report's count of their values comes from this scan."""
+    tm = plan.masking.tables.get(label)
+    return [c for c, m in (tm.maskers.items() if tm else []) if m.row_free and m.by_postgres]
 
 
 def _unmasked(plan: RefreshPlan, label: str) -> list[str]:
@@ -512,9 +523,12 @@ def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], ex
         streamed[r.label] = streamed.get(r.label, 0) + r.rows
     integrity = integrity_checks(new.dsn)
     sql_checked: dict[str, tuple[int, int]] = {}  # "table.column" -> (rows checked, bad values)
+    by_sql: dict[int, int] = {}  # column id -> source values masked in the SELECT, counted there
     for tp in plan.copied:
         rows, checksum, *extras = actual[tp.label]
-        want_rows, want_sum = expected[tp.label]
+        want_rows, want_sum, *counted = expected[tp.label]
+        for col, n in zip(_counted_by_sql(plan, tp.label), counted):
+            by_sql[column_ids.of(tp.label, col)] = int(n)
         if rows != want_rows or streamed.get(tp.label, 0) != want_rows:
             problems.append(f"table {tp.label}: {rows} rows in the copy, {streamed.get(tp.label, 0)} streamed, "
                             f"{want_rows} in the source")
@@ -538,7 +552,7 @@ def validate_copy(plan: RefreshPlan, new: NewCopy, results: list[CopyResult], ex
                   f"PostgreSQL as they were added after the load, {recounted} NOT VALID checked for orphaned rows; "
                   "sequences past their columns)")
 
-    leaks = leak_scan(plan, results, matches, column_ids, sql_checked)
+    leaks = leak_scan(plan, results, matches, column_ids, sql_checked, by_sql)
     if not leaks.ok:
         problems.append(leaks.summary())
     return problems, checks, leaks
@@ -551,15 +565,16 @@ def match_leaks(plan: RefreshPlan, workspace: Workspace, column_ids: ColumnIds) 
 
 
 def leak_scan(plan: RefreshPlan, results: list[CopyResult], matches: Matches, column_ids: ColumnIds,
-              sql_checked: dict[str, tuple[int, int]]) -> LeakReport:
+              sql_checked: dict[str, tuple[int, int]], by_sql: dict[int, int] | None = None) -> LeakReport:
     unchanged: dict[int, int] = {}
-    values: dict[int, int] = {}
+    values: dict[int, int] = dict(by_sql or {})
     for r in results:
         for cid, n in r.unchanged.items():
             unchanged[cid] = unchanged.get(cid, 0) + n
         for cid, n in r.values.items():
             values[cid] = values.get(cid, 0) + n
-    return build_report(plan.masking, column_ids.names(), unchanged, values, matches, sql_checked)
+    return build_report(plan.masking, column_ids.names(), unchanged, values, matches, sql_checked,
+                        counted_by_sql=set(by_sql or {}))
 
 
 # -- 5. the switch -------------------------------------------------------------------------------

@@ -8,7 +8,10 @@ on tabs (COPY's text format escapes tabs, newlines and backslashes inside values
 split is exact), only the masked fields are decoded, rewritten and re-encoded.
 
 Tables load with no index, constraint or trigger in place (those come after the load,
-as pg_restore does), so they can load in parallel in any order. Jobs whose rows pass
+as pg_restore does), so they can load in parallel in any order. Rules PostgreSQL
+evaluates (noise, choice, generalize, json paths, cases; dataops.tasks.anonymize.sql_rules) are in the
+SELECT too; a table whose rules leave the leak scan nothing to take from each row streams through
+two psql processes like an unmasked one (Masker.row_free). Jobs whose rows pass
 through Python run in worker processes when there are many rows: masking is CPU work,
 and threads would share one core under the GIL.
 """
@@ -115,9 +118,16 @@ def _psql_pipe(job: CopyJob) -> int:
     options = " ".join(f"-c {name}={value.replace(' ', '')}" for name, value in STABLE_OUTPUT.items())
     src_info, dst_info = _with_options(src_info, options), _with_options(dst_info, options)
     base = [binary, "-X", "-v", "ON_ERROR_STOP=1"]
+    # The SELECT goes in a file of the run's private folder, not on the command line: a masking
+    # expression holds the salt's HMAC pads, and any local user can read a process's arguments
+    # (it can also exceed the kernel's 128 kB limit on one argument, with a Faker pool inside).
+    query = os.path.join(job.leak_dir, f"copy-{job.id.replace('#', '_')}.sql")
+    fd = os.open(query, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(job.copy_out + ";\n")
     out_cmd = [*base, "-q", f"--dbname={src_info}", "-c", "SET idle_in_transaction_session_timeout = 0",
                "-c", "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY",
-               "-c", f"SET TRANSACTION SNAPSHOT '{job.snapshot}'", "-c", job.copy_out, "-c", "COMMIT"]
+               "-c", f"SET TRANSACTION SNAPSHOT '{job.snapshot}'", "-f", query, "-c", "COMMIT"]
     in_cmd = [*base, f"--dbname={dst_info}", "-c", "SET synchronous_commit = off", "-c", job.copy_in]
     env = {**os.environ, "PGAPPNAME": "dataops-refresh-copy"}
     source = subprocess.Popen(out_cmd, env={**env, **src_env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

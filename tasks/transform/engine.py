@@ -76,6 +76,8 @@ def prepare_run(settings: Settings, env: Environment, name: str, opts: Options,
         target = bind(conn, spec)  # a table the transform cannot work on: refused before anything is written
         compile_check(conn, spec, target)
         ensure_schema(conn)
+        if pg.ensure_statistics(conn, target.schema, target.table):
+            log.info("%s had no planner statistics (a fresh restore?): analyzed it first", target.label)
         last = latest_run(conn, name)
         if last is not None and last.status == RUNNING:
             if last.action == "revert":
