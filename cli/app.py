@@ -40,7 +40,7 @@ def _main(config: Optional[Path] = typer.Option(None, "--config", "-c", help=CON
     state.verbose = verbose
 
 
-def load_cli_settings(*environments: str):
+def load_cli_settings(*environments: str, check=None):
     """dataops.yaml, read once for the command, and the environments it names checked: an unknown
     name is bad input (exit 2) before any flow, Prefect API or connection starts. The flow
     resolves the name into its Environment itself (a deployment passes only the name)."""
@@ -49,6 +49,8 @@ def load_cli_settings(*environments: str):
     settings = load_settings(state.config)
     for name in environments:
         settings.env(name)
+    if check is not None:  # the command's own parameters (a revision that does not exist), also before the API
+        check(settings)
     state.config = str(config_path(state.config).resolve())
     prepare_prefect(settings.prefect.api_url, state.verbose, local_api=settings.prefect.local_api and runs_flows(),
                     idle_s=settings.prefect.local_api_idle_s)
@@ -114,7 +116,8 @@ class EnvGroup:
                                               show_default=False)):
             self.env = env
 
-    def resolved(self):
-        """(settings, ENV's Environment); an unknown ENV is bad input (exit 2) before anything runs."""
-        settings = load_cli_settings(self.env)
+    def resolved(self, check=None):
+        """(settings, ENV's Environment); an unknown ENV, or what `check(settings)` refuses, is bad
+        input (exit 2) before anything runs."""
+        settings = load_cli_settings(self.env, check=check)
         return settings, settings.env(self.env)

@@ -96,7 +96,9 @@ def up_cmd(to: str = _to_option(),
            auto_approve: bool = typer.Option(False, "--auto-approve",
                                              help="skip the approval pause (only with migrations.allow_auto_approve)")):
     """Run the migrate-database flow: preflight, backup, approval (production), apply, checks, audit."""
-    settings, environment = group.resolved()
+    from dataops.tasks.migration import migrate
+
+    settings, environment = group.resolved(check=lambda s: migrate.resolve(s.migrations_dir, to))
     if environment.is_production and not dry_run and not auto_approve:
         typer.echo(f"{group.env} has role production: the run pauses for approval (Resume it in the Prefect UI) "
                    f"for up to {settings.migrations.approval_timeout_s} s", err=True)
@@ -137,7 +139,9 @@ def down_cmd(to: Optional[str] = typer.Option(None, "--to", help="revision to go
              confirm: Optional[str] = typer.Option(None, "--confirm", help="ENV's name; required when its role is production",
                                                    show_default=False)):
     """Undo revisions (after a backup, under the lock): --to REV or --steps N."""
-    _, environment = group.resolved()
+    from dataops.tasks.migration import migrate
+
+    _, environment = group.resolved(check=lambda s: migrate.resolve(s.migrations_dir, to) if to else None)
     if (to is None) == (steps is None):
         raise BadInput("say where to go down to: --to REV (or base) or --steps N")
     from dataops.flows.downgrade_database import downgrade_database

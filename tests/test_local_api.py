@@ -128,6 +128,11 @@ def test_read_only_commands_start_nothing(world):
     assert "8 pending" in out["status"] and "no backups of production yet" in out["backups"]
     assert "ready" in out["refresh-staging"].splitlines()[-1] and "not running" in out["local-api"]
     assert not world["state"].exists() and servers(world["state"]) == []
+    # a flow command refused for its own parameters starts nothing either: exit 2 and one line
+    for args in (["migrate", "production", "up", "--to", "nosuchrev"], ["migrate", "staging", "down", "--to", "nosuchrev"]):
+        r = dataops(world, *args, env=no_api, ok=False)
+        assert r.returncode == 2 and "nosuchrev" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not world["state"].exists() and servers(world["state"]) == []
     # a flow command, with the same prohibition, does need an API: the check above can fail
     assert dataops(world, "backup", "staging", env={**no_api, "DATAOPS_LOCAL_API_IDLE_S": "x"}, ok=False).returncode == 2
 
