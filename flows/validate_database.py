@@ -25,13 +25,8 @@ from dataops.settings import Environment, Settings, load_settings
 from dataops.tasks.backup.catalog import freshness_task
 from dataops.tasks.reporting import publish_table
 from dataops.tasks.validation.checks import ERROR, FAIL, PASS, CheckResult
-from dataops.tasks.validation.validate import (
-    ValidationFailed,
-    artifact_rows,
-    build_report,
-    compare_environments_task,
-    run_checks_task,
-)
+from dataops.tasks.validation.prefect_tasks import compare_environments_task, run_checks_task
+from dataops.tasks.validation.validate import ValidationFailed, artifact_rows, build_report
 
 
 @flow(name="validate-database")

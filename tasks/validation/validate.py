@@ -27,7 +27,6 @@ from datetime import datetime, timezone
 from typing import Any
 
 import psycopg
-from prefect import task
 from psycopg import IsolationLevel
 from psycopg.rows import tuple_row
 
@@ -38,7 +37,6 @@ from dataops.tasks import pg
 from dataops.tasks.checksums import TableChecksum, parse_label, table_checksum
 from dataops.tasks.checksums import table_checksums as _conn_table_checksums
 from dataops.tasks.reporting import text_table
-from dataops.tasks.retries import RETRY_TRANSIENT
 from dataops.tasks.schema import FINGERPRINT_VERSION, Difference, catalog_snapshot, diff_snapshots, fingerprint
 from dataops.tasks.validation.checks import (
     ERROR,
@@ -533,19 +531,6 @@ def format_report(report: dict[str, Any], *, show_passed: bool = True) -> str:
     lines += ["", report["verdict"]]
     return "\n".join(lines)
 
-
-
-# -- Prefect task wrappers ---------------------------------------------------------------------
-
-@task(name="run-checks", **RETRY_TRANSIENT)
-def run_checks_task(db: Database, checks: Sequence[Check] | ValidationSettings | None = None) -> CheckReport:
-    return run_checks(db, checks)
-
-
-@task(name="compare-environments", **RETRY_TRANSIENT)
-def compare_environments_task(a: Database, b: Database, columns: Mapping[str, Sequence[str]] | None = None,
-                              exclude: Mapping[str, Sequence[str]] | None = None) -> EnvironmentComparison:
-    return compare_environments(a, b, columns=columns, exclude=exclude)
 
 
 __all__ = ["CheckReport", "CheckResult", "DatabaseState", "EnvironmentComparison", "TableComparison",
