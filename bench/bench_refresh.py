@@ -74,7 +74,7 @@ RULES_17_EXTRA = {
                                         "method": {"choice": ["password", "sso", "token"]}}}},
     "orders": {"amount": {"noise": {"percent": 5}}, "created_at": {"noise": {"bound": 3}}},
 }
-SECTION_17 = "## Refresh staging with json and noise rules (issue 17)"
+SECTION_17 = "## Refresh staging with json and noise rules (issue 17), {users:,} users"  # one section per size
 PG_ANON_DICT = {"dictionary": [
     {"schema": "public", "table": "users", "fields": {
         "email": "md5(\"email\") || '@example.com'", "full_name": "md5(\"full_name\")",
@@ -819,7 +819,7 @@ def main_17(args) -> None:
 
     base_rules = {t: dict(cols) for t, cols in RULES.items()}
     rules_17 = {t: {**RULES.get(t, {}), **RULES_17_EXTRA.get(t, {})} for t in {*RULES, *RULES_17_EXTRA}}
-    SECTION = SECTION_17
+    SECTION = SECTION_17.format(users=args.users)
     started, load_start = time.monotonic(), _load()
     args.root.mkdir(parents=True, exist_ok=True)
     srv = start_server(args.root / "pg")
@@ -860,7 +860,7 @@ def main_17(args) -> None:
     last = refreshes[-1]
     rules17 = "; ".join(m for m in last["masked"] if m.split(":")[0] in
                         {f"{t}.{c}" for t, cols in RULES_17_EXTRA.items() for c in cols})
-    out = [SECTION_17, "",
+    out = [SECTION, "",
            f"`bench/bench_refresh.py --issue17 --users {args.users} --repeat {args.repeat}`: the refresh with the "
            "sample app's rules plus a jsonb rule on the biggest table and noise on orders, against "
            "`pg_dump -Fc -Z0 | pg_restore` of the same database and against the refresh with the usual rules only, "
@@ -895,7 +895,7 @@ def main_17(args) -> None:
     if args.no_write:
         print(text)
     else:
-        write_section(text, SECTION_17)
+        write_section(text, SECTION)
         print(text)
 
 
