@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare bench-startup bench-parallel bench-curves clean
+.PHONY: demo test test-crash test-real install browser pg15 bench bench-refresh lint-compare bench-startup bench-parallel bench-curves bench-floor clean
 
 
 demo: install
@@ -74,6 +74,9 @@ bench-parallel: install
 	$(BIN)/python bench/bench_backup.py --parallel
 
 # Backup, restore, validate, transforms and refresh at 100k, 1M and 3M users: bench/curves.png and a RESULTS section.
+bench-floor: install .venv-bench-tools/bin/python
+	$(BIN)/python bench/bench_refresh_floor.py
+
 bench-curves: install
 	$(BIN)/python bench/bench_curves.py
 
