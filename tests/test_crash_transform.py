@@ -40,7 +40,8 @@ from dataops.tasks.transform.engine import revert, transform
 RUN_CELLS = ["transform.before_checkpoint", "transform.after_checkpoint", "transform.before_checks"]
 REVERT_CELLS = ["revert.before_checkpoint", "revert.after_checkpoint"]
 ANONYMIZE_CELLS = {"anonymize.before_commit": "old", "anonymize.after_commit": "masked"}
-CELLS = [*RUN_CELLS, *REVERT_CELLS, *ANONYMIZE_CELLS]  # test_failpoints.py holds this against the code
+REPORT_CELLS = ["anonymize.report_before_rename"]
+CELLS = [*RUN_CELLS, *REVERT_CELLS, *ANONYMIZE_CELLS, *REPORT_CELLS]  # test_failpoints.py holds this against the code
 
 NAME = "bump_items"
 ROWS = 200
@@ -335,4 +336,29 @@ def test_anonymize_killed_at_each_failpoint_is_all_or_nothing_and_the_next_run_m
         assert query(w["dev"], "SELECT count(*) FROM users") == [(40,)]
         assert query(w["dev"], "SELECT count(*) FROM audit_logs WHERE event_type IN ('login', 'password_change')") \
             == [(0,)]
+    no_lock_left(w["server"])
+
+
+def test_anonymize_killed_while_writing_its_report_leaves_no_half_report_and_the_next_run_writes_it(
+        anon_world, prefect_api, tmp_path):
+    """The report is written after the commit: a kill there leaves the database masked (as one run
+    leaves it), no file at PATH (never half a report), and the next run writes it whole and clears
+    the temporary file the killed one left."""
+    from conftest import run_cli
+
+    w = anon_world
+    out = tmp_path / "reports" / "masking.json"
+    out.parent.mkdir()
+    env = {"PREFECT_API_URL": prefect_api}
+    r = run_cli("--config", str(w["cfg"]), "anonymize", "dev", "--report", str(out),
+                env={**env, "DATAOPS_FAILPOINTS": "anonymize.report_before_rename=exit"})
+    assert r.returncode == FAILPOINT_EXIT, r.stderr
+    assert not out.exists() and len(list(out.parent.glob(".masking.json.*.tmp"))) == 1
+    assert (content(w["dev"]), schema(w["dev"])) == w["masked"] and leaked(w) == {}
+    r = run_cli("--config", str(w["cfg"]), "anonymize", "dev", "--report", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    assert {c["table"] for c in data["columns"]} >= {"users"} and list(out.parent.iterdir()) == [out]
     no_lock_left(w["server"])

@@ -26,6 +26,7 @@ as LOST, and the report is not ok.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import tempfile
@@ -38,6 +39,7 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.errors import BadInput
+from dataops.failpoints import failpoint
 from dataops.tasks.anonymize.leak_scan import LeakReport
 from dataops.tasks.anonymize.rules import MaskingPlan, TableMasking
 from dataops.tasks.reporting import markdown_table
@@ -198,10 +200,13 @@ def check_report_path(path: str) -> Path:
 def write_report(report: MaskingReport, path: Path) -> None:
     """JSON or Markdown by the suffix; written whole or not at all (a temporary file renamed)."""
     text = report.to_json() if path.suffix.lower() == ".json" else report.to_markdown()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a run killed before its rename
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        failpoint("anonymize.report_before_rename")  # a kill here: no report at PATH, a hidden temporary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
