@@ -265,7 +265,9 @@ class _Linter:
                         hits.append((_Hit("lock-timeout", "the revision turns off the lock_timeout dataops set"),
                                      text))
                 continue
-            if not managed and not timeout_set and kind in _STRONG_LOCK:
+            target = getattr(node, "relation", None)
+            on_new = type(target).__name__ == "RangeVar" and _qualified(target) in self.new_tables
+            if not managed and not timeout_set and kind in _STRONG_LOCK and not on_new:
                 hits.append((_Hit("lock-timeout", "no SET lock_timeout before it in this SQL"), text))
                 timeout_set = True  # once per file is enough
             if enum_values:
@@ -296,6 +298,9 @@ class _Linter:
             if not self._ours(node.relation):
                 self.new_tables.add(_qualified(node.relation))
                 out += self._type_hygiene(node.tableElts or (), table_constraints=True)
+        elif kind in ("CreateTableAsStmt", "CreateSeqStmt", "ViewStmt"):  # new relations: nobody else holds them yet
+            rel = node.into.rel if kind == "CreateTableAsStmt" else node.sequence if kind == "CreateSeqStmt" else node.view
+            self.new_tables.add(_qualified(rel))
         elif kind == "IndexStmt":
             table = _qualified(node.relation)
             if node.concurrent and in_tx:
@@ -641,10 +646,47 @@ def lint(plans: list[RevisionPlan], *, dependents=None, live=None,
 
 def lint_sql(sql: str, *, name: str = "sql", live=None, small_table_rows: int | None = None) -> list[Finding]:
     """Findings for plain SQL meant to run outside dataops (psql -f, another tool): no
-    lock_timeout is set for it and no transaction is opened for it."""
+    lock_timeout is set for it and no transaction is opened for it. A psql script's
+    meta-commands and COPY ... FROM stdin data are not SQL: they are set aside (a `\\i` or
+    `\\connect` is named, since what it runs was not checked) instead of making the whole file
+    unparsable, as they did for the public sample databases' scripts."""
+    sql, skipped = strip_psql(sql)
     linter = _Linter(live)
-    return [_sized(_finding(name, h, s, set()), live, small_table_rows, linter.new_tables)
-            for h, s in linter.revision(sql, transactional=False, managed=False)]
+    findings = [_sized(_finding(name, h, s, set()), live, small_table_rows, linter.new_tables)
+                for h, s in linter.revision(sql, transactional=False, managed=False)]
+    return findings + [_finding(name, _Hit("psql-meta-command", ""), line, set()) for line in skipped]
+
+
+_DOLLAR = re.compile(r"\$[A-Za-z_][A-Za-z_0-9]*\$|\$\$")
+_COPY_STDIN = re.compile(r"^\s*COPY\b.*\bFROM\s+stdin\b.*;\s*$", re.IGNORECASE)
+_NOT_CHECKED = re.compile(r"^\\(i|ir|include|include_relative|c|connect|o|out|g|gx|gexec)\b")
+
+
+def strip_psql(text: str) -> tuple[str, list[str]]:
+    """`text` with psql's meta-commands (lines starting with a backslash, outside dollar quotes)
+    and the data of COPY ... FROM stdin (up to its `\\.`) blanked, line numbers kept; and the
+    meta-commands that run or send SQL elsewhere (`\\i`, `\\connect`, `\\gexec`...), which the
+    lint cannot follow."""
+    out, skipped = [], []
+    quote: str | None = None  # the open dollar quote's tag
+    in_copy = False
+    for line in text.split("\n"):
+        if in_copy:
+            in_copy = line.strip() != "\\."
+            out.append("")
+            continue
+        if quote is None and line.lstrip().startswith("\\"):
+            command = line.strip()
+            if _NOT_CHECKED.match(command):
+                skipped.append(command)
+            out.append("")
+            continue
+        for tag in _DOLLAR.findall(line):
+            quote = None if tag == quote else (tag if quote is None else quote)
+        if quote is None and _COPY_STDIN.match(line):
+            in_copy = True
+        out.append(line)
+    return "\n".join(out), skipped
 
 
 def heads_finding(path: Path) -> Finding | None:

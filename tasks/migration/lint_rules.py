@@ -182,6 +182,11 @@ RULES: dict[str, tuple[str, str, str]] = {
         "query queues behind it: the table is down while it waits",
         "SET lock_timeout = '5s' first (dataops does this itself for every revision it runs; this fires for SQL "
         "linted to run elsewhere, or when a revision turns the timeout off)"),
+    "psql-meta-command": (
+        WARNING,
+        "a psql script's `\\i`, `\\connect` or `\\gexec` runs SQL the lint does not see (other meta-commands "
+        "and COPY ... FROM stdin data are skipped silently: they are not SQL)",
+        "lint the included file too (`lint --sql` on it), or the SQL that \\gexec builds"),
     # -- the revision graph ------------------------------------------------------------------------------
     "multiple-heads": (
         ERROR,
@@ -262,6 +267,7 @@ PEERS: dict[str, tuple[str, str]] = {
     "missing-downgrade": ("", ""),
     "unused-allow": ("unused-ignore", ""),
     "unparsable-sql": ("(syntax error)", ""),
+    "psql-meta-command": ("", ""),
     "prefer-bigint-key": ("prefer-bigint-over-int, prefer-bigint-over-smallint", ""),
     "prefer-identity": ("prefer-identity", ""),
     "timestamp-without-time-zone": ("prefer-timestamp-tz", ""),
