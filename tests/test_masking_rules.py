@@ -334,3 +334,24 @@ def test_tables_masked_only_by_postgres_stream_through_psql_and_agree_with_in_pl
     assert leaks[("customers", "details")].checked == want["details"]
     assert leaks[("orders", "placed")].checked == want["placed"] == 600
     assert "counted" in leaks[("customers", "salary")].note
+
+
+def test_a_table_whose_name_holds_a_slash_is_masked_both_ways(trio):
+    """A quoted name may hold any character; the leak scan's files and the psql pipe's query file
+    are named after the copy job, so "a/b" once meant a folder that does not exist."""
+    prod, stg, dev, config = trio
+    with pg.connect(prod) as conn:
+        conn.execute('CREATE TABLE "we/ird" (id int PRIMARY KEY, email text, amount numeric(10,2))')
+        conn.execute("CREATE TABLE \"n/oise\" (id int PRIMARY KEY, amount numeric(10,2))")
+        conn.execute("INSERT INTO \"we/ird\" SELECT i, 'p' || i || '@mail.example', i FROM generate_series(1, 50) i")
+        conn.execute('INSERT INTO "n/oise" SELECT i, i * 10 FROM generate_series(1, 50) i')
+        conn.commit()
+    rules = {**ROW_FREE_RULES, "we/ird": {"email": "email", "amount": {"noise": {"bound": 1}}},
+             "n/oise": {"amount": {"noise": {"bound": 1}}}}
+    report = run_refresh(load_settings(config(rules)), "production", "staging")
+    assert report.leaks.ok
+    with pg.connect(stg) as conn:
+        emails = [r[0] for r in conn.execute('SELECT email FROM "we/ird" ORDER BY id')]
+        moved = conn.execute('SELECT count(*) FROM "n/oise" WHERE amount <> id * 10').fetchone()[0]
+    assert len(emails) == 50 and not any(e.startswith("p") and e.endswith("@mail.example") for e in emails)
+    assert moved >= 45  # bound 1 on numeric(10,2): an offset under 0.005 rounds to none

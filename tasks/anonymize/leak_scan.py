@@ -24,8 +24,10 @@ target by SQL (no value but NULL, or the constant).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections import defaultdict
@@ -61,7 +63,9 @@ class Collector:
     """
 
     def __init__(self, directory: str, job: str, bits: int):
-        self.dir, self.job, self.bits = directory, job, bits
+        # a file name whatever the table is called ("a/b" is a valid quoted name): readable part and a hash
+        safe = re.sub(r"[^A-Za-z0-9_.]", "_", job)[:40] + "_" + hashlib.sha256(job.encode()).hexdigest()[:8]
+        self.dir, self.job, self.bits = directory, safe, bits
         self.shift = 16 - bits
         n = 1 << bits
         self.src = [bytearray() for _ in range(n)]

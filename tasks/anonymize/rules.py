@@ -43,16 +43,12 @@ SKIPPED_SCHEMAS = ("pg_catalog", "information_schema", "dataops_snapshots")
 OUTPUT_SAMPLE = 200  # rows a rule is tried on when its output may not fit the column
 
 
-@dataclass(frozen=True)
-class TableInfo:
+class Named:
+    """A relation's names, for a dataclass with `schema` and `name` fields (TableInfo here, the
+    refresh catalog's Rel): the label users write in dataops.yaml, the quoted name for SQL."""
+
     schema: str
     name: str
-    relkind: str  # r ordinary, p partitioned
-    columns: tuple[Column, ...]  # stored columns in attnum order (generated ones left out: COPY skips them)
-    pages: int
-    est_rows: int
-    generated: tuple[str, ...] = ()  # GENERATED ALWAYS AS (...) STORED columns: computed, never copied or masked
-    partitions: tuple[str, ...] = ()  # labels of its partitions at every level (a partitioned table)
 
     @property
     def label(self) -> str:
@@ -61,6 +57,22 @@ class TableInfo:
     @property
     def qualified(self) -> sql.Composed:
         return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(self.name))
+
+    @property
+    def regclass(self) -> str:
+        return regclass(self.schema, self.name)
+
+
+@dataclass(frozen=True)
+class TableInfo(Named):
+    schema: str
+    name: str
+    relkind: str  # r ordinary, p partitioned
+    columns: tuple[Column, ...]  # stored columns in attnum order (generated ones left out: COPY skips them)
+    pages: int
+    est_rows: int
+    generated: tuple[str, ...] = ()  # GENERATED ALWAYS AS (...) STORED columns: computed, never copied or masked
+    partitions: tuple[str, ...] = ()  # labels of its partitions at every level (a partitioned table)
 
     def column(self, name: str) -> Column | None:
         return next((c for c in self.columns if c.name == name), None)

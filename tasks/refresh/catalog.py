@@ -22,11 +22,11 @@ from psycopg import sql
 from psycopg.rows import tuple_row
 
 from dataops.errors import BadInput
-from dataops.tasks.anonymize.rules import SKIPPED_SCHEMAS, ForeignKey, TableInfo, label_of, regclass, split_label
+from dataops.tasks.anonymize.rules import SKIPPED_SCHEMAS, ForeignKey, Named, TableInfo, label_of, split_label
 
 
 @dataclass(frozen=True)
-class Rel:
+class Rel(Named):
     """One relation by name: a table, a partition or a partitioned partition."""
 
     schema: str
@@ -34,23 +34,11 @@ class Rel:
     relkind: str  # r plain, p partitioned, f foreign
 
     @property
-    def label(self) -> str:
-        return label_of(self.schema, self.name)
-
-    @property
-    def qualified(self) -> sql.Composed:
-        return sql.SQL("{}.{}").format(sql.Identifier(self.schema), sql.Identifier(self.name))
-
-    @property
     def scan(self) -> sql.Composed:
         """The relation in a FROM clause, its own rows only: ONLY for a plain table (an
         inheritance parent's rows are not its children's); a partitioned table has no rows
         of its own, so its partitions' rows are its rows."""
         return sql.SQL("ONLY {}").format(self.qualified) if self.relkind == "r" else self.qualified
-
-    @property
-    def regclass(self) -> str:
-        return regclass(self.schema, self.name)
 
 
 @dataclass(frozen=True)
@@ -150,5 +138,5 @@ def inheritance_children(conn: psycopg.Connection, table: TableInfo) -> list[str
         """SELECT n.nspname, c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
            JOIN pg_namespace n ON n.oid = c.relnamespace
            WHERE i.inhparent = %s::regclass AND NOT c.relispartition ORDER BY 1, 2""",
-        (regclass(table.schema, table.name),)).fetchall()
+        (table.regclass,)).fetchall()
     return [label_of(s, n) for s, n in rows]

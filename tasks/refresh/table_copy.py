@@ -109,6 +109,7 @@ def _psql_pipe(job: CopyJob) -> int:
     """`psql -c COPY ... TO STDOUT | psql -c COPY ... FROM STDIN`, the source side in the
     snapshot. A source that fails halfway would leave the target with fewer rows: its exit
     status is checked, and the row counts are validated anyway."""
+    import hashlib
     import os
     import subprocess
 
@@ -121,7 +122,7 @@ def _psql_pipe(job: CopyJob) -> int:
     # The SELECT goes in a file of the run's private folder, not on the command line: a masking
     # expression holds the salt's HMAC pads, and any local user can read a process's arguments
     # (it can also exceed the kernel's 128 kB limit on one argument, with a Faker pool inside).
-    query = os.path.join(job.leak_dir, f"copy-{job.id.replace('#', '_')}.sql")
+    query = os.path.join(job.leak_dir, f"copy-{hashlib.sha256(job.id.encode()).hexdigest()[:16]}.sql")  # any name
     fd = os.open(query, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(job.copy_out + ";\n")
