@@ -85,6 +85,21 @@ PG_ANON_DICT = {"dictionary": [
     {"schema": "public", "table": "user_emails", "fields": {"email": "md5(\"email\") || '@example.com'"}},
     {"schema": "public", "table": "audit_logs", "fields": {"ip_address": "NULL"}},
 ]}
+# issue 17's added rules for pg_anon, written by hand as its raw SQL per field (it has no path or noise rule):
+# the same columns and bounds, with random() where dataops is keyed.
+PG_ANON_DICT_17 = {"dictionary": [
+    *(d for d in PG_ANON_DICT["dictionary"] if d["table"] != "audit_logs"),
+    {"schema": "public", "table": "audit_logs", "fields": {
+        "ip_address": "NULL",
+        "details": "(SELECT CASE WHEN jsonb_typeof(d) = 'object' AND d ? 'method' THEN jsonb_set(d, '{method}', "
+                   "to_jsonb((ARRAY['password', 'sso', 'token'])[1 + floor(random() * 3)::int])) ELSE d END FROM "
+                   "(SELECT CASE WHEN jsonb_typeof(\"details\") = 'object' AND jsonb_typeof(\"details\" -> 'order_total') "
+                   "= 'number' THEN jsonb_set(\"details\", '{order_total}', to_jsonb(round((\"details\" ->> "
+                   "'order_total')::numeric * (1 + (random() - 0.5) / 5)::numeric, 2))) ELSE \"details\" END AS d) AS s)"}},
+    {"schema": "public", "table": "orders", "fields": {
+        "amount": "round(\"amount\" * (1 + (random() - 0.5) / 10)::numeric, 2)",
+        "created_at": "\"created_at\" + (random() * 6 - 3) * interval '1 day'"}},
+]}
 PGANONYMIZE_SCHEMA = """tables:
  - users:
     primary_key: id
@@ -456,7 +471,7 @@ def tool_python(venv: Path | None) -> str | None:
     return str(py) if py.exists() else None
 
 
-def run_pg_anon(base, bin_dir: str, py: str, workdir: Path) -> dict:
+def run_pg_anon(base, bin_dir: str, py: str, workdir: Path, dictionary: dict | None = None) -> dict:
     """pg_anon 1.x: `init` creates pgcrypto (absent from pgserver's build), so its init.sql is
     loaded without that line, with a digest() built on core sha256()/md5(), and without its
     self-test block (which calls pgcrypto's encrypt); the rules use core SQL (md5, random)."""
@@ -470,7 +485,7 @@ CREATE OR REPLACE FUNCTION public.digest(data text, algo text) RETURNS bytea LAN
     WHEN 'sha512' THEN sha512(convert_to(data, 'UTF8')) END $shim$;""")
     init = init[:init.index("\ndo $$")]
     (workdir / "pg_anon_init.sql").write_text(init)
-    (workdir / "pg_anon_dict.py").write_text(json.dumps(PG_ANON_DICT, indent=1))
+    (workdir / "pg_anon_dict.py").write_text(json.dumps(dictionary or PG_ANON_DICT, indent=1))
     subprocess.run([f"{bin_dir}/psql", "-h", base.host, "-U", "postgres", "-d", "bench_prod", "-q", "-v",
                     "ON_ERROR_STOP=1", "-f", str(workdir / "pg_anon_init.sql")], check=True, capture_output=True)
     fresh_db(base, "bench_pg_anon")
@@ -682,6 +697,16 @@ def render(setup: dict, micro_r: dict, copies: list[dict], refreshes: list[dict]
     return "\n".join(out) + "\n"
 
 
+def _pg_anon_17(anon: dict, copies: list[dict]) -> list[str]:
+    copy = _median([c["seconds"] for c in copies])
+    (n0, total0, amount0), (n1, total1, amount1) = anon["check"]
+    return [f"pg_anon with the same added rules (and the usual ones), one run: {anon['seconds']:.1f} s "
+            f"({anon['seconds'] / copy:.2f}x the median copy; dump {anon['dump']:.1f} s, restore "
+            f"{anon['restore']:.1f} s), CPU {_cpu(anon)}; load {anon['load']}. Its result: {n1:,} documents with "
+            f"order_total ({n0:,} in the source), their sum {total1:,.2f} against {total0:,.2f}, orders' amounts "
+            f"{amount1:,.2f} against {amount0:,.2f} (noise, not keyed: another run gives other values).", ""]
+
+
 def _target(what: str, limit: str, value: float, ok: bool | None, unit: str = "") -> str:
     verdict = "-" if ok is None else "**PASS**" if ok else "**FAIL**"
     return f"| {what} | {limit} | {value:.2f}{unit} | {verdict} |"
@@ -851,6 +876,16 @@ def main_17(args) -> None:
 
     with pg.connect(base.with_database("bench_stg")) as conn:  # the rules did run: documents and amounts moved
         jsonb_masked = conn.execute("SELECT count(*) FROM audit_logs WHERE details ? 'order_total'").fetchone()[0]
+    anon = None
+    py = None if args.no_tools else tool_python(args.tools_venv)
+    if py:  # the peer on the same rules, written by hand in its raw SQL per field
+        anon = run_pg_anon(base, bin_dir, py, work, PG_ANON_DICT_17)
+        with pg.connect(base.with_database("bench_prod")) as src, pg.connect(base.with_database("bench_pg_anon")) as dst:
+            q = ("SELECT (SELECT count(*) FILTER (WHERE details ? 'order_total') FROM audit_logs), "
+                 "(SELECT sum((details ->> 'order_total')::numeric) FROM audit_logs), (SELECT sum(amount) FROM orders)")
+            anon["check"] = (src.execute(q).fetchone(), dst.execute(q).fetchone())
+        pg.drop_database(base, "bench_pg_anon")
+        print(f"pg_anon, same rules: {anon['seconds']:.1f} s, load {anon['load']}", flush=True)
     pg.drop_database(base, "bench_copy")
     shutil.rmtree(work, ignore_errors=True)
     ratios = [r["seconds"] / c["seconds"] for c, r in zip(copies, refreshes)]
@@ -886,9 +921,12 @@ def main_17(args) -> None:
                    + ", ".join(f"{x:.2f}" for x in plain_ratios) + ")", "-", _median(plain_ratios), None),
            _target("(for information: refresh with the added rules / with the usual rules, median of "
                    + ", ".join(f"{x:.2f}" for x in extra) + ")", "-", _median(extra), None), "",
+           *(_pg_anon_17(anon, copies) if anon else []),
            "Peers on the same rules: pg_anon takes a raw SQL expression per field, so a jsonb path or noise can be "
            "written by hand (`jsonb_set(...)`, `amount * (1 + (random() - 0.5) / 10)`), not deterministic and with no "
-           "path rule or bound checks of its own; it was not re-run for this section. PostgreSQL Anonymizer is a "
+           "path rule or bound checks of its own" + ("; measured above with those rules written by hand "
+                                                     "(PG_ANON_DICT_17 in the script)" if anon else
+                                                     "; not run (no tools venv)") + ". PostgreSQL Anonymizer is a "
            "server extension (pgrx, built against the server): not installable into the embedded pgserver here, and "
            "it has no json path rule; its noise (anon.noise/anon.dnoise) is random, not keyed."]
     text = "\n".join(out) + "\n"
