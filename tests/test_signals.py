@@ -34,6 +34,21 @@ pytestmark = pytest.mark.extended  # make test-crash (CI runs it after make test
 _started: list[subprocess.Popen] = []
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _sigint_as_a_terminal_gives_it(monkeypatch):
+    """These tests send SIGINT as Ctrl-C would. Started from a background job (`make test-crash &`),
+    pytest inherits SIGINT ignored, and so would every process it starts (and StopSignals keeps an
+    ignored signal ignored, as a background job expects): the tests then failed for the harness,
+    not for dataops. Each test and each process it starts gets SIGINT as a terminal would."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(autouse=True)
 def _kill_leftovers():
     """A test failing half-way leaves nothing running for the next one."""
@@ -56,7 +71,8 @@ def _kill_leftovers():
 def start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "dataops.cli", *args], env={**os.environ, **env},
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_default_sigint)
     _started.append(proc)
     return proc
 
