@@ -318,17 +318,16 @@ def build_jobs(plan: RefreshPlan, snap: SourceSnapshot, new: NewCopy, workspace:
         python = []
         originals, extras = [], {}  # rules PostgreSQL evaluates: the source value rides at the row's end
         by_sql = False  # rules PostgreSQL evaluates in a table that streams without Python
+        refs = {c.name: sql.SQL("t0.{}").format(sql.Identifier(c.name)) for c in t.columns}  # for templates, cases
         for i, col in enumerate(t.columns):
             ident = sql.Identifier(col.name)
             m = maskers.get(col.name)
             if m is not None and m.by_postgres and not m.row_free:
-                refs = {name.name: sql.SQL("t0.{}").format(sql.Identifier(name.name)) for name in t.columns}
                 select.append(sql.SQL("{} AS {}").format(m.sql(sql.SQL("t0.{}").format(ident), refs=refs), ident))
                 extras[i] = len(t.columns) + len(originals)
                 originals.append(sql.SQL("t0.{}").format(ident))
                 python.append((i, column_ids.of(tp.label, col.name), m))
             elif m is not None and m.row_free:  # masked in the SELECT; counted by SQL (source_checksums)
-                refs = {name.name: sql.SQL("t0.{}").format(sql.Identifier(name.name)) for name in t.columns}
                 select.append(sql.SQL("{} AS {}").format(m.sql(sql.SQL("t0.{}").format(ident), refs=refs), ident))
                 column_ids.of(tp.label, col.name)
                 by_sql = by_sql or m.by_postgres
